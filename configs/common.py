@@ -1,0 +1,79 @@
+"""Fields every PPD run has; variants in configs/ppd.py override a few of them.
+
+Every field is documented where it is set. `ppd_jax.config_validation.validate` checks the values
+before any work starts.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 10            # steps between metrics.jsonl / TensorBoard rows
+  c.checkpoint_every = 100    # steps between Orbax checkpoints (and one at the end)
+  c.keep_checkpoints = 3      # the last K checkpoints are kept
+  c.async_checkpointing = True
+
+  # Global batch in preference pairs per optimizer step, split over the mesh's batch axes and,
+  # within each device, over `grad_accum_steps` micro-batches.
+  c.batch_size = 16
+  c.grad_accum_steps = 1
+
+  c.loss = "dpo"              # "dpo" (Diffusion-DPO) or "sft" (plain MSE on preferred images)
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 5000.0         # Diffusion-DPO's beta; see ppd_jax/dpo.py for the convention
+  c.dpo.reduction = "mean"    # squared error per sample: "mean" over elements or "sum"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-5
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 1e-2
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip = 1.0     # global-norm clip; 0 turns it off
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1            # -1: all devices not used by fsdp
+  c.mesh.fsdp = 1
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_train_timesteps = 1000
+  c.diffusion.beta_schedule = "scaled_linear"   # "linear" | "scaled_linear" | "squaredcos_cap_v2"
+  c.diffusion.beta_start = 0.00085
+  c.diffusion.beta_end = 0.012
+  c.diffusion.prediction_type = "epsilon"       # "epsilon" | "v_prediction"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.sample_size = 64          # latent height = width
+  c.model.in_channels = 4
+  c.model.out_channels = 4
+  c.model.block_out_channels = (320, 640, 1280, 1280)
+  c.model.layers_per_block = 2
+  c.model.down_block_types = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+  c.model.up_block_types = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+  c.model.attention_head_dim = 8
+  c.model.cross_attention_dim = 768
+  c.model.norm_num_groups = 32
+  c.model.transformer_layers_per_block = 1
+  c.model.use_linear_projection = False
+  c.model.user_embed_dim = 3584     # VLM hidden size (Qwen2-7B)
+  c.model.user_tokens = 1           # tokens per user embedding
+  c.model.dtype = "float32"         # compute dtype of the frozen base: "float32" | "bfloat16"
+  c.model.remat = False             # rematerialise blocks in the backward pass
+  c.model.base = "random"           # where the frozen base weights come from ("random": seeded init)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"
+  c.data.worker_count = 0           # Grain worker processes (0: read in the main process)
+  c.data.num_users = 0              # synthetic source: training users
+  c.data.num_unseen_users = 0       # synthetic source: users held out for evaluation
+  c.data.pairs_per_user = 0         # synthetic source: preference pairs per user
+  c.data.fewshot = 4                # pairs that make a user embedding (the paper's N)
+  c.data.text_length = 77           # caption tokens
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_steps = 50
+  c.sample.guidance_scale = 7.5
+  c.sample.eta = 0.0
+  return c

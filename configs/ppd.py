@@ -1,0 +1,76 @@
+"""PPD run configurations: `--config=configs/ppd.py:VARIANT`.
+
+Variants:
+  demo   tiny pixel-space UNet on synthetic users; trains on a laptop CPU in minutes.
+  tiny   the smallest model, for tests.
+"""
+import ml_collections
+
+from configs import common
+
+
+def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.total_steps = 300
+  c.log_every = 10
+  c.checkpoint_every = 100
+  c.batch_size = 32
+  c.dpo.beta = 500.0
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 10
+  c.optim.weight_decay = 0.0
+
+  c.diffusion.beta_schedule = "squaredcos_cap_v2"
+
+  m = c.model
+  m.sample_size = 16                # pixel space: 16x16 RGB, no VAE
+  m.in_channels = 3
+  m.out_channels = 3
+  m.block_out_channels = (32, 64)
+  m.layers_per_block = 1
+  m.down_block_types = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+  m.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+  m.attention_head_dim = 8
+  m.cross_attention_dim = 32
+  m.norm_num_groups = 8
+  m.user_embed_dim = 16
+  m.user_tokens = 4
+
+  d = c.data
+  d.source = "synthetic"
+  d.num_users = 64                  # training users
+  d.num_unseen_users = 16           # held out for evaluation
+  d.pairs_per_user = 16
+  d.fewshot = 4                     # pairs the user embedder sees (the paper's N)
+  d.text_length = 8                 # caption tokens
+  c.sample.num_steps = 25
+  c.sample.guidance_scale = 3.0
+  return c
+
+
+def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = _demo(c)
+  c.total_steps = 4
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.batch_size = 8
+  c.model.sample_size = 8
+  c.model.block_out_channels = (16, 32)
+  c.model.norm_num_groups = 4
+  c.model.cross_attention_dim = 16
+  c.data.num_users = 8
+  c.data.num_unseen_users = 4
+  c.data.pairs_per_user = 8
+  c.sample.num_steps = 4
+  return c
+
+
+_VARIANTS = {"demo": _demo, "tiny": _tiny}
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+  arg = arg or "demo"
+  if arg not in _VARIANTS:
+    raise ValueError(f"configs/ppd.py: unknown variant {arg!r}; choose one of {sorted(_VARIANTS)}")
+  c = _VARIANTS[arg](common.get_base_config())
+  c.variant = arg
+  return c
