@@ -1,0 +1,31 @@
+# Set-up from nothing: `make demo` runs the CPU demo, `make test` the whole test suite.
+# Each creates the virtual environment .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: demo test clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# torch first (the CPU build), so the Hugging Face packages never pull a CUDA one.
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.base
+	$(PY) -m ppd_jax.train --config=configs/ppd.py:demo --workdir=$(WORKDIR)
+	$(PY) -m ppd_jax.sample --workdir=$(WORKDIR) --out=$(WORKDIR)/samples \
+	  --prompt="a red circle" --prompt="a blue square" --users=0:1 --num_images=2
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .jax_cache

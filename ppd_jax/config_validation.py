@@ -1,0 +1,105 @@
+"""Checks a run configuration before any work starts, naming the field that is wrong."""
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the field."""
+
+
+_BLOCKS_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+_BLOCKS_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _require(ok: bool, field: str, value, why: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+def _positive_int(c, field: str, allow_zero: bool = False) -> None:
+  value = _get(c, field)
+  ok = isinstance(value, int) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  _require(ok, field, value, "must be a " + ("non-negative" if allow_zero else "positive")
+           + " integer")
+
+
+def _get(c, dotted: str):
+  for part in dotted.split("."):
+    if part not in c:
+      raise ConfigError(f"config.{dotted} is missing")
+    c = c[part]
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on the first invalid field."""
+  for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "batch_size",
+                "grad_accum_steps", "diffusion.num_train_timesteps", "sample.num_steps",
+                "model.sample_size", "model.layers_per_block", "model.cross_attention_dim",
+                "model.user_embed_dim", "model.user_tokens", "model.norm_num_groups",
+                "data.fewshot", "data.text_length"):
+    _positive_int(c, field)
+  for field in ("seed", "optim.warmup_steps", "data.worker_count"):
+    _positive_int(c, field, allow_zero=True)
+
+  _require(c.loss in ("dpo", "sft"), "loss", c.loss, "must be 'dpo' or 'sft'")
+  beta = c.dpo.beta
+  _require(isinstance(beta, (int, float)) and beta > 0, "dpo.beta", beta,
+           "must be a positive number (Diffusion-DPO uses 5000 with reduction='mean')")
+  _require(c.dpo.reduction in ("mean", "sum"), "dpo.reduction", c.dpo.reduction,
+           "must be 'mean' or 'sum'")
+
+  lr = c.optim.lr
+  _require(isinstance(lr, (int, float)) and 0 < lr < 1, "optim.lr", lr, "must be in (0, 1)")
+  _require(c.optim.weight_decay >= 0, "optim.weight_decay", c.optim.weight_decay, "must be >= 0")
+  _require(0 <= c.optim.b1 < 1, "optim.b1", c.optim.b1, "must be in [0, 1)")
+  _require(0 <= c.optim.b2 < 1, "optim.b2", c.optim.b2, "must be in [0, 1)")
+  _require(c.optim.grad_clip >= 0, "optim.grad_clip", c.optim.grad_clip, "must be >= 0 (0: off)")
+
+  _require(c.batch_size % c.grad_accum_steps == 0, "batch_size", c.batch_size,
+           f"must be divisible by grad_accum_steps={c.grad_accum_steps}")
+  _require(c.mesh.data == -1 or (isinstance(c.mesh.data, int) and c.mesh.data > 0), "mesh.data",
+           c.mesh.data, "must be -1 (all remaining devices) or a positive integer")
+  _positive_int(c, "mesh.fsdp")
+
+  d = c.diffusion
+  _require(d.prediction_type in ("epsilon", "v_prediction"), "diffusion.prediction_type",
+           d.prediction_type, "must be 'epsilon' or 'v_prediction'")
+  _require(d.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
+           "diffusion.beta_schedule", d.beta_schedule,
+           "must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2'")
+
+  m = c.model
+  _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
+           "must be 'float32' or 'bfloat16'")
+  n = len(m.block_out_channels)
+  _require(n > 0, "model.block_out_channels", m.block_out_channels, "must not be empty")
+  _require(len(m.down_block_types) == n, "model.down_block_types", m.down_block_types,
+           f"needs one entry per block_out_channels ({n})")
+  _require(len(m.up_block_types) == n, "model.up_block_types", m.up_block_types,
+           f"needs one entry per block_out_channels ({n})")
+  for t in m.down_block_types:
+    _require(t in _BLOCKS_DOWN, "model.down_block_types", t, f"must be one of {_BLOCKS_DOWN}")
+  for t in m.up_block_types:
+    _require(t in _BLOCKS_UP, "model.up_block_types", t, f"must be one of {_BLOCKS_UP}")
+  for ch in m.block_out_channels:
+    _require(ch % m.norm_num_groups == 0, "model.norm_num_groups", m.norm_num_groups,
+             f"must divide every block_out_channels entry ({ch})")
+  _require(m.sample_size % (2 ** (n - 1)) == 0, "model.sample_size", m.sample_size,
+           f"must be divisible by 2^{n - 1} (one halving per down block)")
+  _require(m.base == "random", "model.base", m.base, "only 'random' (seeded init) is supported")
+
+  _require(c.data.source == "synthetic", "data.source", c.data.source,
+           "only 'synthetic' is supported")
+  if c.data.source == "synthetic":
+    for field in ("data.num_users", "data.num_unseen_users", "data.pairs_per_user"):
+      _positive_int(c, field)
+    _require(c.data.pairs_per_user >= c.data.fewshot, "data.pairs_per_user",
+             c.data.pairs_per_user, f"must be at least data.fewshot={c.data.fewshot}")
+    _require(m.user_tokens == c.data.fewshot, "model.user_tokens", m.user_tokens,
+             f"the few-shot embedder makes one token per pair: set it to data.fewshot="
+             f"{c.data.fewshot}")
+
+  _require(c.sample.guidance_scale >= 0, "sample.guidance_scale", c.sample.guidance_scale,
+           "must be >= 0")
+  _require(0 <= c.sample.eta <= 1, "sample.eta", c.sample.eta, "must be in [0, 1]")

@@ -1,0 +1,48 @@
+"""Builds the frozen base params and the initial TrainState directly in their shardings.
+
+Nothing is materialised on one device first: shapes come from jax.eval_shape, shardings from the
+partition rules, and the init functions run under jit with those out_shardings.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from ppd_jax import sharding as shd
+from ppd_jax.models import init_params, split_params
+from ppd_jax.step import TrainState
+
+
+def _opt_state_shardings(tx, user_shape, user_shardings, mesh):
+  """Optimizer moments follow their params' shardings; counters are replicated."""
+  opt_shape = jax.eval_shape(tx.init, user_shape)
+  return optax.tree_map_params(
+      tx, lambda _, s: s, opt_shape, user_shardings,
+      transform_non_params=lambda _: shd.replicated(mesh),
+      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+
+
+def state_shardings(model, tx, mesh):
+  """(TrainState of shardings, base-param shardings) without allocating anything."""
+  shapes = jax.eval_shape(lambda r: init_params(model, r), jax.random.key(0))
+  base_shape, user_shape = split_params(shapes)
+  base_sh = shd.param_shardings(base_shape, mesh)
+  user_sh = shd.param_shardings(user_shape, mesh)
+  opt_sh = _opt_state_shardings(tx, user_shape, user_sh, mesh)
+  return TrainState(step=shd.replicated(mesh), user_params=user_sh, opt_state=opt_sh), base_sh
+
+
+def create_train_state(model, tx, mesh, seed: int):
+  """Returns (state, base_params, state_shardings, base_shardings).
+
+  The base comes from a seeded init (config.model.base == "random"); the user branch from its own
+  init (zero value projection, so the policy starts equal to the reference).
+  """
+  st_sh, base_sh = state_shardings(model, tx, mesh)
+
+  def init(rng):
+    base, user = split_params(init_params(model, rng))
+    return base, TrainState(step=jnp.zeros((), jnp.int32), user_params=user,
+                            opt_state=tx.init(user))
+
+  base, state = jax.jit(init, out_shardings=(base_sh, st_sh))(jax.random.key(seed))
+  return state, base, st_sh, base_sh

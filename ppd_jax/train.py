@@ -1,0 +1,36 @@
+"""Train a PPD user branch: python -m ppd_jax.train --config=configs/ppd.py:demo --workdir=W
+
+Any config field can be overridden, e.g. --config.total_steps=20 --config.dpo.beta=2000.
+Running the same command again resumes from W/checkpoints.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from ppd_jax import checkpoint
+from ppd_jax import config_validation
+from ppd_jax import distributed
+from ppd_jax import trainer
+
+config_flags.DEFINE_config_file("config", None, "configs/ppd.py:VARIANT", lock_config=True)
+flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, tensorboard/")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  try:
+    config_validation.validate(config)  # before anything heavy starts
+    distributed.maybe_initialize()
+    trainer.train_and_evaluate(config, os.path.abspath(flags.FLAGS.workdir))
+  except (config_validation.ConfigError, checkpoint.CheckpointError) as e:
+    sys.exit(f"ppd_jax.train: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
