@@ -31,3 +31,17 @@ def maybe_initialize() -> None:
                                initialization_timeout=120)
   elif _launched_on_several_hosts():
     jax.distributed.initialize()
+
+
+def barrier(name: str, timeout_s: int = 900) -> None:
+  """Waits until every process gets here. CPU (gloo) collectives give up after 30 s, so processes
+  meet here after compiling, before their first collective, however unequal their compile times."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the coordination service's client
+  client = jax_distributed.global_state.client
+  if client is None or not hasattr(client, "wait_at_barrier"):
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

@@ -1,7 +1,6 @@
 """Where a run's numbers go: W/metrics.jsonl (one JSON object per logged step), TensorBoard event
 files under W/tensorboard, and a progress line on the console (step, loss, pairs/s, ETA)."""
 import json
-import logging
 import os
 import time
 
@@ -79,5 +78,4 @@ def _fmt(seconds: float) -> str:
 
 def log(msg: str) -> None:
   if jax.process_index() == 0:
-    logging.info(msg)
     print(msg, flush=True)

@@ -11,6 +11,11 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
+
+from ppd_jax import checkpoint
+from ppd_jax import images
+from ppd_jax import inference
 
 flags.DEFINE_string("workdir", None, "the training run's folder (holds checkpoints/)")
 flags.DEFINE_multi_string("prompt", None, "caption(s) to generate; repeat the flag for several")
@@ -43,6 +48,11 @@ def parse_users(user: str | None, users: str | None) -> list[tuple[str, float]]:
   return out
 
 
+def _user_key(uid: str):
+  """Synthetic users are numbered; other stores key users by string."""
+  return int(uid) if uid.isdigit() else uid
+
+
 def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "empty"
 
@@ -51,11 +61,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  from ppd_jax import checkpoint, images, inference
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
   try:
     mix = parse_users(f.user, f.users)
     run = inference.load_trained(f.workdir, f.step)
-    embeddings = [run.source.user_embedding(int(uid) if uid.isdigit() else uid) for uid, _ in mix]
+    embeddings = [run.source.user_embedding(_user_key(uid)) for uid, _ in mix]
     embedding = inference.mix_users(embeddings, [w for _, w in mix])
   except (ValueError, KeyError, checkpoint.CheckpointError) as e:
     sys.exit(f"ppd_jax.sample: {e}")

@@ -36,8 +36,8 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
   """AdamW with linear warm-up to a constant learning rate, after global-norm clipping."""
   o = config.optim
   if o.warmup_steps:
-    lr = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
-    lr = optax.join_schedules([lr, optax.constant_schedule(o.lr)], [o.warmup_steps])
+    # Step s (from 0) uses lr * min(1, (s + 1) / warmup): the first step already moves.
+    lr = lambda s: o.lr * jnp.minimum(1.0, (s + 1) / o.warmup_steps)
   else:
     lr = optax.constant_schedule(o.lr)
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []

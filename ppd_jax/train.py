@@ -8,6 +8,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from ppd_jax import checkpoint
@@ -24,6 +25,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
   try:
     config_validation.validate(config)  # before anything heavy starts
     distributed.maybe_initialize()

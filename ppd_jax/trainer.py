@@ -12,6 +12,7 @@ import ml_collections
 
 from ppd_jax import checkpoint as ckpt_lib
 from ppd_jax import config_validation
+from ppd_jax import distributed
 from ppd_jax import metrics as metrics_lib
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
@@ -59,10 +60,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   metrics_lib.log(f"{'resuming at' if start else 'starting'} step {start} of "
                   f"{config.total_steps}; mesh {dict(mesh.shape)}; workdir {workdir}")
 
+  compiled = None
   for step in range(start, config.total_steps):
     local = next(data_iter)
     batch = shd.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, mesh)
-    state, metrics = train_step(state, base_params, batch, step_key)
+    if compiled is None:
+      compiled = train_step.lower(state, base_params, batch, step_key).compile()
+      distributed.barrier("ppd_jax/train_step_compiled")
+    state, metrics = compiled(state, base_params, batch, step_key)
     done = step + 1
     if done % config.log_every == 0 or done == config.total_steps:
       metrics = jax.device_get(metrics)

@@ -104,7 +104,7 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_run):
   _, _, user, hist = _run(c, shd.make_mesh(2, 1, devices=jax.devices()[:2]))
   _, _, user1, hist1 = single_device_run
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=3e-5), user, user1)
-  np.testing.assert_allclose(hist[-1]["loss"], hist1[-1]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(hist[-1]["loss"], hist1[-1]["loss"], rtol=1e-4)
 
 
 def test_bf16_and_remat_step_runs_close_to_fp32(single_device_run):

@@ -217,6 +217,10 @@ class SyntheticPreferences:
 
   def user_embedding(self, user_id: int) -> np.ndarray:
     """[user_tokens, user_embed_dim] float32, from the user's first `fewshot` pairs."""
+    n = len(self._user_embeddings)
+    if not isinstance(user_id, (int, np.integer)) or not 0 <= user_id < n:
+      raise KeyError(f"unknown user {user_id!r}: this synthetic data set has users 0..{n - 1} "
+                     f"(training 0..{len(self.train_user_ids) - 1}, the rest unseen)")
     return self._user_embeddings[user_id]
 
   def user_reward(self, user_id: int, attrs: dict) -> np.ndarray:

@@ -3,9 +3,10 @@
 The PPD user branch lives in Attention: every text cross-attention (attn2) gets IP-Adapter-style
 user key/value projections that share its query and output projection,
 
-    out = to_out_0( softmax(q k_text^T / sqrt(d)) v_text + user_scale * softmax(q k_user^T / sqrt(d)) v_user )
+    A(q, k, v) = softmax(q k^T / sqrt(d)) v                       per head, d = head dim
+    out = to_out_0( A(q, k_text, v_text) + user_scale * A(q, k_user, v_user) )
 
-with k_user = to_k_user(user_tokens), v_user = to_v_user(user_tokens) and to_v_user zero-initialised,
+with k_user = to_k_user(user_tokens), v_user = to_v_user(user_tokens), to_v_user zero-initialised,
 so the policy equals the frozen base at initialisation (and at user_scale 0, whatever the weights).
 Without user tokens the branch is not built, which is the base / DPO reference model.
 """

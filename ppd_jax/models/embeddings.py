@@ -1,4 +1,4 @@
-"""Timestep embeddings: diffusers' `Timesteps` (sinusoidal, no params) and `TimestepEmbedding` (MLP)."""
+"""Time conditioning: diffusers' `Timesteps` (sinusoid, no params) and `TimestepEmbedding` (MLP)."""
 import math
 from typing import Any
 

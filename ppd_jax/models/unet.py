@@ -62,8 +62,8 @@ class UNetConfig:
       raise ValueError(f"UNetConfig: unsupported block types {sorted(unknown)}")
     for ch, heads in zip(self.block_out_channels, self.per_block("attention_head_dim")):
       if ch % self.norm_num_groups or ch % heads:
-        raise ValueError(f"UNetConfig: {ch} channels are not divisible by norm_num_groups="
-                         f"{self.norm_num_groups} and by {heads} heads")
+        raise ValueError(f"UNetConfig: {ch} channels must be divisible by norm_num_groups="
+                         f"{self.norm_num_groups} and by the block's {heads} heads")
 
   def per_block(self, field: str) -> tuple[int, ...]:
     """An int-or-tuple field as one value per down block."""
@@ -76,7 +76,7 @@ def _maybe_remat(cls, remat: bool):
 
 
 @dataclasses.dataclass(frozen=True)
-class _BlockSettings:
+class BlockSettings:
   """What every block of one UNet shares."""
   groups: int
   eps: float
@@ -99,7 +99,7 @@ class DownBlock2D(nn.Module):
   out_channels: int
   num_layers: int
   add_downsample: bool
-  s: _BlockSettings
+  s: BlockSettings
   heads: int = 0                 # unused: the same constructor as CrossAttnDownBlock2D
   transformer_layers: int = 1    # unused
 
@@ -130,7 +130,7 @@ class UpBlock2D(nn.Module):
   out_channels: int
   num_layers: int
   add_upsample: bool
-  s: _BlockSettings
+  s: BlockSettings
   heads: int = 0
   transformer_layers: int = 1
 
@@ -158,7 +158,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
   """resnets_0, then (attentions_i, resnets_{i+1}) pairs; channels unchanged."""
   heads: int
   transformer_layers: int
-  s: _BlockSettings
+  s: BlockSettings
   num_layers: int = 1
 
   @nn.compact
@@ -177,7 +177,7 @@ UP_BLOCKS = {"UpBlock2D": UpBlock2D, "CrossAttnUpBlock2D": CrossAttnUpBlock2D}
 
 
 class UNet2DConditionModel(nn.Module):
-  """eps/v-prediction UNet: [B, H, W, C_in] x t x text (x user tokens) -> [B, H, W, C_out] float32."""
+  """eps/v-prediction UNet: [B, H, W, C_in], t, text (, user tokens) -> [B, H, W, C_out] float32."""
   config: UNetConfig
 
   @nn.compact
@@ -190,8 +190,8 @@ class UNet2DConditionModel(nn.Module):
     n = len(channels)
     if sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
       raise ValueError(f"UNet: H, W = {sample.shape[1:3]} must be divisible by {2 ** (n - 1)}")
-    s = _BlockSettings(cfg.norm_num_groups, cfg.norm_eps, cfg.use_linear_projection, dtype,
-                       cfg.remat, cfg.attention_impl)
+    s = BlockSettings(cfg.norm_num_groups, cfg.norm_eps, cfg.use_linear_projection, dtype,
+                      cfg.remat, cfg.attention_impl)
     heads = cfg.per_block("attention_head_dim")
     layers = cfg.per_block("layers_per_block")
     t_layers = cfg.per_block("transformer_layers_per_block")

@@ -1,0 +1,115 @@
+"""End-to-end training through trainer.train_and_evaluate: resume, learning, bad input."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import ppd
+from ppd_jax import checkpoint as ckpt_lib
+from ppd_jax import config_validation
+from ppd_jax import trainer
+
+
+def _tiny(total_steps):
+  c = ppd.get_config("tiny")
+  c.total_steps = total_steps
+  c.log_every = 1
+  c.checkpoint_every = 3
+  c.async_checkpointing = True
+  # All 8 fake devices: the resumed run restores onto a sharded mesh.
+  return c
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+_TIMING = ("pairs_per_second", "eta_seconds")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  state = trainer.train_and_evaluate(_tiny(6), workdir)
+  return workdir, jax.device_get(state)
+
+
+def test_resume_equals_uninterrupted(straight_run, tmp_path):
+  """Train 2K steps straight == train K, stop, run the same command again for 2K."""
+  straight_dir, straight = straight_run
+  workdir = str(tmp_path / "resumed")
+  trainer.train_and_evaluate(_tiny(3), workdir)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+  resumed = jax.device_get(trainer.train_and_evaluate(_tiny(6), workdir))
+
+  assert int(resumed.step) == int(straight.step) == 6
+  jax.tree.map(np.testing.assert_array_equal, resumed.user_params, straight.user_params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
+  a, b = _rows(straight_dir), _rows(workdir)
+  assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+  for ra, rb in zip(a, b):
+    assert {k: v for k, v in ra.items() if k not in _TIMING} == {
+        k: v for k, v in rb.items() if k not in _TIMING}
+
+
+def test_run_folder_layout(straight_run):
+  workdir, _ = straight_run
+  rows = _rows(workdir)
+  for key in ("step", "loss", "implicit_accuracy", "reward_margin", "pairs_per_second"):
+    assert key in rows[0]
+  assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+  assert any(f.startswith("events.out.tfevents") for f in
+             os.listdir(os.path.join(workdir, "tensorboard")))
+  # keep_checkpoints=3 of the default config keeps both of this run's checkpoints.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["total_steps"] == 6
+
+
+def test_mismatched_checkpoint_is_a_clear_error(straight_run, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(straight_run[0], workdir)
+  c = _tiny(8)
+  c.model.block_out_channels = (16, 16)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"model\.block_out_channels"):
+    trainer.train_and_evaluate(c, workdir)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(straight_run, tmp_path):
+  workdir = str(tmp_path / "corrupt")
+  shutil.copytree(straight_run[0], workdir)
+  state_dir = os.path.join(workdir, "checkpoints", "6", "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00garbage")
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/6"):
+    trainer.train_and_evaluate(_tiny(8), workdir)
+  # The earlier checkpoint is untouched.
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "3", "state"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("total_steps", 0, r"config\.total_steps=0"),
+    ("dpo.beta", -1.0, r"config\.dpo\.beta=-1\.0"),
+    ("loss", "ppo", r"config\.loss='ppo'"),
+    ("model.dtype", "float16", r"config\.model\.dtype"),
+    ("model.norm_num_groups", 5, r"config\.model\.norm_num_groups=5"),
+    ("batch_size", 6, r"config\.batch_size=6: must be divisible by grad_accum_steps"),
+])
+def test_bad_config_values_are_rejected_naming_the_field(field, value, message, tmp_path):
+  c = _tiny(2)
+  if field == "batch_size":
+    c.grad_accum_steps = 4
+  node, *rest = field.split(".")
+  if rest:
+    c[node][rest[0]] = value
+  else:
+    c[node] = value
+  with pytest.raises(config_validation.ConfigError, match=message):
+    trainer.train_and_evaluate(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints"), "nothing may start before validation"
