@@ -14,8 +14,8 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 100
   c.batch_size = 32
-  c.dpo.beta = 500.0
-  c.optim.lr = 1e-3
+  c.dpo.beta = 200.0
+  c.optim.lr = 3e-4
   c.optim.warmup_steps = 10
   c.optim.weight_decay = 0.0
 

@@ -113,3 +113,17 @@ def test_bad_config_values_are_rejected_naming_the_field(field, value, message, 
   with pytest.raises(config_validation.ConfigError, match=message):
     trainer.train_and_evaluate(c, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints"), "nothing may start before validation"
+
+
+def test_train_cli_rejects_a_bad_override_naming_the_field(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "ppd_jax.train", "--config=configs/ppd.py:tiny",
+       f"--workdir={tmp_path}", "--config.optim.lr=5.0"],
+      cwd=root, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "config.optim.lr=5.0: must be in (0, 1)" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")

@@ -44,7 +44,8 @@ def make_dataset(source: PairSource, global_batch: int, seed: int, process_index
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
   ds = ds.batch(global_batch, drop_remainder=True)
   ds = ds.map(_ReadRows(source, process_index * local, (process_index + 1) * local))
-  it = ds.to_iter_dataset()
+  # Each element is a whole batch: read a few ahead, not Grain's default of hundreds.
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if worker_count:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return it
