@@ -88,6 +88,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(m.sample_size % (2 ** (n - 1)) == 0, "model.sample_size", m.sample_size,
            f"must be divisible by 2^{n - 1} (one halving per down block)")
   _require(m.base == "random", "model.base", m.base, "only 'random' (seeded init) is supported")
+  try:  # the architecture's own checks (head counts, per-block tuples), before any work
+    from ppd_jax.models import build_model
+    build_model(m)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from e
 
   _require(c.data.source == "synthetic", "data.source", c.data.source,
            "only 'synthetic' is supported")

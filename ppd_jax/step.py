@@ -119,7 +119,7 @@ def make_train_step(model, schedule, config, tx, lr_schedule, mesh, state_shardi
 
     updates, opt_state = tx.update(grads, state.opt_state, state.user_params)
     user_params = optax.apply_updates(state.user_params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = lr_schedule(state.step)
     new_state = TrainState(step=state.step + 1, user_params=user_params, opt_state=opt_state)
     return new_state, metrics

@@ -127,3 +127,26 @@ def test_train_cli_rejects_a_bad_override_naming_the_field(tmp_path):
   assert "config.optim.lr=5.0: must be in (0, 1)" in result.stderr
   assert "Traceback" not in result.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_architecture_errors_are_config_errors(tmp_path):
+  c = _tiny(2)
+  c.model.attention_head_dim = 5   # heads that do not divide the channels
+  with pytest.raises(config_validation.ConfigError, match=r"config\.model"):
+    trainer.train_and_evaluate(c, str(tmp_path))
+
+
+def test_a_save_killed_midway_is_ignored_and_the_last_good_checkpoint_resumes(straight_run,
+                                                                              tmp_path):
+  """Orbax writes STEP.orbax-checkpoint-tmp and renames it when complete: a run killed during a
+  save leaves such a folder, which a restart must neither trust nor trip over."""
+  workdir = str(tmp_path / "killed")
+  shutil.copytree(straight_run[0], workdir)
+  partial = os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp", "state")
+  os.makedirs(partial)
+  with open(os.path.join(partial, "half_written"), "wb") as f:
+    f.write(b"\x00" * 10)
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 6
+  state = trainer.train_and_evaluate(_tiny(7), workdir)
+  assert int(jax.device_get(state.step)) == 7
+  assert [r["step"] for r in _rows(workdir)] == list(range(1, 8))
