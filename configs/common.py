@@ -61,7 +61,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.user_tokens = 1           # tokens per user embedding
   c.model.dtype = "float32"         # compute dtype of the frozen base: "float32" | "bfloat16"
   c.model.remat = False             # rematerialise blocks in the backward pass
-  c.model.base = "random"           # where the frozen base weights come from ("random": seeded init)
+  c.model.base = "random"           # source of the frozen base weights ("random": seeded init)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"

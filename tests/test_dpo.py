@@ -77,7 +77,8 @@ def test_step_loss_matches_numpy_end_to_end(prediction_type):
   rng = np.random.default_rng(2)
   b, shape = 5, (4, 4, 3)
   batch = {"preferred": rng.normal(size=(b, *shape)), "dispreferred": rng.normal(size=(b, *shape)),
-           "text_embedding": rng.normal(size=(b, 2, 3)), "user_embedding": rng.normal(size=(b, 4, 6))}
+           "text_embedding": rng.normal(size=(b, 2, 3)),
+           "user_embedding": rng.normal(size=(b, 4, 6))}
   batch = {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
   t = jnp.asarray(rng.integers(0, 1000, size=b), jnp.int32)
   noise = jnp.asarray(rng.normal(size=(b, *shape)), jnp.float32)
@@ -116,8 +117,10 @@ def test_sft_loss_is_policy_error_on_preferred():
   sched = schedules.make_schedule(1000)
   loss_fn = step_lib.make_loss_fn(_FakeModel(), sched, cfg)
   rng = np.random.default_rng(3)
-  batch = {"preferred": rng.normal(size=(3, 2, 2, 1)), "dispreferred": rng.normal(size=(3, 2, 2, 1)),
-           "text_embedding": rng.normal(size=(3, 2, 3)), "user_embedding": rng.normal(size=(3, 1, 2))}
+  batch = {"preferred": rng.normal(size=(3, 2, 2, 1)),
+           "dispreferred": rng.normal(size=(3, 2, 2, 1)),
+           "text_embedding": rng.normal(size=(3, 2, 3)),
+           "user_embedding": rng.normal(size=(3, 1, 2))}
   batch = {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
   t, noise = jnp.asarray([1, 500, 999]), jnp.asarray(rng.normal(size=(3, 2, 2, 1)), jnp.float32)
   loss, m = loss_fn({"user_projector": {"w": jnp.float32(0.2)}}, {}, batch, t, noise)

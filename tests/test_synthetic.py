@@ -25,7 +25,8 @@ def _everything(ds):
 
 def test_same_config_same_data_other_seed_other_data():
   c = ppd.get_config("tiny")
-  a, b = _everything(synthetic.SyntheticPreferences(c)), _everything(synthetic.SyntheticPreferences(c))
+  a = _everything(synthetic.SyntheticPreferences(c))
+  b = _everything(synthetic.SyntheticPreferences(c))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   c.seed = 1

@@ -2,8 +2,8 @@
 
 Images. One shape (circle, square or triangle) of one named colour on a grey background, rendered
 with 4x4 supersampling at `model.sample_size` pixels, NHWC float32 in [-1, 1]. The caption names the
-colour and the shape ("a red circle", "an orange square"), so 18 captions in all. Five properties are NOT in the caption
-and vary freely among images of one caption:
+colour and the shape ("a red circle", "an orange square"), so 18 captions in all. Five properties
+are NOT in the caption and vary freely among images of one caption:
 
     size        shape radius, a fraction of the image side          [0.18, 0.32]
     x, y        centre, fractions of the side (x right, y down)     [0.30, 0.70]
