@@ -20,12 +20,10 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	$(PY) -m ppd_jax.train --config=configs/ppd.py:demo --workdir=$(WORKDIR)
-	$(PY) -m ppd_jax.sample --workdir=$(WORKDIR) --out=$(WORKDIR)/samples \
-	  --prompt="a red circle" --prompt="a blue square" --users=0:1 --num_images=2
+	$(PY) -m ppd_jax.demo --workdir=$(WORKDIR)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) runs .jax_cache
+	rm -rf $(VENV) runs .jax_cache .ppd_cache

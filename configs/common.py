@@ -71,9 +71,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.pairs_per_user = 0         # synthetic source: preference pairs per user
   c.data.fewshot = 4                # pairs that make a user embedding (the paper's N)
   c.data.text_length = 77           # caption tokens
+  c.data.pool_per_caption = 32      # synthetic source: frozen-base samples per caption to pair up
+  c.data.min_reward_gap = 0.5       # synthetic source: smallest reward gap a user labels
+  # synthetic source: what users' hidden rewards weigh (any of data/shape_properties.PROPERTIES)
+  c.data.reward_properties = ("size", "brightness", "background")
+  c.data.user_conditioning = True   # False: one constant embedding for all (Diffusion-DPO baseline)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_steps = 50
   c.sample.guidance_scale = 7.5
   c.sample.eta = 0.0
+  c.sample.clip_sample = False      # clip each step's x0 prediction to [-1, 1] (pixel space)
+
+  # Personalisation evaluation (ppd_jax/evals/personalization.py), synthetic users only.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.seed = 1234                # the evaluation prompts and starting noise
+  c.eval.num_items = 8              # (prompt, noise) items per user, shared by every model
+  c.eval.unseen_users = 0           # unseen users evaluated; 0: all of them
+  c.eval.train_users = 16           # training users evaluated (the first ones)
+  c.eval.interpolation_pairs = 4    # pairs of unseen users mixed at weights 0, 0.25, ..., 1
   return c

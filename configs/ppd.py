@@ -1,8 +1,10 @@
 """PPD run configurations: `--config=configs/ppd.py:VARIANT`.
 
 Variants:
-  demo   tiny pixel-space UNet on synthetic users; trains on a laptop CPU in minutes.
-  tiny   the smallest model, for tests.
+  demo        tiny pixel-space UNet on synthetic users; the whole demo runs on a laptop CPU in
+              minutes (python -m ppd_jax.demo).
+  demo_quick  the demo with fewer users and steps, for the test suite.
+  tiny        the smallest model (random base), for mechanics tests.
 """
 import ml_collections
 
@@ -14,7 +16,7 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 100
   c.batch_size = 32
-  c.dpo.beta = 200.0
+  c.dpo.beta = 2000.0
   c.optim.lr = 3e-4
   c.optim.warmup_steps = 10
   c.optim.weight_decay = 0.0
@@ -22,6 +24,7 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.diffusion.beta_schedule = "squaredcos_cap_v2"
 
   m = c.model
+  m.base = "demo"                   # ppd_jax/demo/base_16px.npz, made by ppd_jax.demo.pretrain_base
   m.sample_size = 16                # pixel space: 16x16 RGB, no VAE
   m.in_channels = 3
   m.out_channels = 3
@@ -39,13 +42,16 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   d = c.data
   d.source = "synthetic"
-  d.num_users = 64                  # training users
-  d.num_unseen_users = 16           # held out for evaluation
-  d.pairs_per_user = 16
+  d.num_users = 128                 # training users
+  d.num_unseen_users = 48           # held out for evaluation
+  d.pairs_per_user = 24
+  d.pool_per_caption = 32           # 576 base samples that users' pairs are drawn from
   d.fewshot = 4                     # pairs the user embedder sees (the paper's N)
   d.text_length = 8                 # caption tokens
-  c.sample.num_steps = 25
+  c.sample.num_steps = 15
   c.sample.guidance_scale = 3.0
+  c.sample.clip_sample = True       # pixel space: keeps the first (abar ~ 0) step from exploding
+  c.eval.interpolation_pairs = 8
   return c
 
 
@@ -55,6 +61,7 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every = 1
   c.checkpoint_every = 2
   c.batch_size = 8
+  c.model.base = "random"
   c.model.sample_size = 8
   c.model.block_out_channels = (16, 32)
   c.model.norm_num_groups = 4
@@ -62,11 +69,28 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.num_users = 8
   c.data.num_unseen_users = 4
   c.data.pairs_per_user = 8
+  c.data.pool_per_caption = 4
   c.sample.num_steps = 4
+  c.eval.num_items = 2
+  c.eval.train_users = 2
+  c.eval.interpolation_pairs = 1
   return c
 
 
-_VARIANTS = {"demo": _demo, "tiny": _tiny}
+def _demo_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The demo at test scale (tests/test_demo.py): fewer users, steps and evaluation items."""
+  c = _demo(c)
+  c.total_steps = 120
+  c.checkpoint_every = 120
+  c.data.num_users = 64
+  c.data.num_unseen_users = 16
+  c.eval.num_items = 6
+  c.eval.train_users = 8
+  c.eval.interpolation_pairs = 4
+  return c
+
+
+_VARIANTS = {"demo": _demo, "demo_quick": _demo_quick, "tiny": _tiny}
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:

@@ -1,5 +1,9 @@
 """Checks a run configuration before any work starts, naming the field that is wrong."""
+import os
+
 import ml_collections
+
+from ppd_jax.models import base_weights
 
 
 class ConfigError(ValueError):
@@ -87,7 +91,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
              f"must divide every block_out_channels entry ({ch})")
   _require(m.sample_size % (2 ** (n - 1)) == 0, "model.sample_size", m.sample_size,
            f"must be divisible by 2^{n - 1} (one halving per down block)")
-  _require(m.base == "random", "model.base", m.base, "only 'random' (seeded init) is supported")
+  _require(m.base in ("random", "demo") or (str(m.base).endswith(".npz")
+                                            and os.path.exists(base_weights.resolve(m.base))),
+           "model.base", m.base, "must be 'random' (seeded init), 'demo' (the packaged demo base) "
+           "or the path of an existing .npz written by ppd_jax.models.base_weights")
+  if m.base != "random":
+    trained_for = base_weights.read_meta(base_weights.resolve(m.base))["architecture"]
+    for k, v in base_weights.architecture(m).items():
+      _require(trained_for.get(k) == v, f"model.{k}", v,
+               f"the base weights {base_weights.resolve(m.base)} were trained with "
+               f"{trained_for.get(k)!r}")
   try:  # the architecture's own checks (head counts, per-block tuples), before any work
     from ppd_jax.models import build_model
     build_model(m)
@@ -101,6 +114,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _positive_int(c, field)
     _require(c.data.pairs_per_user >= c.data.fewshot, "data.pairs_per_user",
              c.data.pairs_per_user, f"must be at least data.fewshot={c.data.fewshot}")
+    _require(isinstance(c.data.pool_per_caption, int) and c.data.pool_per_caption >= 2,
+             "data.pool_per_caption", c.data.pool_per_caption,
+             "must be an integer >= 2 (a pair needs two images of one caption)")
+    from ppd_jax.data import shape_properties
+    props = tuple(c.data.reward_properties)
+    _require(len(props) > 0 and len(set(props)) == len(props)
+             and set(props) <= set(shape_properties.PROPERTIES), "data.reward_properties", props,
+             f"must be distinct names from {shape_properties.PROPERTIES}")
+    _require(c.data.min_reward_gap >= 0, "data.min_reward_gap", c.data.min_reward_gap,
+             "must be >= 0")
+    for field in ("eval.num_items", "eval.interpolation_pairs"):
+      _positive_int(c, field)
+    for field in ("eval.seed", "eval.unseen_users", "eval.train_users"):
+      _positive_int(c, field, allow_zero=True)
     _require(m.user_tokens == c.data.fewshot, "model.user_tokens", m.user_tokens,
              f"the few-shot embedder makes one token per pair: set it to data.fewshot="
              f"{c.data.fewshot}")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from ppd_jax import sharding as shd
-from ppd_jax.models import init_params, split_params
+from ppd_jax.models import base_weights, init_params, split_params
 from ppd_jax.step import TrainState
 
 
@@ -31,11 +31,12 @@ def state_shardings(model, tx, mesh):
   return TrainState(step=shd.replicated(mesh), user_params=user_sh, opt_state=opt_sh), base_sh
 
 
-def create_train_state(model, tx, mesh, seed: int):
+def create_train_state(model, tx, mesh, seed: int, base: str = "random"):
   """Returns (state, base_params, state_shardings, base_shardings).
 
-  The base comes from a seeded init (config.model.base == "random"); the user branch from its own
-  init (zero value projection, so the policy starts equal to the reference).
+  The base comes from a seeded init (base == "random") or a weights file (models/base_weights.py,
+  loaded on the host and placed in its shardings); the user branch from its own init (zero value
+  projection, so the policy starts equal to the reference).
   """
   st_sh, base_sh = state_shardings(model, tx, mesh)
 
@@ -47,6 +48,18 @@ def create_train_state(model, tx, mesh, seed: int):
   # On CPU, compiling init is dominated by one RNG program per parameter; LLVM's optimisation
   # level 0 halves that compile and costs nothing that matters for a program run once.
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  base, state = jax.jit(init, out_shardings=(base_sh, st_sh), compiler_options=options)(
+  base_params, state = jax.jit(init, out_shardings=(base_sh, st_sh), compiler_options=options)(
       jax.random.key(seed))
-  return state, base, st_sh, base_sh
+  if base != "random":
+    loaded, _ = base_weights.load(base, model.config, jax.eval_shape(lambda: base_params))
+    base_params = jax.tree.map(lambda x, s: jax.make_array_from_callback(
+        x.shape, s, lambda index: x[index]), loaded, base_sh)
+  return state, base_params, st_sh, base_sh
+
+
+def initial_base_params(model, seed: int, base: str = "random"):
+  """The frozen base as host numpy arrays, without a mesh (the synthetic source samples with it)."""
+  if base == "random":
+    return jax.device_get(split_params(init_params(model, jax.random.key(seed)))[0])
+  shapes = split_params(jax.eval_shape(lambda: init_params(model, jax.random.key(seed))))[0]
+  return base_weights.load(base, model.config, shapes)[0]

@@ -4,7 +4,6 @@ Resuming is automatic: if W/checkpoints holds a checkpoint made for the same mod
 run continues from it (params, optimizer, step and data position), and gives the same params and
 metrics as a run that was never stopped.
 """
-import json
 import os
 
 import jax
@@ -45,7 +44,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   data_iter = iter(dataset)
 
   state, base_params, state_sh, base_sh = state_lib.create_train_state(
-      model, tx, mesh, config.seed)
+      model, tx, mesh, config.seed, config.model.base)
   if resume_step is not None:
     state = checkpointer.restore(ckpt_lib.abstract_like(state, state_sh), data_iter)
   start = int(jax.device_get(state.step))

@@ -80,13 +80,14 @@ def test_frozen_base_is_bit_identical_after_training(single_device_run):
 def test_sharded_step_equals_single_device(single_device_run):
   """8 fake devices as data=4 x fsdp=2 vs one device.
 
-  Params after 3 AdamW steps of lr 1e-3 agree to 3e-5,
-  1% of one step: Adam divides by sqrt(v), which magnifies float noise in near-zero gradients."""
+  Params after 3 AdamW steps of lr 1e-3 agree to 5e-5, 5% of one step: Adam divides by sqrt(v),
+  which magnifies float noise in near-zero gradients (on the tiny base's pool, one of 512 entries
+  differs by 3.0e-5, the rest by less)."""
   c = _config()
   c.mesh.data, c.mesh.fsdp = 4, 2
   _, _, user8, hist8 = _run(c, shd.make_mesh(4, 2))
   _, _, user1, hist1 = single_device_run
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=3e-5), user8, user1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=5e-5), user8, user1)
   # z = -beta/2 (policy_diff - reference_diff) magnifies float32 noise in the errors (~1e-7) by
   # beta/2 = 1000, so loss and margin get atol 2e-3; a pair with |z| below that may flip its vote.
   tol = {"policy_err_preferred": dict(rtol=1e-5), "reference_err_dispreferred": dict(rtol=1e-5),

@@ -1,4 +1,4 @@
-"""The synthetic world, its users and pairs, the hash text encoder and the few-shot embedder."""
+"""The synthetic world, its users and pairs over base samples, the text encoder, the embedder."""
 import colorsys
 import inspect
 
@@ -6,14 +6,17 @@ import numpy as np
 import pytest
 
 from configs import ppd
+from ppd_jax.data import base_pool
+from ppd_jax.data import shape_properties
 from ppd_jax.data import synthetic
+from ppd_jax.data import synthetic_users
 from ppd_jax.data.text_hash import HashTextEncoder
 from ppd_jax.users import fewshot
 
 
 @pytest.fixture(scope="module")
-def demo():
-  return synthetic.SyntheticPreferences(ppd.get_config("demo"))
+def tiny():
+  return synthetic_users.SyntheticPreferences(ppd.get_config("tiny"))
 
 
 def _everything(ds):
@@ -23,23 +26,22 @@ def _everything(ds):
   return batch
 
 
-def test_same_config_same_data_other_seed_other_data():
+def test_same_config_same_data_other_seed_other_data(tiny):
   c = ppd.get_config("tiny")
-  a = _everything(synthetic.SyntheticPreferences(c))
-  b = _everything(synthetic.SyntheticPreferences(c))
+  a, b = _everything(tiny), _everything(synthetic_users.SyntheticPreferences(c))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   c.seed = 1
-  other = _everything(synthetic.SyntheticPreferences(c))
+  other = _everything(synthetic_users.SyntheticPreferences(c))
   for k in ("preferred", "dispreferred", "text_embedding", "user_embedding", "weights"):
     assert not np.array_equal(a[k], other[k]), k
 
 
-def test_gather_keys_shapes_dtypes(demo):
-  c = ppd.get_config("demo")
+def test_gather_keys_shapes_dtypes(tiny):
+  c = ppd.get_config("tiny")
   s, d = c.model.sample_size, c.data
-  assert len(demo) == demo.num_records == d.num_users * d.pairs_per_user
-  batch = demo.gather(np.array([0, 5, len(demo) - 1, 5]))
+  assert len(tiny) == tiny.num_records == d.num_users * d.pairs_per_user
+  batch = tiny.gather(np.array([0, 5, len(tiny) - 1, 5]))
   expected = {
       "preferred": ((4, s, s, 3), np.float32),
       "dispreferred": ((4, s, s, 3), np.float32),
@@ -50,23 +52,103 @@ def test_gather_keys_shapes_dtypes(demo):
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   assert batch["preferred"].min() >= -1 and batch["preferred"].max() <= 1
   np.testing.assert_array_equal(batch["user_id"], [0, 0, d.num_users - 1, 0])
-  one = demo[5]
+  one = tiny[5]
   for k in expected:
     np.testing.assert_array_equal(one[k], batch[k][1], err_msg=k)
   with pytest.raises(IndexError):
-    demo.gather(np.array([len(demo)]))
+    tiny.gather(np.array([len(tiny)]))
 
 
-def test_records_match_their_users_pairs(demo):
-  p = demo.pairs_per_user
-  u = 7
-  batch = demo.gather(np.arange(u * p, (u + 1) * p))
-  pairs = demo.user_pairs(u)
-  np.testing.assert_array_equal(batch["preferred"], pairs["winners"])
-  np.testing.assert_array_equal(batch["dispreferred"], pairs["losers"])
-  np.testing.assert_array_equal(batch["text_embedding"], demo.encode_captions(pairs["captions"]))
-  np.testing.assert_array_equal(batch["preferred"], synthetic.render(pairs["winner_attrs"], 16))
-  assert (batch["user_id"] == u).all()
+def test_pairs_are_two_base_samples_of_one_caption(tiny):
+  p = tiny.pairs_per_user
+  for u in (0, 3, 7):
+    batch = tiny.gather(np.arange(u * p, (u + 1) * p))
+    pairs = tiny.user_pairs(u)
+    win, lose = pairs["winner_index"], pairs["loser_index"]
+    assert (win != lose).all()
+    np.testing.assert_array_equal(tiny.pool_caption_ids[win], tiny.pool_caption_ids[lose])
+    np.testing.assert_array_equal(batch["preferred"], tiny.pool_images[win])
+    np.testing.assert_array_equal(batch["dispreferred"], tiny.pool_images[lose])
+    np.testing.assert_array_equal(batch["text_embedding"],
+                                  tiny.encode_captions(pairs["captions"]))
+    assert (batch["user_id"] == u).all()
+
+
+def test_winners_have_higher_hidden_reward(tiny):
+  gap = ppd.get_config("tiny").data.min_reward_gap
+  clear = []
+  for u in np.concatenate([tiny.train_user_ids, tiny.unseen_user_ids]):
+    pairs = tiny.user_pairs(int(u))
+    diff = tiny.user_reward(int(u), pairs["winners"]) - tiny.user_reward(int(u), pairs["losers"])
+    assert (diff > 0).all(), u
+    clear.append(diff >= gap)
+  # The tiny pool has only 6 pairs per caption, so a few users fall back to smaller gaps.
+  assert np.mean(clear) > 0.9
+
+
+def test_user_splits(tiny):
+  d = ppd.get_config("tiny").data
+  np.testing.assert_array_equal(tiny.train_user_ids, np.arange(d.num_users))
+  np.testing.assert_array_equal(tiny.unseen_user_ids,
+                                np.arange(d.num_users, d.num_users + d.num_unseen_users))
+  assert tiny.gather(np.arange(len(tiny)))["user_id"].max() < d.num_users
+  np.testing.assert_allclose(np.linalg.norm(tiny.user_weights, axis=1), 1.0, rtol=1e-5)
+  for u in tiny.unseen_user_ids[:3]:
+    few = tiny.fewshot_pairs(int(u))
+    assert few["winners"].shape == (d.fewshot, 8, 8, 3) and len(few["captions"]) == d.fewshot
+  with pytest.raises(KeyError, match="unknown user"):
+    tiny.user_embedding(d.num_users + d.num_unseen_users)
+
+
+def test_user_embedding_comes_from_its_fewshot_pairs_only(tiny):
+  c = ppd.get_config("tiny").model
+  for u in (0, int(tiny.unseen_user_ids[-1])):
+    few = tiny.fewshot_pairs(u)
+    np.testing.assert_array_equal(
+        tiny.user_embedding(u),
+        fewshot.embed_user(few["winners"], few["losers"], few["captions"], c.user_tokens,
+                           c.user_embed_dim))
+  # The embedder plays the VLM: no access to the world, the users or their reward's features.
+  imports = [l for l in inspect.getsource(fewshot).splitlines() if l.startswith(("import", "from"))]
+  assert not any(name in l for l in imports
+                 for name in ("synthetic", "shape_properties", "base_pool")), imports
+
+
+def test_baseline_source_has_the_same_pairs_and_one_embedding(tiny):
+  c = ppd.get_config("tiny")
+  c.data.user_conditioning = False
+  baseline = synthetic_users.SyntheticPreferences(c)
+  a, b = tiny.gather(np.arange(len(tiny))), baseline.gather(np.arange(len(baseline)))
+  for k in ("preferred", "dispreferred", "text_embedding", "user_id"):
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert (b["user_embedding"] == b["user_embedding"][:1]).all()
+  assert np.abs(b["user_embedding"]).max() > 0
+  np.testing.assert_array_equal(baseline.user_embedding(1), baseline.user_embedding(9))
+
+
+def test_pool_is_cached_and_a_corrupt_cache_is_remade(tmp_path, monkeypatch):
+  monkeypatch.setenv("PPD_JAX_CACHE", str(tmp_path))
+  c = ppd.get_config("tiny")
+  first = base_pool.load_or_make(c, log=lambda _: None)
+  path = tmp_path / "pools" / f"{base_pool.pool_key(c)}.npz"
+  assert path.exists()
+  assert first.images.shape == (18 * c.data.pool_per_caption, 8, 8, 3)
+  np.testing.assert_array_equal(np.bincount(first.caption_ids), [c.data.pool_per_caption] * 18)
+  path.write_bytes(b"not an npz")
+  messages = []
+  again = base_pool.load_or_make(c, log=messages.append)
+  np.testing.assert_array_equal(first.images, again.images)
+  assert any("unreadable" in m for m in messages)
+  c.sample.num_steps = 3
+  assert base_pool.pool_key(c) != path.stem
+
+
+def test_shape_properties_read_rendered_attributes():
+  attrs = synthetic.sample_attributes(np.random.default_rng(0), 500)
+  props = shape_properties.measure(synthetic.render(attrs, 16))
+  for i, name in enumerate(shape_properties.PROPERTIES):
+    r = np.corrcoef(attrs[name], props[:, i])[0, 1]
+    assert r > (0.95 if name in ("x", "y", "background") else 0.75), (name, r)
 
 
 def _nearest_colour(rgb):
@@ -75,15 +157,14 @@ def _nearest_colour(rgb):
   return synthetic.COLOURS[int(np.argmin(dist))]
 
 
-def test_caption_colour_matches_rendered_pixels(demo):
-  s = demo.sample_size
-  for u in (0, 3, 11, int(demo.unseen_user_ids[0])):
-    pairs = demo.user_pairs(u)
-    for images, attrs in ((pairs["winners"], pairs["winner_attrs"]),
-                          (pairs["losers"], pairs["loser_attrs"])):
-      for img, caption, x, y in zip(images, pairs["captions"], attrs["x"], attrs["y"]):
-        pixel = (img[int(y * s), int(x * s)] + 1.0) / 2.0
-        assert _nearest_colour(pixel) == caption.split()[1], caption
+def test_caption_colour_matches_rendered_pixels():
+  s = 16
+  attrs = synthetic.sample_attributes(np.random.default_rng(3), 60)
+  images = synthetic.render(attrs, s)
+  captions = [synthetic.captions_list()[i] for i in synthetic.caption_ids(attrs)]
+  for img, caption, x, y in zip(images, captions, attrs["x"], attrs["y"]):
+    pixel = (img[int(y * s), int(x * s)] + 1.0) / 2.0
+    assert _nearest_colour(pixel) == caption.split()[1], caption
 
 
 def _shape_of(img):
@@ -119,42 +200,16 @@ def test_caption_shape_matches_rendered_pixels():
   assert np.mean([synthetic.SHAPES[s] == n for s, n in zip(attrs["shape"], named)]) > 0.9
 
 
-def test_winners_have_higher_hidden_reward(demo):
-  for u in np.concatenate([demo.train_user_ids, demo.unseen_user_ids]):
-    pairs = demo.user_pairs(u)
-    gap = demo.user_reward(u, pairs["winner_attrs"]) - demo.user_reward(u, pairs["loser_attrs"])
-    assert (gap >= synthetic.MIN_REWARD_GAP).all(), u
-
-
-def test_user_splits(demo):
-  d = ppd.get_config("demo").data
-  np.testing.assert_array_equal(demo.train_user_ids, np.arange(d.num_users))
-  np.testing.assert_array_equal(demo.unseen_user_ids,
-                                np.arange(d.num_users, d.num_users + d.num_unseen_users))
-  assert not set(demo.train_user_ids) & set(demo.unseen_user_ids)
-  assert demo.gather(np.arange(len(demo)))["user_id"].max() < d.num_users
-  np.testing.assert_allclose(np.linalg.norm(demo.user_weights, axis=1), 1.0, rtol=1e-5)
-  for u in demo.unseen_user_ids[:3]:
-    few = demo.fewshot_pairs(u)
-    assert few["winners"].shape == (d.fewshot, 16, 16, 3) and len(few["captions"]) == d.fewshot
-
-
-def test_user_embedding_comes_from_its_fewshot_pairs_only(demo):
-  c = ppd.get_config("demo").model
-  for u in (0, int(demo.unseen_user_ids[-1])):
-    few = demo.fewshot_pairs(u)
-    np.testing.assert_array_equal(
-        demo.user_embedding(u),
-        fewshot.embed_user(few["winners"], few["losers"], few["captions"], c.user_tokens,
-                           c.user_embed_dim))
-  imports = [l for l in inspect.getsource(fewshot).splitlines() if l.startswith(("import", "from"))]
-  assert not any("synthetic" in l for l in imports), imports
+def _features(attrs):
+  """The five free properties of rendered attributes, each mapped from its range to [-1, 1]."""
+  return np.stack([(attrs[k] - (lo + hi) / 2) / ((hi - lo) / 2)
+                   for k, (lo, hi) in synthetic.RANGES.items()], axis=-1)
 
 
 def _pairs_chosen_by(w, rng, n):
   a = synthetic.sample_attributes(rng, n)
   b = synthetic.sample_attributes(rng, n, shape=a["shape"], colour=a["colour"])
-  a_wins = synthetic.reward_features(a) @ w > synthetic.reward_features(b) @ w
+  a_wins = _features(a) @ w > _features(b) @ w
   ia, ib = synthetic.render(a), synthetic.render(b)
   sel = a_wins[:, None, None, None]
   captions = [synthetic.captions_list()[i] for i in synthetic.caption_ids(a)]
@@ -189,7 +244,7 @@ def test_embedding_separates_opposite_users(pairs, margin, ordered):
   cos = lambda a, b: a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
   opposite, same = [], []
   for _ in range(100):
-    w = rng.standard_normal(len(synthetic.REWARD_FEATURES))
+    w = rng.standard_normal(len(synthetic.RANGES))
     w /= np.linalg.norm(w)
     e = [fewshot.embed_user(*_pairs_chosen_by(v, rng, pairs)[:3], pairs, 16).mean(0)
          for v in (w, w, -w)]
@@ -219,11 +274,24 @@ def test_hash_text_encoder():
   assert (ids[:3] > 0).all() and (ids[3:] == 0).all()
 
 
-def test_dataset_text_encoder(demo):
-  assert len(set(demo.captions)) == len(demo.captions) == 18
-  assert "an orange square" in demo.captions
-  empty = demo.encode_captions([""])
-  c = ppd.get_config("demo")
+def test_dataset_text_encoder(tiny):
+  assert len(set(tiny.captions)) == len(tiny.captions) == 18
+  assert "an orange square" in tiny.captions
+  empty = tiny.encode_captions([""])
+  c = ppd.get_config("tiny")
   assert empty.shape == (1, c.data.text_length, c.model.cross_attention_dim)
-  np.testing.assert_array_equal(empty[0], demo.text_encoder.token_table[0]
-                                + demo.text_encoder.position_table)
+  np.testing.assert_array_equal(empty[0], tiny.text_encoder.token_table[0]
+                                + tiny.text_encoder.position_table)
+  # The world's encoder does not follow the run's seed: the pretrained base learned this one.
+  c.seed = 5
+  np.testing.assert_array_equal(
+      synthetic.make_text_encoder(c.model, c.data).encode(["a red circle"]),
+      tiny.encode_captions(["a red circle"]))
+
+
+def test_users_come_in_opposed_couples():
+  w = synthetic_users.opposed_user_weights(np.random.default_rng(0), 7, 3)
+  assert w.shape == (7, 3)
+  np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(w[1::2], -w[0:6:2])
+  np.testing.assert_allclose(w[:6].sum(0), 0.0, atol=1e-6)    # no majority taste

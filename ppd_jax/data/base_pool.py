@@ -1,0 +1,99 @@
+"""The pool of frozen-base samples that synthetic users label: the pairs are the base's own images.
+
+For every caption of the shape world, `data.pool_per_caption` images are sampled from the frozen
+base (config.model.base) with the run's sampler settings and seed. Users' pairs are two pool images
+of one caption (data/synthetic.py), so what DPO learns to prefer is what the base really draws.
+
+Sampling a pool costs about a minute on a 2-core CPU for the demo, so the result is cached under
+$PPD_JAX_CACHE (default ~/.cache/ppd_jax) by a hash of everything it depends on: training, the
+baseline, evaluation and sampling of one run then share one pool. The cache is only a cache: the
+same inputs give the same pool bit for bit, and a corrupt or missing file is re-made.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from ppd_jax.data import synthetic
+
+_VERSION = 1
+_STREAM_POOL_NOISE = 7
+
+
+@dataclasses.dataclass
+class Pool:
+  images: np.ndarray        # [P, S, S, 3] float32 in [-1, 1]
+  caption_ids: np.ndarray   # [P] int32, index into synthetic.captions_list()
+
+
+def cache_dir() -> str:
+  return os.environ.get("PPD_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                       "ppd_jax"))
+
+
+def _file_digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def pool_key(config) -> str:
+  """Hash of every input the pool depends on (seed, base weights, architecture, sampler)."""
+  from ppd_jax.models import base_weights
+  base = config.model.base
+  fields = {
+      "version": _VERSION, "seed": config.seed, "per_caption": config.data.pool_per_caption,
+      "text_length": config.data.text_length, "text_seed": synthetic.TEXT_ENCODER_SEED,
+      "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
+      "sample": config.sample.to_dict(),
+      "base": base if base == "random" else _file_digest(base_weights.resolve(base)),
+  }
+  fields["model"].pop("base", None)
+  return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def make_pool(config, log=print) -> Pool:
+  """Samples the pool from the frozen base (no cache)."""
+  from ppd_jax import state as state_lib
+  from ppd_jax.diffusion import generation, schedules
+  from ppd_jax.models import build_model
+
+  model = build_model(config.model)
+  params = state_lib.initial_base_params(model, config.seed, config.model.base)
+  captions = synthetic.captions_list()
+  caption_ids = np.repeat(np.arange(len(captions), dtype=np.int32), config.data.pool_per_caption)
+  encoder = synthetic.make_text_encoder(config.model, config.data)
+  seed = int(np.random.SeedSequence([_STREAM_POOL_NOISE, config.seed]).generate_state(1)[0])
+  noise = generation.initial_noise(seed, len(caption_ids), config.model)
+  start = time.perf_counter()
+  log(f"sampling the base-model pool: {len(caption_ids)} images ({len(captions)} captions x "
+      f"{config.data.pool_per_caption}), {config.sample.num_steps} DDIM steps")
+  images = generation.sample_images(
+      model, schedules.schedule_from_config(config.diffusion), params,
+      encoder.encode(captions)[caption_ids], encoder.encode([""]), noise, None,
+      guidance_scale=config.sample.guidance_scale, num_steps=config.sample.num_steps,
+      eta=config.sample.eta, clip_sample=config.sample.clip_sample, seed=seed, progress=log)
+  log(f"pool sampled in {time.perf_counter() - start:.0f}s")
+  return Pool(images=images.astype(np.float32), caption_ids=caption_ids)
+
+
+def load_or_make(config, log=print) -> Pool:
+  """The cached pool for this config, sampled and cached first if there is none (or it is bad)."""
+  path = os.path.join(cache_dir(), "pools", f"{pool_key(config)}.npz")
+  if os.path.exists(path):
+    try:
+      with np.load(path) as f:
+        return Pool(images=f["images"], caption_ids=f["caption_ids"])
+    except (OSError, ValueError, KeyError) as e:
+      log(f"ignoring unreadable pool cache {path} ({e}); sampling it again")
+  pool = make_pool(config, log)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, images=pool.images, caption_ids=pool.caption_ids)
+  os.replace(tmp, path)
+  return pool

@@ -1,0 +1,182 @@
+"""Synthetic users and their preference pairs over the frozen base's own samples.
+
+Users. User u has a hidden unit weight vector w_u over `data.reward_properties` (some of the shape
+properties of data/shape_properties.py), each standardised over the pool; its reward for an image
+is
+
+    r_u(image) = w_u . standardise(measure(image))
+
+measured from pixels, so it judges PPD's samples exactly as it judged the pairs. Users come in
+opposed couples (w_{2k+1} = -w_{2k}), so no taste is the majority's. Captions cannot tell users
+apart, only the user embedding can. Ids 0..num_users-1 are training users, the next
+num_unseen_users are held out (never in a training record).
+
+Pairs. Each user labels `pairs_per_user` pairs: a random caption, two distinct pool images of it
+(data/base_pool.py: samples of the frozen base), the one of higher reward preferred. Candidate
+pairs whose reward gap is below `data.min_reward_gap` are skipped, so every label is a clear one. A
+user's first `fewshot` pairs make its embedding (users/fewshot.py, which sees images only).
+
+With data.user_conditioning False (the Diffusion-DPO baseline) every record and every user get
+one constant embedding: the same pairs, the same trainable branch, no information about the user.
+"""
+import numpy as np
+
+from ppd_jax.data import base_pool
+from ppd_jax.data import shape_properties
+from ppd_jax.data import synthetic
+from ppd_jax.users import fewshot
+
+_STREAM_USERS, _STREAM_PAIRS, _STREAM_CONSTANT = 1, 2, 3
+_CANDIDATES_PER_PAIR = 8  # candidate pairs drawn per kept pair
+
+
+def _stream(seed: int, stream: int) -> np.random.Generator:
+  return np.random.default_rng([stream, seed])
+
+
+def opposed_user_weights(rng: np.random.Generator, users: int, dims: int) -> np.ndarray:
+  """[users, dims] unit vectors in opposed couples: user 2k+1 has minus user 2k's weights.
+
+  Random unit vectors have no majority taste on average; pairing each with its opposite makes that
+  exact for any even set of users (the training users and the unseen ones alike), so a model that
+  ignores the user cannot win on average by luck of the draw, which is the setting PPD is for.
+  """
+  w = rng.standard_normal(((users + 1) // 2, dims))
+  w = w / np.linalg.norm(w, axis=1, keepdims=True)
+  return np.stack([w, -w], axis=1).reshape(-1, dims)[:users].astype(np.float32)
+
+
+def _sample_pairs(rng, features, caption_ids, weights, pairs: int, min_gap: float):
+  """Per user, `pairs` clear pairs of one caption -> (winner, loser) pool indices [U, pairs]."""
+  users, cand = weights.shape[0], pairs * _CANDIDATES_PER_PAIR
+  by_caption = [np.flatnonzero(caption_ids == c) for c in range(caption_ids.max() + 1)]
+  per = min(len(ix) for ix in by_caption)
+  caption = rng.integers(len(by_caption), size=(users, cand))
+  i = rng.integers(per, size=(users, cand))
+  j = (i + 1 + rng.integers(per - 1, size=(users, cand))) % per           # j != i
+  table = np.stack([ix[:per] for ix in by_caption])
+  a, b = table[caption, i], table[caption, j]
+  reward = features @ weights.T                                          # [P, U]
+  ra = reward[a, np.arange(users)[:, None]]                               # [U, cand]
+  rb = reward[b, np.arange(users)[:, None]]
+  gap = np.abs(ra - rb)
+  # The first `pairs` candidates with a clear gap, in draw order; should a user have too few,
+  # its largest remaining gaps fill in.
+  key = np.where(gap >= min_gap, 0.0, 1.0 / (1.0 + gap))
+  keep = np.argsort(key, axis=1, kind="stable")[:, :pairs]
+  a, b = np.take_along_axis(a, keep, 1), np.take_along_axis(b, keep, 1)
+  a_wins = np.take_along_axis(ra > rb, keep, 1)
+  return np.where(a_wins, a, b), np.where(a_wins, b, a)
+
+
+class SyntheticPreferences:
+  """The demo's whole data set, built deterministically from the config in __init__.
+
+  Records (what the trainer sees) are the pairs of training users, user-major: record i belongs to
+  user i // pairs_per_user. `gather` is fancy indexing into precomputed arrays.
+  """
+
+  def __init__(self, config, log=print):
+    d, m = config.data, config.model
+    if d.pairs_per_user < d.fewshot:
+      raise ValueError(f"config.data.pairs_per_user={d.pairs_per_user} must be at least "
+                       f"config.data.fewshot={d.fewshot}: every user's embedding needs its pairs")
+    self.sample_size = m.sample_size
+    self.pairs_per_user = d.pairs_per_user
+    self.fewshot = d.fewshot
+    self.user_conditioning = bool(d.user_conditioning)
+    self.train_user_ids = np.arange(d.num_users, dtype=np.int32)
+    self.unseen_user_ids = np.arange(d.num_users, d.num_users + d.num_unseen_users, dtype=np.int32)
+    num_all = d.num_users + d.num_unseen_users
+
+    pool = base_pool.load_or_make(config, log)
+    self.pool_images, self.pool_caption_ids = pool.images, pool.caption_ids
+    self.reward_properties = tuple(d.reward_properties)
+    self._columns = [shape_properties.PROPERTIES.index(p) for p in self.reward_properties]
+    measured = shape_properties.measure(pool.images)[:, self._columns]
+    self.standardize = shape_properties.Standardizer(measured)
+    self.pool_features = self.standardize(measured)
+
+    # Hidden ground truth: evaluation and labelling use it (user_reward), the embedder never does.
+    self.user_weights = opposed_user_weights(
+        _stream(config.seed, _STREAM_USERS), num_all, len(self.reward_properties))
+    self.winner_index, self.loser_index = _sample_pairs(
+        _stream(config.seed, _STREAM_PAIRS), self.pool_features, self.pool_caption_ids,
+        self.user_weights, d.pairs_per_user, d.min_reward_gap)
+
+    self.captions = synthetic.captions_list()
+    self.text_encoder = synthetic.make_text_encoder(m, d)
+    self._text = self.text_encoder.encode(self.captions)
+
+    if self.user_conditioning:
+      self._user_embeddings = np.stack([
+          fewshot.embed_user(p["winners"], p["losers"], p["captions"], m.user_tokens,
+                             m.user_embed_dim)
+          for p in map(self.fewshot_pairs, range(num_all))])
+    else:
+      constant = _stream(config.seed, _STREAM_CONSTANT).standard_normal(
+          (m.user_tokens, m.user_embed_dim)).astype(np.float32)
+      self._user_embeddings = np.broadcast_to(constant, (num_all,) + constant.shape)
+    self.num_records = d.num_users * d.pairs_per_user
+
+  def __len__(self) -> int:
+    return self.num_records
+
+  def __getitem__(self, i: int) -> dict:
+    if not -self.num_records <= i < self.num_records:
+      raise IndexError(f"record {i} of {self.num_records}")
+    return {k: v[0] for k, v in self.gather(np.array([i % self.num_records])).items()}
+
+  def gather(self, indices: np.ndarray) -> dict:
+    """Record indices [B] -> dict of stacked arrays: preferred, dispreferred [B, S, S, 3] images,
+    text_embedding [B, L, D], user_embedding [B, tokens, dim], user_id [B]."""
+    idx = np.asarray(indices, np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= self.num_records):
+      raise IndexError(f"record indices must be in [0, {self.num_records})")
+    user, k = idx // self.pairs_per_user, idx % self.pairs_per_user
+    win, lose = self.winner_index[user, k], self.loser_index[user, k]
+    return {
+        "preferred": self.pool_images[win],
+        "dispreferred": self.pool_images[lose],
+        "text_embedding": self._text[self.pool_caption_ids[win]],
+        "user_embedding": self._user_embeddings[user],
+        "user_id": user.astype(np.int32),
+    }
+
+  def _check_user(self, user_id) -> None:
+    n = len(self.user_weights)
+    if not isinstance(user_id, (int, np.integer)) or not 0 <= user_id < n:
+      raise KeyError(f"unknown user {user_id!r}: this synthetic data set has users 0..{n - 1} "
+                     f"(training 0..{len(self.train_user_ids) - 1}, the rest unseen)")
+
+  def user_embedding(self, user_id: int) -> np.ndarray:
+    """[user_tokens, user_embed_dim] float32, from the user's first `fewshot` pairs."""
+    self._check_user(user_id)
+    return np.array(self._user_embeddings[user_id])
+
+  def user_reward(self, user_id: int, images: np.ndarray) -> np.ndarray:
+    """[N] float32 hidden reward of images [N, S, S, 3] (evaluation and labelling only)."""
+    self._check_user(user_id)
+    return self.features(images) @ self.user_weights[user_id]
+
+  def features(self, images: np.ndarray) -> np.ndarray:
+    """[N, len(reward_properties)] standardised properties the users' rewards weigh."""
+    return self.standardize(shape_properties.measure(images)[:, self._columns])
+
+  def user_pairs(self, user_id: int) -> dict:
+    """All pairs of one user (training or unseen): images, captions and pool indices."""
+    self._check_user(user_id)
+    win, lose = self.winner_index[user_id], self.loser_index[user_id]
+    return {"winners": self.pool_images[win], "losers": self.pool_images[lose],
+            "captions": [self.captions[c] for c in self.pool_caption_ids[win]],
+            "winner_index": win, "loser_index": lose}
+
+  def fewshot_pairs(self, user_id: int) -> dict:
+    """What the user embedder sees: winners[k] was preferred over losers[k] for captions[k]."""
+    p = self.user_pairs(user_id)
+    return {"winners": p["winners"][:self.fewshot], "losers": p["losers"][:self.fewshot],
+            "captions": p["captions"][:self.fewshot]}
+
+  def encode_captions(self, captions: list[str]) -> np.ndarray:
+    """[N, text_length, cross_attention_dim] float32; "" is the unconditional embedding."""
+    return self.text_encoder.encode(captions)

@@ -1,0 +1,1 @@
+"""The CPU demo: a pretrained synthetic base, synthetic users, PPD vs baselines, evaluation."""
