@@ -25,6 +25,7 @@ import numpy as np
 
 from ppd_jax.data import synthetic
 from ppd_jax.diffusion import generation
+from ppd_jax.evals import plots
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RESULT_KEYS = ("unseen_user_win_rate", "train_user_win_rate", "dpo_baseline_win_rate",
@@ -113,7 +114,6 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print) -
   }
   os.makedirs(out_dir, exist_ok=True)
   _write_json(results, os.path.join(out_dir, "results.json"))
-  from ppd_jax.evals import plots
   plots.win_rate_chart(results, os.path.join(out_dir, "win_rates.png"))
   rows = [("base", base), ("DPO baseline", baseline)]
   rows += [(f"unseen user {u}", ppd[u]) for u in unseen.tolist()[:4]]
