@@ -48,12 +48,18 @@ def create_train_state(model, tx, mesh, seed: int, base: str = "random"):
   # On CPU, compiling init is dominated by one RNG program per parameter; LLVM's optimisation
   # level 0 halves that compile and costs nothing that matters for a program run once.
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  base_params, state = jax.jit(init, out_shardings=(base_sh, st_sh), compiler_options=options)(
-      jax.random.key(seed))
-  if base != "random":
-    loaded, _ = base_weights.load(base, model.config, jax.eval_shape(lambda: base_params))
-    base_params = jax.tree.map(lambda x, s: jax.make_array_from_callback(
-        x.shape, s, lambda index: x[index]), loaded, base_sh)
+  key = jax.random.key(seed)
+  if base == "random":
+    base_params, state = jax.jit(init, out_shardings=(base_sh, st_sh),
+                                 compiler_options=options)(key)
+    return state, base_params, st_sh, base_sh
+  # A loaded base: the jitted init returns only the user state, so XLA drops the base's random
+  # init as dead code; the file's arrays go straight to their shardings.
+  state = jax.jit(lambda r: init(r)[1], out_shardings=st_sh, compiler_options=options)(key)
+  shapes = jax.eval_shape(lambda r: init(r)[0], key)
+  loaded, _ = base_weights.load(base, model.config, shapes)
+  base_params = jax.tree.map(lambda x, s: jax.make_array_from_callback(
+      x.shape, s, lambda index: x[index]), loaded, base_sh)
   return state, base_params, st_sh, base_sh
 
 

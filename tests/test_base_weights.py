@@ -25,7 +25,11 @@ def test_saved_base_loads_exactly_into_the_sharded_state(tiny_base):
   c, model, base, path = tiny_base
   mesh = shd.make_mesh(-1, 1)
   tx, _ = step_lib.make_optimizer(c)
-  _, loaded, _, base_sh = state_lib.create_train_state(model, tx, mesh, c.seed, path)
+  state, loaded, _, base_sh = state_lib.create_train_state(model, tx, mesh, c.seed, path)
+  random_state, _, _, _ = state_lib.create_train_state(model, tx, mesh, c.seed, "random")
+  # The user branch's init does not depend on where the base came from.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.user_params),
+               jax.device_get(random_state.user_params))
   flat_a = jax.tree.leaves(jax.device_get(loaded))
   flat_b = jax.tree.leaves(base)
   assert len(flat_a) == len(flat_b)
