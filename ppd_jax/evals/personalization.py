@@ -90,11 +90,11 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print) -
   baseline = _Sampler(baseline_run, caption_ids, noise, log)(
       baseline_run.source.user_embedding(0)[None])[0]
 
-  reward = {int(u): lambda images, u=int(u): source.user_reward(u, images) for u in users}
-  per_unseen = {u: win_rate(reward[u](ppd[u]), reward[u](base)) for u in unseen.tolist()}
-  per_train = {u: win_rate(reward[u](ppd[u]), reward[u](base)) for u in train.tolist()}
-  per_baseline = {u: win_rate(reward[u](baseline), reward[u](base)) for u in unseen.tolist()}
-  per_control = {u: float(np.mean([win_rate(reward[u](ppd[o]), reward[u](base))
+  reward = source.user_reward
+  per_unseen = {u: win_rate(reward(u, ppd[u]), reward(u, base)) for u in unseen.tolist()}
+  per_train = {u: win_rate(reward(u, ppd[u]), reward(u, base)) for u in train.tolist()}
+  per_baseline = {u: win_rate(reward(u, baseline), reward(u, base)) for u in unseen.tolist()}
+  per_control = {u: float(np.mean([win_rate(reward(u, ppd[o]), reward(u, base))
                                    for o in unseen.tolist() if o != u]))
                  for u in unseen.tolist()}
 
@@ -146,8 +146,8 @@ def _interpolate(sample, source, unseen, pairs, ppd, reward) -> dict:
   r_a, r_b = np.zeros(len(ALPHAS)), np.zeros(len(ALPHAS))
   for p, (a, b) in enumerate(zip(a_ids, b_ids)):
     images = [ppd[a]] + list(middle[p]) + [ppd[b]]
-    r_a += [reward[a](x).mean() for x in images]
-    r_b += [reward[b](x).mean() for x in images]
+    r_a += [reward(a, x).mean() for x in images]
+    r_b += [reward(b, x).mean() for x in images]
   r_a, r_b = r_a / pairs, r_b / pairs
   return {"alphas": list(ALPHAS), "reward_user_a": r_a.round(4).tolist(),
           "reward_user_b": r_b.round(4).tolist(),
