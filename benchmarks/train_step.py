@@ -44,7 +44,7 @@ def main(_):
   step = step_lib.make_train_step(model, schedules.schedule_from_config(c.diffusion), c, tx, lr,
                                   mesh, st_sh, base_sh)
   local = sources.build_source(c).gather(np.arange(c.batch_size))
-  batch = shd.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, mesh)
+  batch = shd.global_batch({k: local[k] for k in step_lib.batch_keys(c.model)}, mesh)
   key = jax.random.key(0)
 
   holder = {"state": state}

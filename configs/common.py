@@ -6,6 +6,11 @@ before any work starts.
 import ml_collections
 
 
+def _int_or_tuple(value) -> ml_collections.FieldReference:
+  """A field that holds an int or one value per block (diffusers' configs use both)."""
+  return ml_collections.FieldReference(value, field_type=object)
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -49,19 +54,28 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.in_channels = 4
   c.model.out_channels = 4
   c.model.block_out_channels = (320, 640, 1280, 1280)
-  c.model.layers_per_block = 2
+  c.model.layers_per_block = _int_or_tuple(2)
   c.model.down_block_types = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
   c.model.up_block_types = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-  c.model.attention_head_dim = 8
+  c.model.attention_head_dim = _int_or_tuple(8)   # heads per block (diffusers' naming)
   c.model.cross_attention_dim = 768
   c.model.norm_num_groups = 32
-  c.model.transformer_layers_per_block = 1
+  c.model.transformer_layers_per_block = _int_or_tuple(1)
   c.model.use_linear_projection = False
+  c.model.upcast_attention = False  # SD 2.x: float32 attention logits (always so here, see unet.py)
+  c.model.addition_embed_type = ""  # "text_time": SDXL's pooled-text + size conditioning
+  c.model.addition_time_embed_dim = 256
+  c.model.projection_class_embeddings_input_dim = 2816
   c.model.user_embed_dim = 3584     # VLM hidden size (Qwen2-7B)
   c.model.user_tokens = 1           # tokens per user embedding
   c.model.dtype = "float32"         # compute dtype of the frozen base: "float32" | "bfloat16"
   c.model.remat = False             # rematerialise blocks in the backward pass
   c.model.base = "random"           # source of the frozen base weights ("random": seeded init)
+  # A diffusers-format pipeline folder or hub id (SD 1.x / 2.x / SDXL). When set, it is the frozen
+  # base: the UNet architecture and noise schedule come from its config files (overriding the
+  # fields above), and its VAE, text encoder(s) and tokenizer(s) encode images and captions.
+  c.model.pretrained = ""
+  c.model.variant = ""              # weights file variant, e.g. "fp16" (diffusion_pytorch_model.fp16)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"
@@ -78,6 +92,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.user_conditioning = True   # False: one constant embedding for all (Diffusion-DPO baseline)
 
   c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "ddim"         # "ddim" | "euler" | "dpmpp_2m"
   c.sample.num_steps = 50
   c.sample.guidance_scale = 7.5
   c.sample.eta = 0.0

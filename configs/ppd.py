@@ -5,10 +5,14 @@ Variants:
               minutes (python -m ppd_jax.demo).
   demo_quick  the demo with fewer users and steps, for the test suite.
   tiny        the smallest model (random base), for mechanics tests.
+  sd15        Stable Diffusion 1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5)
+  sd21        Stable Diffusion 2.1, 768 px, v-prediction (stabilityai/stable-diffusion-2-1)
+  sdxl        Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0)
 """
 import ml_collections
 
 from configs import common
+from configs import sd_architectures
 
 
 def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -90,7 +94,60 @@ def _demo_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-_VARIANTS = {"demo": _demo, "demo_quick": _demo_quick, "tiny": _tiny}
+def _stable_diffusion(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """PPD on a published Stable Diffusion checkpoint (`--config.model.pretrained=PATH` for a local
+  copy). The fields below mirror its config files; a pretrained folder's own files win."""
+  arch = sd_architectures.ARCHITECTURES[name]
+  c.total_steps = 2000
+  c.log_every = 10
+  c.checkpoint_every = 250
+  c.batch_size = 64
+  c.dpo.beta = 5000.0               # Diffusion-DPO's value for SD 1.5 and SDXL
+  c.optim.lr = 1e-5
+  c.optim.warmup_steps = 100
+
+  m = c.model
+  m.pretrained = arch["model_id"]
+  unet = arch["unet"]
+  for field in ("sample_size", "in_channels", "out_channels", "block_out_channels",
+                "layers_per_block", "down_block_types", "up_block_types", "attention_head_dim",
+                "cross_attention_dim", "norm_num_groups"):
+    value = unet[field]
+    setattr(m, field, tuple(value) if isinstance(value, list) else value)
+  m.transformer_layers_per_block = tuple(unet.get("transformer_layers_per_block", (1,) * len(
+      unet["block_out_channels"])))
+  m.use_linear_projection = unet.get("use_linear_projection", False)
+  m.upcast_attention = unet.get("upcast_attention", False)
+  m.addition_embed_type = unet.get("addition_embed_type", "")
+  m.user_embed_dim = 3584           # LLaVA-OneVision (Qwen2-7B) hidden size
+  m.user_tokens = 1                 # the final token's hidden state
+  m.dtype = "bfloat16"              # frozen-base compute; params and the user branch stay float32
+  m.remat = True
+  for field, value in arch["scheduler"].items():
+    setattr(c.diffusion, field, value)
+
+  d = c.data
+  d.source = "synthetic"            # Pick-a-Pic v2 arrives with its reader (issue 5)
+  d.num_users = 32
+  d.num_unseen_users = 8
+  d.pairs_per_user = 8
+  d.pool_per_caption = 4
+  d.text_length = 77
+  c.sample.sampler = "dpmpp_2m"
+  c.sample.num_steps = 25
+  c.sample.guidance_scale = 7.5
+  c.eval.num_items = 2
+  c.eval.train_users = 4
+  c.eval.interpolation_pairs = 1
+  return c
+
+
+_VARIANTS = {
+    "demo": _demo, "demo_quick": _demo_quick, "tiny": _tiny,
+    "sd15": lambda c: _stable_diffusion(c, "sd15"),
+    "sd21": lambda c: _stable_diffusion(c, "sd21"),
+    "sdxl": lambda c: _stable_diffusion(c, "sdxl"),
+}
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:

@@ -35,8 +35,23 @@ def _get(c, dotted: str):
   return c
 
 
+def prepare(c: ml_collections.ConfigDict) -> None:
+  """Resolves a pretrained folder into the config (architecture, schedule), then validates."""
+  pretrained = c.model.get("pretrained", "")
+  if pretrained:
+    _require(c.model.base == "random", "model.base", c.model.base,
+             f"set either model.base or model.pretrained (={pretrained!r}), not both")
+    from ppd_jax.weights import hf_folder
+    from ppd_jax.weights import pretrained as pretrained_lib
+    try:
+      pretrained_lib.apply_to_config(c)
+    except hf_folder.FolderError as e:
+      raise ConfigError(f"config.model.pretrained={pretrained!r}: {e}") from e
+  validate(c)
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError on the first invalid field."""
+  """Raises ConfigError on the first invalid field (a pretrained folder must be resolved first)."""
   for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "batch_size",
                 "grad_accum_steps", "diffusion.num_train_timesteps", "sample.num_steps",
                 "model.sample_size", "model.layers_per_block", "model.cross_attention_dim",
@@ -128,10 +143,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _positive_int(c, field)
     for field in ("eval.seed", "eval.unseen_users", "eval.train_users"):
       _positive_int(c, field, allow_zero=True)
-    _require(m.user_tokens == c.data.fewshot, "model.user_tokens", m.user_tokens,
-             f"the few-shot embedder makes one token per pair: set it to data.fewshot="
+    _require(m.user_tokens <= c.data.fewshot, "model.user_tokens", m.user_tokens,
+             f"the few-shot embedder makes at most one token per pair: at most data.fewshot="
              f"{c.data.fewshot}")
 
+  _require(c.sample.sampler in ("ddim", "euler", "dpmpp_2m"), "sample.sampler", c.sample.sampler,
+           "must be 'ddim', 'euler' or 'dpmpp_2m'")
   _require(c.sample.guidance_scale >= 0, "sample.guidance_scale", c.sample.guidance_scale,
            "must be >= 0")
   _require(0 <= c.sample.eta <= 1, "sample.eta", c.sample.eta, "must be in [0, 1]")

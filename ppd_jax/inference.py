@@ -36,8 +36,9 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
   mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
   model = build_model(config.model)
   tx, _ = step_lib.make_optimizer(config)
-  state, base, state_sh, _ = state_lib.create_train_state(model, tx, mesh, config.seed,
-                                                          config.model.base)
+  state, base, state_sh, _ = state_lib.create_train_state(
+      model, tx, mesh, config.seed, config.model.base, config.model.get("pretrained", ""),
+      config.model.get("variant", ""))
   state = checkpointer.restore(ckpt_lib.abstract_like(state, state_sh), step=step)
   checkpointer.close()
   return TrainedRun(config=config, model=model,
@@ -62,7 +63,8 @@ def mix_users(embeddings: Sequence[np.ndarray], weights: Sequence[float]) -> np.
 
 def generate(run: TrainedRun, prompts: Sequence[str], user_embedding: np.ndarray, *,
              user_scale: float = 1.0, seed: int = 0, num_steps: int | None = None,
-             guidance_scale: float | None = None, eta: float | None = None) -> np.ndarray:
+             guidance_scale: float | None = None, eta: float | None = None,
+             sampler: str | None = None) -> np.ndarray:
   """Images [len(prompts), H, W, C] in [-1, 1] for one user embedding [tokens, dim]."""
   c = run.config
   num_steps = num_steps or c.sample.num_steps
@@ -75,5 +77,6 @@ def generate(run: TrainedRun, prompts: Sequence[str], user_embedding: np.ndarray
       run.model, run.schedule, run.params, run.source.encode_captions(list(prompts)),
       run.source.encode_captions([""]), noise, user, user_scale=user_scale,
       guidance_scale=guidance_scale, num_steps=num_steps, eta=eta,
-      clip_sample=c.sample.clip_sample, seed=seed)
+      clip_sample=c.sample.clip_sample, sampler=sampler or c.sample.get("sampler", "ddim"),
+      seed=seed, decode=run.source.backbone.to_images)
 

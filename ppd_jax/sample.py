@@ -28,6 +28,8 @@ flags.DEFINE_integer("num_images", 1, "images per prompt (seeds seed, seed+1, ..
 flags.DEFINE_float("guidance_scale", None, "classifier-free guidance (default: the run's config)")
 flags.DEFINE_integer("num_steps", None, "DDIM steps (default: the run's config)")
 flags.DEFINE_float("eta", None, "DDIM eta, 0 = deterministic (default: the run's config)")
+flags.DEFINE_enum("sampler", None, ["ddim", "euler", "dpmpp_2m"],
+                  "sampler (default: the run's config.sample.sampler)")
 flags.DEFINE_integer("step", None, "checkpoint step to use (default: the latest)")
 flags.mark_flags_as_required(["workdir", "prompt", "out"])
 
@@ -76,7 +78,8 @@ def main(argv):
   for i in range(f.num_images):
     seed = f.seed + i
     batch = inference.generate(run, f.prompt, embedding, user_scale=f.user_scale, seed=seed,
-                               num_steps=f.num_steps, guidance_scale=f.guidance_scale, eta=f.eta)
+                               num_steps=f.num_steps, guidance_scale=f.guidance_scale, eta=f.eta,
+                               sampler=f.sampler)
     for prompt, image in zip(f.prompt, batch):
       path = os.path.join(f.out, f"{_slug(prompt)}_{tag}_s{seed}_{i}.png")
       images.save_png(image, path)

@@ -31,12 +31,24 @@ def state_shardings(model, tx, mesh):
   return TrainState(step=shd.replicated(mesh), user_params=user_sh, opt_state=opt_sh), base_sh
 
 
-def create_train_state(model, tx, mesh, seed: int, base: str = "random"):
+def load_base(base: str, pretrained: str, variant: str, model, shapes) -> dict:
+  """The frozen base as nested host numpy arrays matching `shapes`: from a diffusers folder
+  (pretrained) or a .npz of models/base_weights.py (base)."""
+  if pretrained:
+    from ppd_jax.weights import pretrained as pretrained_lib
+    pipe = pretrained_lib.open_pipeline(pretrained, variant)
+    return {"unet": pretrained_lib.load_unet(pipe, shapes["unet"])}
+  return base_weights.load(base, model.config, shapes)[0]
+
+
+def create_train_state(model, tx, mesh, seed: int, base: str = "random", pretrained: str = "",
+                       variant: str = ""):
   """Returns (state, base_params, state_shardings, base_shardings).
 
-  The base comes from a seeded init (base == "random") or a weights file (models/base_weights.py,
-  loaded on the host and placed in its shardings); the user branch from its own init (zero value
-  projection, so the policy starts equal to the reference).
+  The base comes from a seeded init (base == "random" and no pretrained folder), a weights file
+  (models/base_weights.py) or a diffusers folder (weights/pretrained.py), loaded on the host and
+  placed in its shardings; the user branch from its own init (zero value projection, so the
+  policy starts equal to the reference).
   """
   st_sh, base_sh = state_shardings(model, tx, mesh)
 
@@ -49,7 +61,7 @@ def create_train_state(model, tx, mesh, seed: int, base: str = "random"):
   # level 0 halves that compile and costs nothing that matters for a program run once.
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
   key = jax.random.key(seed)
-  if base == "random":
+  if base == "random" and not pretrained:
     base_params, state = jax.jit(init, out_shardings=(base_sh, st_sh),
                                  compiler_options=options)(key)
     return state, base_params, st_sh, base_sh
@@ -57,15 +69,16 @@ def create_train_state(model, tx, mesh, seed: int, base: str = "random"):
   # init as dead code; the file's arrays go straight to their shardings.
   state = jax.jit(lambda r: init(r)[1], out_shardings=st_sh, compiler_options=options)(key)
   shapes = jax.eval_shape(lambda r: init(r)[0], key)
-  loaded, _ = base_weights.load(base, model.config, shapes)
+  loaded = load_base(base, pretrained, variant, model, shapes)
   base_params = jax.tree.map(lambda x, s: jax.make_array_from_callback(
       x.shape, s, lambda index: x[index]), loaded, base_sh)
   return state, base_params, st_sh, base_sh
 
 
-def initial_base_params(model, seed: int, base: str = "random"):
+def initial_base_params(model, seed: int, base: str = "random", pretrained: str = "",
+                        variant: str = ""):
   """The frozen base as host numpy arrays, without a mesh (the synthetic source samples with it)."""
-  if base == "random":
+  if base == "random" and not pretrained:
     return jax.device_get(split_params(init_params(model, jax.random.key(seed)))[0])
   shapes = split_params(jax.eval_shape(lambda: init_params(model, jax.random.key(seed))))[0]
-  return base_weights.load(base, model.config, shapes)[0]
+  return load_base(base, pretrained, variant, model, shapes)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ppd_jax import backbone
 from ppd_jax import dpo
 from ppd_jax import sharding as shd
 from ppd_jax.diffusion import schedules
@@ -23,6 +24,13 @@ from ppd_jax.models import merge_params
 
 # Keys of a batch the step reads; anything else the loader yields (ids, ...) stays on the host.
 BATCH_KEYS = ("preferred", "dispreferred", "text_embedding", "user_embedding")
+SDXL_KEYS = ("pooled_text_embedding", "time_ids")
+
+
+def batch_keys(model_cfg) -> tuple[str, ...]:
+  """What the step reads: SDXL's UNet also takes the pooled text and the size time_ids."""
+  extra = SDXL_KEYS if model_cfg.get("addition_embed_type") == "text_time" else ()
+  return BATCH_KEYS + extra
 
 
 @flax.struct.dataclass
@@ -61,14 +69,16 @@ def make_loss_fn(model, schedule: schedules.NoiseSchedule, config) -> Callable:
     eps = jnp.concatenate([noise, noise])
     x_t = schedules.add_noise(schedule, x0, eps, t2)
     target = schedules.training_target(schedule, x0, eps, t2)
-    text = jnp.concatenate([batch["text_embedding"]] * 2)
+    text, added = backbone.unet_conditioning(
+        {k: jnp.concatenate([batch[k]] * 2) for k in backbone.TEXT_KEYS if k in batch})
     user = jnp.concatenate([batch["user_embedding"]] * 2)
 
-    reference = jax.lax.stop_gradient(model.apply({"params": base_params}, x_t, t2, text, None))
+    reference = jax.lax.stop_gradient(
+        model.apply({"params": base_params}, x_t, t2, text, None, 0.0, added))
     ref_w, ref_l = _split_pairs(dpo.squared_error(target, reference, reduction))
 
     params = merge_params(base_params, user_params)
-    policy = model.apply({"params": params}, x_t, t2, text, user, 1.0)
+    policy = model.apply({"params": params}, x_t, t2, text, user, 1.0, added)
     pol_w, pol_l = _split_pairs(dpo.squared_error(target, policy, reduction))
 
     terms = dpo.dpo_terms(pol_w, pol_l, ref_w, ref_l, beta)
@@ -84,6 +94,7 @@ def make_train_step(model, schedule, config, tx, lr_schedule, mesh, state_shardi
                     base_shardings) -> Callable:
   """Returns jitted step(state, base_params, batch, key) -> (state, metrics)."""
   loss_fn = make_loss_fn(model, schedule, config)
+  keys = batch_keys(config.model)
   accum = config.grad_accum_steps
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   micro_spec = NamedSharding(mesh, P(None, shd.BATCH_AXES))
@@ -95,7 +106,7 @@ def make_train_step(model, schedule, config, tx, lr_schedule, mesh, state_shardi
     return jax.lax.with_sharding_constraint(x, micro_spec)
 
   def step(state: TrainState, base_params, batch, key):
-    batch = {k: batch[k] for k in BATCH_KEYS}
+    batch = {k: batch[k] for k in keys}
     rng = jax.random.fold_in(key, state.step)
     rng_t, rng_eps = jax.random.split(rng)
     b = batch["preferred"].shape[0]

@@ -27,7 +27,7 @@ def main(argv):
   config = flags.FLAGS.config
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
   try:
-    config_validation.validate(config)  # before anything heavy starts
+    config_validation.prepare(config)  # before anything heavy starts
     distributed.maybe_initialize()
     trainer.train_and_evaluate(config, os.path.abspath(flags.FLAGS.workdir))
   except (config_validation.ConfigError, checkpoint.CheckpointError) as e:

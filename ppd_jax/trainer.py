@@ -24,7 +24,7 @@ from ppd_jax.models import build_model
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:
   """Trains the user branch for config.total_steps steps; returns the final TrainState."""
-  config_validation.validate(config)
+  config_validation.prepare(config)
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.keep_checkpoints,
       async_save=config.async_checkpointing)
@@ -44,7 +44,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   data_iter = iter(dataset)
 
   state, base_params, state_sh, base_sh = state_lib.create_train_state(
-      model, tx, mesh, config.seed, config.model.base)
+      model, tx, mesh, config.seed, config.model.base, config.model.pretrained,
+      config.model.variant)
   if resume_step is not None:
     state = checkpointer.restore(ckpt_lib.abstract_like(state, state_sh), data_iter)
   start = int(jax.device_get(state.step))
@@ -60,9 +61,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                   f"{config.total_steps}; mesh {dict(mesh.shape)}; workdir {workdir}")
 
   compiled = None
+  batch_keys = step_lib.batch_keys(config.model)
   for step in range(start, config.total_steps):
     local = next(data_iter)
-    batch = shd.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, mesh)
+    batch = shd.global_batch({k: local[k] for k in batch_keys}, mesh)
     if compiled is None:
       compiled = train_step.lower(state, base_params, batch, step_key).compile()
       distributed.barrier("ppd_jax/train_step_compiled")

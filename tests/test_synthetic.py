@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import ppd
+from ppd_jax import backbone
 from ppd_jax.data import base_pool
 from ppd_jax.data import shape_properties
 from ppd_jax.data import synthetic
@@ -67,10 +68,12 @@ def test_pairs_are_two_base_samples_of_one_caption(tiny):
     win, lose = pairs["winner_index"], pairs["loser_index"]
     assert (win != lose).all()
     np.testing.assert_array_equal(tiny.pool_caption_ids[win], tiny.pool_caption_ids[lose])
+    # Pixel space: the UNet's x0 is the image itself.
+    np.testing.assert_array_equal(tiny.pool_latents, tiny.pool_images)
     np.testing.assert_array_equal(batch["preferred"], tiny.pool_images[win])
     np.testing.assert_array_equal(batch["dispreferred"], tiny.pool_images[lose])
     np.testing.assert_array_equal(batch["text_embedding"],
-                                  tiny.encode_captions(pairs["captions"]))
+                                  tiny.encode_captions(pairs["captions"])["text_embedding"])
     assert (batch["user_id"] == u).all()
 
 
@@ -129,18 +132,19 @@ def test_baseline_source_has_the_same_pairs_and_one_embedding(tiny):
 def test_pool_is_cached_and_a_corrupt_cache_is_remade(tmp_path, monkeypatch):
   monkeypatch.setenv("PPD_JAX_CACHE", str(tmp_path))
   c = ppd.get_config("tiny")
-  first = base_pool.load_or_make(c, log=lambda _: None)
-  path = tmp_path / "pools" / f"{base_pool.pool_key(c)}.npz"
+  pixels = backbone.PixelBackbone(c)
+  first = base_pool.load_or_make(c, pixels, log=lambda _: None)
+  path = tmp_path / "pools" / f"{base_pool.pool_key(c, pixels)}.npz"
   assert path.exists()
   assert first.images.shape == (18 * c.data.pool_per_caption, 8, 8, 3)
   np.testing.assert_array_equal(np.bincount(first.caption_ids), [c.data.pool_per_caption] * 18)
   path.write_bytes(b"not an npz")
   messages = []
-  again = base_pool.load_or_make(c, log=messages.append)
+  again = base_pool.load_or_make(c, pixels, log=messages.append)
   np.testing.assert_array_equal(first.images, again.images)
   assert any("unreadable" in m for m in messages)
   c.sample.num_steps = 3
-  assert base_pool.pool_key(c) != path.stem
+  assert base_pool.pool_key(c, pixels) != path.stem
 
 
 def test_shape_properties_read_rendered_attributes():
@@ -277,16 +281,16 @@ def test_hash_text_encoder():
 def test_dataset_text_encoder(tiny):
   assert len(set(tiny.captions)) == len(tiny.captions) == 18
   assert "an orange square" in tiny.captions
-  empty = tiny.encode_captions([""])
+  empty = tiny.encode_captions([""])["text_embedding"]
   c = ppd.get_config("tiny")
   assert empty.shape == (1, c.data.text_length, c.model.cross_attention_dim)
-  np.testing.assert_array_equal(empty[0], tiny.text_encoder.token_table[0]
-                                + tiny.text_encoder.position_table)
+  encoder = tiny.backbone.encoder
+  np.testing.assert_array_equal(empty[0], encoder.token_table[0] + encoder.position_table)
   # The world's encoder does not follow the run's seed: the pretrained base learned this one.
   c.seed = 5
   np.testing.assert_array_equal(
       synthetic.make_text_encoder(c.model, c.data).encode(["a red circle"]),
-      tiny.encode_captions(["a red circle"]))
+      tiny.encode_captions(["a red circle"])["text_embedding"])
 
 
 def test_users_come_in_opposed_couples():

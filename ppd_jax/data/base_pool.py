@@ -19,14 +19,15 @@ import numpy as np
 
 from ppd_jax.data import synthetic
 
-_VERSION = 1
+_VERSION = 2   # 2: latents stored beside the decoded images
 _STREAM_POOL_NOISE = 7
 
 
 @dataclasses.dataclass
 class Pool:
-  images: np.ndarray        # [P, S, S, 3] float32 in [-1, 1]
+  images: np.ndarray        # [P, S, S, 3] float32 in [-1, 1] (decoded, what users look at)
   caption_ids: np.ndarray   # [P] int32, index into synthetic.captions_list()
+  latents: np.ndarray       # [P, s, s, C]: the UNet's x0 (the images themselves in pixel space)
 
 
 def cache_dir() -> str:
@@ -42,58 +43,75 @@ def _file_digest(path: str) -> str:
   return h.hexdigest()
 
 
-def pool_key(config) -> str:
+def _folder_fingerprint(folder: str) -> list:
+  """Paths, sizes and mtimes of a pretrained folder's files: hashing gigabytes costs too much."""
+  out = []
+  for root, _, files in sorted(os.walk(folder)):
+    for name in sorted(files):
+      st = os.stat(os.path.join(root, name))
+      out.append((os.path.relpath(os.path.join(root, name), folder), st.st_size, st.st_mtime_ns))
+  return out
+
+
+def pool_key(config, backbone) -> str:
   """Hash of every input the pool depends on (seed, base weights, architecture, sampler)."""
   from ppd_jax.models import base_weights
   base = config.model.base
+  if config.model.get("pretrained"):
+    base = _folder_fingerprint(backbone.pipe.folder)
   fields = {
       "version": _VERSION, "seed": config.seed, "per_caption": config.data.pool_per_caption,
       "text_length": config.data.text_length, "text_seed": synthetic.TEXT_ENCODER_SEED,
       "model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
       "sample": config.sample.to_dict(),
-      "base": base if base == "random" else _file_digest(base_weights.resolve(base)),
+      "base": base if not isinstance(base, str) or base == "random" else _file_digest(
+          base_weights.resolve(base)),
   }
   fields["model"].pop("base", None)
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def make_pool(config, log=print) -> Pool:
+def make_pool(config, backbone, log=print) -> Pool:
   """Samples the pool from the frozen base (no cache)."""
   from ppd_jax import state as state_lib
   from ppd_jax.diffusion import generation, schedules
   from ppd_jax.models import build_model
 
   model = build_model(config.model)
-  params = state_lib.initial_base_params(model, config.seed, config.model.base)
+  params = state_lib.initial_base_params(model, config.seed, config.model.base,
+                                         config.model.pretrained, config.model.variant)
   captions = synthetic.captions_list()
   caption_ids = np.repeat(np.arange(len(captions), dtype=np.int32), config.data.pool_per_caption)
-  encoder = synthetic.make_text_encoder(config.model, config.data)
   seed = int(np.random.SeedSequence([_STREAM_POOL_NOISE, config.seed]).generate_state(1)[0])
   noise = generation.initial_noise(seed, len(caption_ids), config.model)
   start = time.perf_counter()
   log(f"sampling the base-model pool: {len(caption_ids)} images ({len(captions)} captions x "
-      f"{config.data.pool_per_caption}), {config.sample.num_steps} DDIM steps")
-  images = generation.sample_images(
+      f"{config.data.pool_per_caption}), {config.sample.num_steps} {config.sample.sampler} steps")
+  text = backbone.encode_captions(captions)
+  latents = generation.sample_images(
       model, schedules.schedule_from_config(config.diffusion), params,
-      encoder.encode(captions)[caption_ids], encoder.encode([""]), noise, None,
+      {k: v[caption_ids] for k, v in text.items()}, backbone.encode_captions([""]), noise, None,
       guidance_scale=config.sample.guidance_scale, num_steps=config.sample.num_steps,
-      eta=config.sample.eta, clip_sample=config.sample.clip_sample, seed=seed, progress=log)
+      eta=config.sample.eta, clip_sample=config.sample.clip_sample,
+      sampler=config.sample.sampler, seed=seed, progress=log)
+  images = backbone.to_images(latents)
   log(f"pool sampled in {time.perf_counter() - start:.0f}s")
-  return Pool(images=images.astype(np.float32), caption_ids=caption_ids)
+  return Pool(images=images.astype(np.float32), caption_ids=caption_ids,
+              latents=latents.astype(np.float32))
 
 
-def load_or_make(config, log=print) -> Pool:
+def load_or_make(config, backbone, log=print) -> Pool:
   """The cached pool for this config, sampled and cached first if there is none (or it is bad)."""
-  path = os.path.join(cache_dir(), "pools", f"{pool_key(config)}.npz")
+  path = os.path.join(cache_dir(), "pools", f"{pool_key(config, backbone)}.npz")
   if os.path.exists(path):
     try:
       with np.load(path) as f:
-        return Pool(images=f["images"], caption_ids=f["caption_ids"])
+        return Pool(images=f["images"], caption_ids=f["caption_ids"], latents=f["latents"])
     except (OSError, ValueError, KeyError) as e:
       log(f"ignoring unreadable pool cache {path} ({e}); sampling it again")
-  pool = make_pool(config, log)
+  pool = make_pool(config, backbone, log)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, images=pool.images, caption_ids=pool.caption_ids)
+  np.savez(tmp, images=pool.images, caption_ids=pool.caption_ids, latents=pool.latents)
   os.replace(tmp, path)
   return pool

@@ -76,7 +76,8 @@ class SyntheticPreferences:
   user i // pairs_per_user. `gather` is fancy indexing into precomputed arrays.
   """
 
-  def __init__(self, config, log=print):
+  def __init__(self, config, backbone=None, log=print):
+    """backbone: the run's caption encoder and VAE (backbone.py); default: built from config."""
     d, m = config.data, config.model
     if d.pairs_per_user < d.fewshot:
       raise ValueError(f"config.data.pairs_per_user={d.pairs_per_user} must be at least "
@@ -89,8 +90,13 @@ class SyntheticPreferences:
     self.unseen_user_ids = np.arange(d.num_users, d.num_users + d.num_unseen_users, dtype=np.int32)
     num_all = d.num_users + d.num_unseen_users
 
-    pool = base_pool.load_or_make(config, log)
+    if backbone is None:
+      from ppd_jax import backbone as backbone_lib
+      backbone = backbone_lib.build_backbone(config)
+    self.backbone = backbone
+    pool = base_pool.load_or_make(config, backbone, log)
     self.pool_images, self.pool_caption_ids = pool.images, pool.caption_ids
+    self.pool_latents = pool.latents
     self.reward_properties = tuple(d.reward_properties)
     self._columns = [shape_properties.PROPERTIES.index(p) for p in self.reward_properties]
     measured = shape_properties.measure(pool.images)[:, self._columns]
@@ -105,8 +111,7 @@ class SyntheticPreferences:
         self.user_weights, d.pairs_per_user, d.min_reward_gap)
 
     self.captions = synthetic.captions_list()
-    self.text_encoder = synthetic.make_text_encoder(m, d)
-    self._text = self.text_encoder.encode(self.captions)
+    self._text = backbone.encode_captions(self.captions)
 
     if self.user_conditioning:
       self._user_embeddings = np.stack([
@@ -128,17 +133,20 @@ class SyntheticPreferences:
     return {k: v[0] for k, v in self.gather(np.array([i % self.num_records])).items()}
 
   def gather(self, indices: np.ndarray) -> dict:
-    """Record indices [B] -> dict of stacked arrays: preferred, dispreferred [B, S, S, 3] images,
-    text_embedding [B, L, D], user_embedding [B, tokens, dim], user_id [B]."""
+    """Record indices [B] -> dict of stacked arrays: preferred, dispreferred [B, s, s, C] (the
+    UNet's x0: images in pixel space, else VAE latents), the text conditioning (text_embedding
+    [B, L, D], for SDXL also pooled_text_embedding and time_ids), user_embedding [B, tokens, dim],
+    user_id [B]."""
     idx = np.asarray(indices, np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= self.num_records):
       raise IndexError(f"record indices must be in [0, {self.num_records})")
     user, k = idx // self.pairs_per_user, idx % self.pairs_per_user
     win, lose = self.winner_index[user, k], self.loser_index[user, k]
+    caption = self.pool_caption_ids[win]
     return {
-        "preferred": self.pool_images[win],
-        "dispreferred": self.pool_images[lose],
-        "text_embedding": self._text[self.pool_caption_ids[win]],
+        "preferred": self.pool_latents[win],
+        "dispreferred": self.pool_latents[lose],
+        **{k: v[caption] for k, v in self._text.items()},
         "user_embedding": self._user_embeddings[user],
         "user_id": user.astype(np.int32),
     }
@@ -177,6 +185,6 @@ class SyntheticPreferences:
     return {"winners": p["winners"][:self.fewshot], "losers": p["losers"][:self.fewshot],
             "captions": p["captions"][:self.fewshot]}
 
-  def encode_captions(self, captions: list[str]) -> np.ndarray:
-    """[N, text_length, cross_attention_dim] float32; "" is the unconditional embedding."""
-    return self.text_encoder.encode(captions)
+  def encode_captions(self, captions: list[str]) -> dict:
+    """Text conditioning dict (backbone.py): text_embedding [N, L, D], ...; "" is unconditional."""
+    return self.backbone.encode_captions(captions)

@@ -12,6 +12,7 @@ import time
 
 import ml_collections
 
+from ppd_jax import backbone
 from ppd_jax import config_validation
 from ppd_jax import inference
 from ppd_jax import metrics as metrics_lib
@@ -29,12 +30,12 @@ def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str, log=metrics_lib.log) -> dict:
   """Runs every stage into workdir; returns the evaluation results."""
-  config_validation.validate(config)
+  config_validation.prepare(config)
   start = time.perf_counter()
   workdir = os.path.abspath(workdir)
 
   log("[1/4] frozen base samples for the users to label (cached)")
-  base_pool.load_or_make(config, log)
+  base_pool.load_or_make(config, backbone.build_backbone(config), log)
 
   log("[2/4] PPD: training the user branch on per-user preferences")
   trainer.train_and_evaluate(config, os.path.join(workdir, "ppd"))

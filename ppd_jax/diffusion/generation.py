@@ -16,21 +16,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppd_jax import backbone
 from ppd_jax.diffusion import samplers
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_steps", "eta", "clip_sample"))
+@functools.partial(jax.jit, static_argnames=("model", "num_steps", "eta", "clip_sample",
+                                             "sampler"))
 def _generate(model, schedule, params, noise, text, null_text, user, user_scale, guidance_scale,
-              rng, *, num_steps, eta, clip_sample):
+              rng, *, num_steps, eta, clip_sample, sampler):
   def apply(x, t, cond):
-    return model.apply({"params": params}, x, t, cond["text"], cond["user"], cond["scale"])
+    context, added = backbone.unet_conditioning(cond["text"])
+    return model.apply({"params": params}, x, t, context, cond["user"], cond["scale"], added)
 
   b = noise.shape[0]
   cond = {"text": text, "user": user, "scale": jnp.broadcast_to(user_scale, (b,))}
   uncond = {"text": null_text, "user": user, "scale": jnp.zeros((b,), jnp.float32)}
+  options = {"eta": eta, "clip_sample": clip_sample} if sampler == "ddim" else {}
   return samplers.sample(apply, schedule, noise, cond, uncond, num_steps=num_steps,
-                         guidance_scale=guidance_scale, rng=rng, eta=eta,
-                         timestep_spacing="trailing", steps_offset=0, clip_sample=clip_sample)
+                         guidance_scale=guidance_scale, rng=rng, sampler=sampler,
+                         timestep_spacing="trailing", steps_offset=0, **options)
 
 
 def initial_noise(seed: int, n: int, model_cfg) -> np.ndarray:
@@ -45,32 +49,42 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)]) if len(x) < n else x
 
 
-def sample_images(model, schedule, params, text: np.ndarray, null_text: np.ndarray,
-                  noise: np.ndarray, user: np.ndarray | None = None, *, user_scale: float = 1.0,
+def _as_text_dict(text) -> dict:
+  return dict(text) if isinstance(text, dict) else {"text_embedding": text}
+
+
+def sample_images(model, schedule, params, text, null_text, noise: np.ndarray,
+                  user: np.ndarray | None = None, *, user_scale: float = 1.0,
                   guidance_scale: float, num_steps: int, eta: float = 0.0,
-                  clip_sample: bool = False, seed: int = 0, batch_size: int = 64,
-                  progress=None) -> np.ndarray:
+                  clip_sample: bool = False, sampler: str = "ddim", seed: int = 0,
+                  batch_size: int = 64, decode=None, progress=None) -> np.ndarray:
   """Images [N, H, W, C] in [-1, 1].
 
-  text [N, L, D] (caption embeddings), null_text [1 or N, L, D] (the empty caption's), noise
+  text: caption conditioning, [N, L, D] or a dict of [N, ...] arrays (backbone.py: SDXL adds
+  pooled text and time_ids); null_text: the empty caption's, with a leading dim of 1 or N. noise
   [N, H, W, C] (x_T), user [N, T, E] user embeddings or None for the base model. clip_sample
-  clips each step's x0 prediction to [-1, 1]: pixel-space models need it, since at the first
-  trailing timestep (abar ~ 0) x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies any error in
-  eps. progress, if given, is called with a one-line status after each chunk.
+  (DDIM) clips each step's x0 prediction to [-1, 1]: pixel-space models need it, since at the
+  first trailing timestep (abar ~ 0) x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies any
+  error in eps. decode maps each chunk's final latents to images (a VAE decoder; None: pixel
+  space). progress, if given, is called with a one-line status after each chunk.
   """
   n = len(noise)
-  null_text = np.broadcast_to(null_text, text.shape)
+  text = _as_text_dict(text)
+  null_text = {k: np.broadcast_to(v, text[k].shape) for k, v in _as_text_dict(null_text).items()}
   out, start = [], time.perf_counter()
   for first in range(0, n, batch_size):
     rows = slice(first, min(first + batch_size, n))
     size = min(batch_size, 1 << (n - 1).bit_length())   # few distinct shapes: few compiles
-    chunk = [_pad(np.asarray(a[rows], np.float32), size) for a in (noise, text, null_text)]
-    u = None if user is None else _pad(np.asarray(user[rows], np.float32), size)
-    x0 = _generate(model, schedule, params, chunk[0], chunk[1], chunk[2], u,
+    chunk = lambda a: _pad(np.asarray(a[rows], np.float32), size)
+    u = None if user is None else chunk(user)
+    x0 = _generate(model, schedule, params, chunk(noise), jax.tree.map(chunk, text),
+                   jax.tree.map(chunk, null_text), u,
                    jnp.float32(user_scale), jnp.float32(guidance_scale),
                    jax.random.fold_in(jax.random.key(seed), first),
-                   num_steps=int(num_steps), eta=float(eta), clip_sample=bool(clip_sample))
-    out.append(np.asarray(jnp.clip(x0, -1.0, 1.0))[:rows.stop - rows.start])
+                   num_steps=int(num_steps), eta=float(eta), clip_sample=bool(clip_sample),
+                   sampler=sampler)
+    x0 = np.asarray(x0)[:rows.stop - rows.start]
+    out.append(np.clip(x0 if decode is None else decode(x0), -1.0, 1.0))
     if progress is not None:
       rate = rows.stop / (time.perf_counter() - start)
       progress(f"  sampled {rows.stop}/{n} images  {rate:.1f} images/s  "

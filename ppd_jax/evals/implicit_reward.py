@@ -23,11 +23,12 @@ def evaluate_pairs(model, schedule, config, base_params, user_params, pairs: dic
   """Mean DPO metrics over every pair in `pairs` (dict of stacked arrays, as gather returns)."""
   loss_fn = step_lib.make_loss_fn(model, schedule, config)
   n = len(pairs["preferred"])
+  keys = step_lib.batch_keys(config.model)
   rng = np.random.default_rng(seed)
   totals, count = {}, 0
   for _ in range(draws):
     for start in range(0, n, batch_size):
-      batch = {k: jnp.asarray(pairs[k][start:start + batch_size]) for k in step_lib.BATCH_KEYS}
+      batch = {k: jnp.asarray(pairs[k][start:start + batch_size]) for k in keys}
       b = len(batch["preferred"])
       t = jnp.asarray(rng.integers(0, schedule.num_train_timesteps, size=b), jnp.int32)
       noise = jnp.asarray(rng.standard_normal(batch["preferred"].shape), jnp.float32)

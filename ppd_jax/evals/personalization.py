@@ -57,11 +57,13 @@ class _Sampler:
     c, k = self.run.config, len(self.noise)
     u = 1 if embeddings is None else len(embeddings)
     user = None if embeddings is None else np.repeat(embeddings, k, axis=0)
+    tile = lambda a: np.tile(a, (u,) + (1,) * (a.ndim - 1))
     images = generation.sample_images(
-        self.run.model, self.run.schedule, self.run.params, np.tile(self.text, (u, 1, 1)),
-        self.null, np.tile(self.noise, (u, 1, 1, 1)), user,
+        self.run.model, self.run.schedule, self.run.params,
+        {k: tile(v) for k, v in self.text.items()}, self.null, tile(self.noise), user,
         guidance_scale=c.sample.guidance_scale, num_steps=c.sample.num_steps, eta=c.sample.eta,
-        clip_sample=c.sample.clip_sample, progress=self.log)
+        clip_sample=c.sample.clip_sample, sampler=c.sample.get("sampler", "ddim"),
+        decode=self.run.source.backbone.to_images, progress=self.log)
     return images.reshape((u, k) + images.shape[1:])
 
 

@@ -38,13 +38,15 @@ class PersonalizedUNet(nn.Module):
 
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                user_embedding: jax.Array | None = None,
-               user_scale: attention.Scale = 1.0) -> jax.Array:
+               user_scale: attention.Scale = 1.0,
+               added_cond: dict | None = None) -> jax.Array:
     """[B, H, W, C_in], t [B] (or scalar), text [B, L, D] -> [B, H, W, C_out] float32.
 
     user_scale: a float or a [B] array (per-example scale; 0 gives the base output exactly).
+    added_cond: SDXL's {"text_embeds", "time_ids"} (see backbone.unet_conditioning).
     """
     user_tokens = None if user_embedding is None else self.project_user(user_embedding)
-    return self.unet(sample, timesteps, encoder_hidden_states, user_tokens, user_scale)
+    return self.unet(sample, timesteps, encoder_hidden_states, user_tokens, user_scale, added_cond)
 
 
 def build_model(model_cfg) -> PersonalizedUNet:
@@ -54,7 +56,9 @@ def build_model(model_cfg) -> PersonalizedUNet:
   architecture field and is skipped; any other unknown field is an error, not silently ignored.
   """
   fields = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-  fields.pop("base", None)
+  for key in ("base", "pretrained", "variant"):   # where weights come from, not architecture
+    fields.pop(key, None)
+  fields["addition_embed_type"] = fields.get("addition_embed_type") or None
   known = set(UNetConfig.__dataclass_fields__)
   unknown = set(fields) - known
   if unknown:
@@ -81,7 +85,12 @@ def init_params(model: PersonalizedUNet, rng: jax.Array, batch_size: int = 1) ->
   timesteps = jnp.zeros((batch_size,), jnp.int32)
   text = jnp.zeros((batch_size, 1, cfg.cross_attention_dim), jnp.float32)
   user = jnp.zeros((batch_size, cfg.user_tokens, cfg.user_embed_dim), jnp.float32)
-  variables = jax.jit(model.init)(rng, sample, timesteps, text, user)
+  added = None
+  if cfg.addition_embed_type == "text_time":
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    added = {"text_embeds": jnp.zeros((batch_size, pooled), jnp.float32),
+             "time_ids": jnp.zeros((batch_size, 6), jnp.float32)}
+  variables = jax.jit(model.init)(rng, sample, timesteps, text, user, 1.0, added)
   return flax.core.unfreeze(variables["params"])
 
 

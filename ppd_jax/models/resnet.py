@@ -1,4 +1,4 @@
-"""Convolutional pieces of the UNet (NHWC): ResnetBlock2D, Downsample2D, Upsample2D.
+"""Convolutional pieces of the UNet and VAE (NHWC): ResnetBlock2D, Downsample2D, Upsample2D.
 
 Submodule names follow diffusers' state-dict keys (norm1, conv1, time_emb_proj, ...) so weights map
 1:1. Norms use the two-pass variance (use_fast_variance=False) as PyTorch does: E[x^2] - E[x]^2
@@ -32,6 +32,9 @@ class ResnetBlock2D(nn.Module):
       h   = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, None, None, :]
       h   = conv2(silu(norm2(h)))                      (dropout 0: omitted)
       out = (shortcut(x) + h) / output_scale_factor     shortcut: 1x1 conv when channels change
+
+  temb=None (the VAE's blocks, diffusers' temb_channels=None) drops the time term and its
+  time_emb_proj params.
   """
   out_channels: int
   groups: int = 32
@@ -40,11 +43,12 @@ class ResnetBlock2D(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
     h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
     h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
-    t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
-    h = h + t[:, None, None, :]
+    if temb is not None:
+      t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+      h = h + t[:, None, None, :]
     h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
     h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
     if x.shape[-1] != self.out_channels:
@@ -53,13 +57,24 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-  """Halves H and W with a stride-2 3x3 conv (padding 1 on every side, as diffusers' padding=1)."""
+  """Halves H and W with a stride-2 3x3 conv, padded as diffusers' `padding` argument says.
+
+  padding=1 (UNet): 1 on every side. padding=0 (VAE, downsample_padding=0): diffusers pads
+  (0, 1) at the bottom/right only (F.pad (0, 1, 0, 1)), then convolves unpadded; the same map as
+  a conv with padding ((0, 1), (0, 1)).
+  """
   out_channels: int
   dtype: Dtype = jnp.float32
+  padding: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return conv3x3(self.out_channels, self.dtype, "conv", strides=2)(x)
+    if self.padding == 1:
+      return conv3x3(self.out_channels, self.dtype, "conv", strides=2)(x)
+    if self.padding == 0:
+      return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)),
+                     dtype=self.dtype, name="conv")(x)
+    raise ValueError(f"Downsample2D padding must be 0 or 1, got {self.padding}")
 
 
 class Upsample2D(nn.Module):

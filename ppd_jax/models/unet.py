@@ -40,6 +40,14 @@ class UNetConfig:
   norm_eps: float = 1e-5
   transformer_layers_per_block: IntOrTuple = 1
   use_linear_projection: bool = False
+  # SDXL's micro-conditioning ("text_time"): the pooled text embedding and 6 size/crop numbers.
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int = 256
+  projection_class_embeddings_input_dim: int = 2816
+  # SD 2.x sets upcast_attention: attention logits and softmax in float32. jax.nn.dot_product_
+  # attention always accumulates logits in float32 and takes the softmax in float32 (XLA and
+  # cuDNN alike), so every model here already runs as upcast; the field is kept for config parity.
+  upcast_attention: bool = False
   user_embed_dim: int = 3584
   user_tokens: int = 1
   dtype: Dtype = jnp.float32                  # compute dtype; params are always float32
@@ -56,6 +64,9 @@ class UNetConfig:
       if not isinstance(value, int) and (len(value) != n or
                                          not all(isinstance(v, int) for v in value)):
         raise ValueError(f"UNetConfig.{field} must be an int or {n} ints, got {value!r}")
+    if self.addition_embed_type not in (None, "text_time"):
+      raise ValueError(f"UNetConfig.addition_embed_type={self.addition_embed_type!r}: only None "
+                       "and 'text_time' (SDXL) are supported")
     unknown = (set(self.down_block_types) - set(DOWN_BLOCKS)) | (
         set(self.up_block_types) - set(UP_BLOCKS))
     if unknown:
@@ -69,6 +80,50 @@ class UNetConfig:
     """An int-or-tuple field as one value per down block."""
     value = getattr(self, field)
     return (value,) * len(self.block_out_channels) if isinstance(value, int) else tuple(value)
+
+
+# diffusers' UNet2DConditionModel config keys that change the computation, and the one value of each
+# that this UNet implements (the value every SD 1.x / 2.x / SDXL checkpoint has).
+_FIXED_DIFFUSERS_VALUES = {
+    "act_fn": "silu", "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+    "dual_cross_attention": False, "class_embed_type": None, "num_class_embeds": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
+    "conv_out_kernel": 3, "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None, "attention_type": "default", "dropout": 0.0,
+    "reverse_transformer_layers_per_block": None, "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+}
+# Keys that exist in diffusers' configs and are either mapped below or change nothing here.
+_IGNORED_DIFFUSERS_KEYS = {"addition_embed_type_num_heads", "num_attention_heads",
+                           "attention_head_dim"}
+
+
+def config_from_diffusers(unet_config: dict, **overrides) -> "UNetConfig":
+  """diffusers' unet/config.json -> UNetConfig; `overrides` sets ours (user_embed_dim, dtype, ...).
+
+  Any computation-changing field at a value this UNet does not implement is an error naming it.
+  Heads: diffusers takes `num_attention_heads or attention_head_dim` as the head count.
+  """
+  fields = set(UNetConfig.__dataclass_fields__)
+  args = {}
+  for key, value in unet_config.items():
+    if key.startswith("_") or key in _IGNORED_DIFFUSERS_KEYS:
+      continue
+    if key in _FIXED_DIFFUSERS_VALUES:
+      if value != _FIXED_DIFFUSERS_VALUES[key]:
+        raise ValueError(f"unet config {key}={value!r} is not supported (only "
+                         f"{_FIXED_DIFFUSERS_VALUES[key]!r})")
+      continue
+    if key in fields:
+      args[key] = tuple(value) if isinstance(value, list) else value
+  heads = unet_config.get("num_attention_heads") or unet_config.get("attention_head_dim", 8)
+  args["attention_head_dim"] = tuple(heads) if isinstance(heads, list) else heads
+  args.update(overrides)
+  return UNetConfig(**args)
 
 
 def _maybe_remat(cls, remat: bool):
@@ -183,7 +238,9 @@ class UNet2DConditionModel(nn.Module):
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                user_tokens: jax.Array | None = None,
-               user_scale: attention.Scale = 1.0) -> jax.Array:
+               user_scale: attention.Scale = 1.0,
+               added_cond: dict | None = None) -> jax.Array:
+    """added_cond: SDXL's {"text_embeds": [B, P] pooled text, "time_ids": [B, 6]}, else None."""
     cfg = self.config
     dtype = cfg.dtype
     channels = cfg.block_out_channels
@@ -203,6 +260,8 @@ class UNet2DConditionModel(nn.Module):
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), sample.shape[:1])
     t_emb = embeddings.timestep_embedding(timesteps, channels[0]).astype(dtype)
     temb = embeddings.TimestepEmbedding(4 * channels[0], dtype, name="time_embedding")(t_emb)
+    if cfg.addition_embed_type == "text_time":
+      temb = temb + self._text_time_embedding(added_cond, sample.shape[0])
 
     x = resnet.conv3x3(channels[0], dtype, "conv_in")(sample.astype(dtype))
     skips = [x]
@@ -226,3 +285,25 @@ class UNet2DConditionModel(nn.Module):
     x = nn.silu(resnet.group_norm(cfg.norm_num_groups, cfg.norm_eps, dtype, "conv_norm_out")(x))
     x = resnet.conv3x3(cfg.out_channels, dtype, "conv_out")(x)
     return x.astype(jnp.float32)
+
+  def _text_time_embedding(self, added_cond: dict | None, batch: int) -> jax.Array:
+    """SDXL: add_embedding(concat(pooled text, sinusoid(time_ids) flattened)), added to temb.
+
+        e = [text_embeds, emb(t_1), ..., emb(t_6)]    emb: width addition_time_embed_dim
+    """
+    cfg = self.config
+    if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+      raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs added_cond="
+                       "{'text_embeds': [B, P], 'time_ids': [B, 6]}")
+    time_ids = jnp.broadcast_to(jnp.asarray(added_cond["time_ids"], jnp.float32), (batch, 6))
+    time_emb = embeddings.timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim)
+    pooled = jnp.broadcast_to(added_cond["text_embeds"].astype(jnp.float32),
+                              (batch, added_cond["text_embeds"].shape[-1]))
+    e = jnp.concatenate([pooled, time_emb.reshape(batch, -1)], axis=-1)
+    if e.shape[-1] != cfg.projection_class_embeddings_input_dim:
+      raise ValueError(f"SDXL add embedding: pooled text ({pooled.shape[-1]}) + 6 x "
+                       f"{cfg.addition_time_embed_dim} = {e.shape[-1]} inputs, but "
+                       f"projection_class_embeddings_input_dim="
+                       f"{cfg.projection_class_embeddings_input_dim}")
+    return embeddings.TimestepEmbedding(4 * cfg.block_out_channels[0], cfg.dtype,
+                                        name="add_embedding")(e.astype(cfg.dtype))

@@ -78,9 +78,11 @@ def embed_user(winners: np.ndarray, losers: np.ndarray, captions: list[str], tok
                dim: int) -> np.ndarray:
   """N labelled pairs of one user -> [tokens, dim] float32 user embedding.
 
-  winners[k] was preferred over losers[k] for captions[k]. Token k is the scaled statistics
-  difference of pair k, zero-padded or truncated to `dim` features; pairs beyond `tokens` are
-  dropped and missing ones are zero tokens. The captions are accepted for the VLM's interface; these
+  winners[k] was preferred over losers[k] for captions[k]. Each pair gives the scaled statistics
+  difference winner - loser, zero-padded or truncated to `dim` features. With tokens == N, token k
+  is pair k's; with fewer tokens the pairs are split into `tokens` consecutive groups and each token
+  is its group's mean (tokens = 1: the mean over all pairs, like a VLM's one final-token state);
+  with more, the extra tokens are zero. The captions are accepted for the VLM's interface; these
   statistics do not need them (both images of a pair share the caption).
   """
   winners = np.asarray(winners)
@@ -90,7 +92,8 @@ def embed_user(winners: np.ndarray, losers: np.ndarray, captions: list[str], tok
   if len(captions) != len(winners):
     raise ValueError(f"{len(captions)} captions for {len(winners)} pairs")
   diff = (image_statistics(winners) - image_statistics(losers)) / _DIFF_SCALE
+  groups = [g.mean(axis=0) for g in np.array_split(diff, min(tokens, len(diff))) if len(g)]
   out = np.zeros((tokens, dim), np.float32)
-  k, f = min(tokens, diff.shape[0]), min(dim, diff.shape[1])
-  out[:k, :f] = diff[:k, :f]
+  f = min(dim, diff.shape[1])
+  out[:len(groups), :f] = np.stack(groups)[:, :f]
   return out

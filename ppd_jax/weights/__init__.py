@@ -1,0 +1,1 @@
+"""Weights in and out: diffusers / transformers checkpoints -> Flax params, user branch -> IP-Adapter."""
