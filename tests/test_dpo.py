@@ -61,7 +61,7 @@ class _FakeModel:
   """A stand-in 'UNet' whose user branch adds scale * mean(user) * x: enough to check that the
   step's loss pairs the images, shares t and eps, and switches the branch off for the reference."""
 
-  def apply(self, variables, x, t, text, user, scale=1.0):
+  def apply(self, variables, x, t, text, user, scale=1.0, added_cond=None):
     base = 0.5 * x + 0.01 * t[:, None, None, None] / 1000.0 + text.mean((1, 2))[:, None, None, None]
     if user is None:
       return base
