@@ -1,0 +1,237 @@
+"""Trained user branch -> diffusers IP-Adapter weights ("Full" projection), for PyTorch pipelines.
+
+PPD's user branch is an IP-Adapter whose "image" is the user embedding, so diffusers runs it
+unchanged once the weights carry IP-Adapter names (the original IP-Adapter file layout, which
+`pipe.load_ip_adapter` reads):
+
+    user_projector/proj_0/kernel [E, E]  -> image_proj.proj.0.weight [E, E]   (Linear: transposed)
+    user_projector/proj_0/bias           -> image_proj.proj.0.bias
+    user_projector/proj_2/kernel [E, D]  -> image_proj.proj.2.weight [D, E]
+    user_projector/proj_2/bias           -> image_proj.proj.2.bias
+    user_projector/proj_3/scale, bias    -> image_proj.proj.3.weight, bias    (LayerNorm)
+    unet/<attn2 k>/to_k_user/kernel [D, C] -> ip_adapter.<2k+1>.to_k_ip.weight [C, D]
+    unet/<attn2 k>/to_v_user/kernel [D, C] -> ip_adapter.<2k+1>.to_v_ip.weight [C, D]
+
+`proj.3.weight` makes diffusers build IPAdapterFullImageProjection (FeedForward E->E->D with exact
+GELU, then LayerNorm), which is UserProjector; IPAdapterAttnProcessor2_0 computes
+to_out(A(q, k, v) + scale * A(q, to_k_ip(u), to_v_ip(u))), which is our attn2 with user_scale.
+
+Processor numbering (diffusers 0.42, loaders/unet.py `_convert_ip_adapter_attn_to_diffusers`): it
+walks `unet.attn_processors` in order, starts a counter at 1, and gives each cross-attention
+processor (name not ending in "attn1.processor") the current value, then adds 2. So the k-th
+cross-attention (k = 0, 1, ...) in that walk is `ip_adapter.<2k+1>`. (This is the original
+IP-Adapter's index into the list of all processors, where attn1/attn2 alternate.)
+`attn_processors` lists modules in registration order, and UNet2DConditionModel registers
+`down_blocks`, then `up_blocks`, then `mid_block`: the walk is
+    down_blocks 0..n-1 (blocks with attention), up_blocks 0..n-1, then mid_block,
+and inside a block attentions_0.., inside each Transformer2DModel transformer_blocks_0.., each
+with one attn2. Up block i has layers_per_block[n-1-i] + 1 attentions of
+transformer_layers_per_block[n-1-i] layers; the mid block one attention of
+transformer_layers_per_block[-1] layers. SD 1.5 gives 16 cross-attentions (1, 3, ..., 31), SDXL
+70 (1, ..., 139). `cross_attention_layers` derives this list from the UNetConfig, and the export
+requires the user params to be exactly these layers plus the projector.
+
+Calling it: `ip_adapter_image_embeds=[embeds]`, embeds [batch, 1, user_tokens, user_embed_dim]
+(one "image" whose tokens the projection maps one by one). Classifier-free guidance: pipelines
+split embeds into [negative; positive] halves along the batch and run the user branch at the same
+scale on both, while PPD's sampler runs the unconditional half with the user branch off. No
+negative embedding does that exactly: its half adds scale * A(q, K(n), V(n)), a convex mix of
+to_v_ip(t) over projected tokens t = LN(h) * w + b; all layers' to_v_ip stacked generically have
+full column rank, so t would have to be 0, i.e. LN(h) = -b / w, which a zero-mean unit-variance
+LN(h) generally cannot be. Per-row masks do it exactly: cross_attention_kwargs=
+{"ip_adapter_masks": [mask]}, mask [2n, 1, 1, 1] = n zeros then n ones, multiplies each row's
+user output by its value (IPAdapterAttnProcessor2_0's masked path; a 1x1 mask stays constant
+through its bicubic resize): the negative rows get exactly 0.
+"""
+import json
+import os
+import tempfile
+from typing import Any, Mapping
+
+import flax
+import numpy as np
+from flax import traverse_util
+
+from ppd_jax.models import unet as unet_lib
+from ppd_jax.weights.convert import WeightsError
+
+Path = tuple[str, ...]
+
+_PROJECTOR = {   # our leaf -> (IP-Adapter key, transpose)
+    ("user_projector", "proj_0", "kernel"): ("image_proj.proj.0.weight", True),
+    ("user_projector", "proj_0", "bias"): ("image_proj.proj.0.bias", False),
+    ("user_projector", "proj_2", "kernel"): ("image_proj.proj.2.weight", True),
+    ("user_projector", "proj_2", "bias"): ("image_proj.proj.2.bias", False),
+    ("user_projector", "proj_3", "scale"): ("image_proj.proj.3.weight", False),
+    ("user_projector", "proj_3", "bias"): ("image_proj.proj.3.bias", False),
+}
+
+
+def cross_attention_layers(cfg: unet_lib.UNetConfig) -> list[tuple[Path, int]]:
+  """(attn2 module path under the PersonalizedUNet params, its channels), in diffusers' order.
+
+  The order of `unet.attn_processors` restricted to attn2: down blocks, up blocks, mid block (see
+  the module docstring); entry k is exported as `ip_adapter.<2k+1>`.
+  """
+  n = len(cfg.block_out_channels)
+  layers = cfg.per_block("layers_per_block")
+  t_layers = cfg.per_block("transformer_layers_per_block")
+  out: list[tuple[Path, int]] = []
+
+  def add(block: str, attentions: int, transformer_layers: int, channels: int):
+    for a in range(attentions):
+      for t in range(transformer_layers):
+        out.append((("unet", block, f"attentions_{a}", f"transformer_blocks_{t}", "attn2"),
+                    channels))
+
+  for i, block_type in enumerate(cfg.down_block_types):
+    if unet_lib.DOWN_BLOCKS[block_type].has_attention:
+      add(f"down_blocks_{i}", layers[i], t_layers[i], cfg.block_out_channels[i])
+  for i, block_type in enumerate(cfg.up_block_types):
+    j = n - 1 - i   # the matching down block
+    if unet_lib.UP_BLOCKS[block_type].has_attention:
+      add(f"up_blocks_{i}", layers[j] + 1, t_layers[j], cfg.block_out_channels[j])
+  add("mid_block", 1, t_layers[-1], cfg.block_out_channels[-1])
+  return out
+
+
+def _expected(cfg: unet_lib.UNetConfig) -> dict[Path, tuple[str, bool, tuple[int, ...]]]:
+  """Every user-branch leaf -> (IP-Adapter key, transpose, our shape), in the file's key order."""
+  e, d = cfg.user_embed_dim, cfg.cross_attention_dim
+  shapes = {"proj_0": {"kernel": (e, e), "bias": (e,)}, "proj_2": {"kernel": (e, d), "bias": (d,)},
+            "proj_3": {"scale": (d,), "bias": (d,)}}
+  out = {path: (key, t, shapes[path[1]][path[2]]) for path, (key, t) in _PROJECTOR.items()}
+  for k, (attn2, channels) in enumerate(cross_attention_layers(cfg)):
+    for ours, theirs in (("to_k_user", "to_k_ip"), ("to_v_user", "to_v_ip")):
+      out[attn2 + (ours, "kernel")] = (f"ip_adapter.{2 * k + 1}.{theirs}.weight", True,
+                                       (d, channels))
+  return out
+
+
+def ip_adapter_state_dict(user_params: Mapping[str, Any],
+                          unet_config: unet_lib.UNetConfig) -> dict[str, np.ndarray]:
+  """User branch (`split_params(params)[1]`) -> IP-Adapter state dict, float32, PyTorch layouts.
+
+  Keys: image_proj.proj.{0,2,3}.{weight,bias} and ip_adapter.<2k+1>.to_{k,v}_ip.weight (numbering
+  in the module docstring). A user-branch leaf that is missing, not expected by `unet_config`, or
+  of the wrong shape is a WeightsError naming it: a silently misnumbered layer would load into
+  diffusers without complaint and give wrong images.
+  """
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(user_params))
+  expected = _expected(unet_config)
+  missing = [p for p in expected if p not in flat]
+  extra = sorted(p for p in flat if p not in expected)
+  wrong = [f"{'/'.join(p)} {tuple(np.shape(flat[p]))} != {shape}"
+           for p, (_, _, shape) in expected.items()
+           if p in flat and tuple(np.shape(flat[p])) != shape]
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} missing user param(s): "
+                    + ", ".join("/".join(p) for p in missing[:5]))
+  if extra:
+    problems.append(f"{len(extra)} unexpected param(s) (not in this UNetConfig's user branch): "
+                    + ", ".join("/".join(p) for p in extra[:5]))
+  if wrong:
+    problems.append(f"{len(wrong)} param(s) of the wrong shape: {', '.join(wrong[:5])}")
+  if problems:
+    raise WeightsError("ip_adapter_state_dict: " + "; ".join(problems))
+  out = {}
+  for path, (key, transpose, _) in expected.items():
+    value = np.asarray(flat[path], np.float32)
+    out[key] = np.ascontiguousarray(value.T if transpose else value)
+  return out
+
+
+def usage_snippet(folder: str, weight_name: str, user_scale: float = 1.0,
+                  pipeline: str = "StableDiffusionPipeline") -> str:
+  """The diffusers code that generates for one user with the exported file (README, CLI, JSON).
+
+  CFG: the pipeline splits each ip_adapter_image_embeds tensor into [negative; positive] halves
+  along the batch. PPD's sampler has the user branch off in the unconditional half; the per-row
+  ip_adapter_masks [0; 1] reproduce that exactly (no negative embedding can; module docstring).
+  """
+  return (
+      "import torch\n"
+      f"from diffusers import {pipeline}\n"
+      f"pipe = {pipeline}.from_pretrained(BASE)  # the base the run was trained on\n"
+      f"pipe.load_ip_adapter({folder!r}, subfolder='', weight_name={weight_name!r},\n"
+      "                      image_encoder_folder=None)\n"
+      f"pipe.set_ip_adapter_scale({user_scale})  # ppd_jax's user_scale\n"
+      "# user_embedding: [tokens, dim]; n = number of prompts * num_images_per_prompt\n"
+      "user = torch.as_tensor(user_embedding, dtype=pipe.dtype)[None, None]\n"
+      "embeds = user.expand(2 * n, -1, -1, -1)  # [negative; positive], negative masked off\n"
+      "mask = torch.cat([torch.zeros(n), torch.ones(n)]).view(2 * n, 1, 1, 1)\n"
+      "images = pipe(prompts, ip_adapter_image_embeds=[embeds],\n"
+      "              cross_attention_kwargs={'ip_adapter_masks': [mask]}).images\n")
+
+
+def _atomic_write(path: str, write) -> None:
+  """write(tmp_path) next to `path`, then os.replace: readers never see a half-written file."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would hide the file from other users
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def metadata_path(weights_path: str) -> str:
+  """ip-adapter_ppd.safetensors -> ip-adapter_ppd.json."""
+  return os.path.splitext(weights_path)[0] + ".json"
+
+
+def save_ip_adapter(path: str, state_dict: Mapping[str, np.ndarray],
+                    metadata: Mapping[str, Any]) -> tuple[str, str]:
+  """Writes `path` (.safetensors, diffusers' loader needs that suffix) and its JSON next to it.
+
+  metadata: what using the file needs (user_embed_dim, user_tokens, cross_attention_dim, step,
+  variant, usage...), written as <stem>.json and, as strings, into the safetensors header.
+  Returns (weights path, JSON path).
+  """
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  if not path.endswith(".safetensors"):
+    raise ValueError(f"{path}: the IP-Adapter file must end in .safetensors (diffusers reads "
+                     "other suffixes with torch.load)")
+  tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+  header = {"format": "pt", **{k: v if isinstance(v, str) else json.dumps(v)
+                               for k, v in metadata.items()}}
+  _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+  info = dict(metadata, weight_name=os.path.basename(path), num_tensors=len(tensors),
+              num_cross_attention_layers=sum(k.endswith("to_k_ip.weight") for k in tensors))
+  json_path = metadata_path(path)
+
+  def write_json(tmp):
+    with open(tmp, "w") as f:
+      json.dump(info, f, indent=2)
+      f.write("\n")
+  _atomic_write(json_path, write_json)
+  return path, json_path
+
+
+def export_metadata(unet_config: unet_lib.UNetConfig, *, step: int | None = None,
+                    variant: str | None = None, base: str | None = None,
+                    weight_name: str = "ip-adapter_ppd.safetensors",
+                    folder: str = ".") -> dict[str, Any]:
+  """The JSON's content: the embedding a caller must pass, where the run came from, the call."""
+  sdxl = getattr(unet_config, "addition_embed_type", None) == "text_time"
+  pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+  return {
+      "layout": "diffusers IP-Adapter, Full projection (image_proj.proj.0/2/3, to_k_ip/to_v_ip)",
+      "user_embed_dim": unet_config.user_embed_dim,
+      "user_tokens": unet_config.user_tokens,
+      "cross_attention_dim": unet_config.cross_attention_dim,
+      "ip_adapter_image_embeds": (f"[embeds]: embeds [2n, 1, {unet_config.user_tokens}, "
+                                  f"{unet_config.user_embed_dim}], negative rows first (CFG)"),
+      "step": step,
+      "variant": variant,
+      "base": base,
+      "usage": usage_snippet(folder, weight_name, pipeline=pipeline).splitlines(),
+  }
