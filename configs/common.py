@@ -70,6 +70,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.user_tokens = 1           # tokens per user embedding
   c.model.dtype = "float32"         # compute dtype of the frozen base: "float32" | "bfloat16"
   c.model.remat = False             # rematerialise blocks in the backward pass
+  c.model.attention_impl = ""       # jax.nn.dot_product_attention: "" (XLA's choice), "cudnn"
   c.model.base = "random"           # source of the frozen base weights ("random": seeded init)
   # A diffusers-format pipeline folder or hub id (SD 1.x / 2.x / SDXL). When set, it is the frozen
   # base: the UNet architecture and noise schedule come from its config files (overriding the

@@ -91,6 +91,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   m = c.model
   _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
            "must be 'float32' or 'bfloat16'")
+  _require(m.get("attention_impl", "") in ("", "xla", "cudnn"), "model.attention_impl",
+           m.get("attention_impl"), "must be '' (XLA's default), 'xla' or 'cudnn'")
   n = len(m.block_out_channels)
   _require(n > 0, "model.block_out_channels", m.block_out_channels, "must not be empty")
   _require(len(m.down_block_types) == n, "model.down_block_types", m.down_block_types,

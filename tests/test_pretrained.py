@@ -202,6 +202,22 @@ def test_folder_errors_name_the_file_or_field(folders, tmp_path):
     pretrained.open_pipeline(corrupt)
 
 
+def test_components_that_do_not_fit_are_named(folders, tmp_path):
+  mismatched = _copy(folders["sd15"], tmp_path, "mismatched")
+  path = os.path.join(mismatched, "unet", "config.json")
+  with open(path) as f:
+    cfg = json.load(f)
+  with open(path, "w") as f:
+    json.dump({**cfg, "cross_attention_dim": 48}, f)
+  with pytest.raises(hf_folder.FolderError, match="cross_attention_dim=48"):
+    pretrained.open_pipeline(mismatched)
+  with open(path, "w") as f:
+    json.dump({**cfg, "in_channels": 3, "out_channels": 3}, f)
+  pretrained.open_pipeline.cache_clear()
+  with pytest.raises(hf_folder.FolderError, match="latent_channels=4"):
+    pretrained.open_pipeline(mismatched)
+
+
 def test_bf16_compute_keeps_float32_params_and_stays_close(folders):
   c = _config(folders["sd21"])
   base = state_lib.initial_base_params(models.build_model(c.model), 0, "random",

@@ -59,6 +59,7 @@ def build_model(model_cfg) -> PersonalizedUNet:
   for key in ("base", "pretrained", "variant"):   # where weights come from, not architecture
     fields.pop(key, None)
   fields["addition_embed_type"] = fields.get("addition_embed_type") or None
+  fields["attention_impl"] = fields.get("attention_impl") or None
   known = set(UNetConfig.__dataclass_fields__)
   unknown = set(fields) - known
   if unknown:

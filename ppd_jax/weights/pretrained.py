@@ -77,7 +77,32 @@ def open_pipeline(name_or_path: str, variant: str = "") -> Pipeline:
       raise hf_folder.FolderError(f"{folder}/{sub}/config.json: {e}") from e
     encoders.append((sub, cfg, cls == "CLIPTextModelWithProjection"))
   scheduler = hf_folder.read_json(folder, "scheduler", "scheduler_config.json")
+  _check_sizes(folder, kind, unet, vae, encoders)
   return Pipeline(folder, kind, variant, index, unet, vae, tuple(encoders), scheduler)
+
+
+def _check_sizes(folder, kind, unet, vae, encoders) -> None:
+  """The components must fit together; a mismatch names the two config files."""
+  def fail(what):
+    raise hf_folder.FolderError(f"{folder}: {what}")
+  if vae.latent_channels not in (unet.in_channels, unet.out_channels) or (
+      unet.in_channels != unet.out_channels):
+    fail(f"vae/config.json latent_channels={vae.latent_channels} but unet/config.json has "
+         f"in_channels={unet.in_channels}, out_channels={unet.out_channels}")
+  if kind == "sd":
+    width = encoders[0][1].hidden_size
+  else:
+    width = sum(cfg.hidden_size for _, cfg, _ in encoders)
+    pooled = encoders[-1][1].projection_dim + 6 * unet.addition_time_embed_dim
+    if unet.addition_embed_type != "text_time" or (
+        pooled != unet.projection_class_embeddings_input_dim):
+      fail(f"an SDXL UNet needs addition_embed_type='text_time' and "
+           f"projection_class_embeddings_input_dim = text_encoder_2 projection_dim + 6 x "
+           f"addition_time_embed_dim = {pooled}; unet/config.json has "
+           f"{unet.addition_embed_type!r}, {unet.projection_class_embeddings_input_dim}")
+  if width != unet.cross_attention_dim:
+    fail(f"the text encoder(s) give {width}-wide states but unet/config.json has "
+         f"cross_attention_dim={unet.cross_attention_dim}")
 
 
 def apply_to_config(config) -> Pipeline:
