@@ -323,7 +323,8 @@ def main(_):
   if torch_device:
     print(f"diffusers {diffusers.__version__}: {torch_device}")
   if not gpu:
-    print(f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other work on these "
+    load = os.getloadavg()[0]
+    print(f"cpu: {os.cpu_count()} cores, load average {load:.1f} (other work on these "
           "cores slows torch's threads most)")
   if theirs_out is not None:
     err = float(np.abs(ours_out - theirs_out).max())

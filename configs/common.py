@@ -76,7 +76,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # base: the UNet architecture and noise schedule come from its config files (overriding the
   # fields above), and its VAE, text encoder(s) and tokenizer(s) encode images and captions.
   c.model.pretrained = ""
-  c.model.variant = ""              # weights file variant, e.g. "fp16" (diffusion_pytorch_model.fp16)
+  c.model.variant = ""              # weights file variant: "fp16" reads *.fp16.safetensors
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"

@@ -1,1 +1,1 @@
-"""Weights in and out: diffusers / transformers checkpoints -> Flax params, user branch -> IP-Adapter."""
+"""Weights in and out: diffusers/transformers checkpoints -> Flax, user branch -> IP-Adapter."""

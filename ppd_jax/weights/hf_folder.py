@@ -23,7 +23,7 @@ class FolderError(ValueError):
 
 
 def resolve(name_or_path: str, variant: str = "") -> str:
-  """A local folder as is; otherwise a hub id, downloaded (configs + safetensors) to the HF cache."""
+  """A local folder as is; else a hub id, downloaded (configs + safetensors) to the HF cache."""
   path = os.path.abspath(os.path.expanduser(name_or_path))
   if os.path.isdir(path):
     if not os.path.exists(os.path.join(path, "model_index.json")):

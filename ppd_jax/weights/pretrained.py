@@ -1,6 +1,6 @@
 """A published Stable Diffusion pipeline (SD 1.x / 2.x / SDXL) as Flax modules and params.
 
-    folder or hub id ──► model_index.json, unet/ vae/ text_encoder[_2]/ tokenizer[_2]/ scheduler/
+    folder or hub id ──► model_index.json, unet/ vae/ text_encoder[_2]/ tokenizer[_2]/ scheduler
                      ──► UNet base params, AutoencoderKL, CLIP text encoder(s) + tokenizer(s)
 
 The folder is the truth about the architecture: `apply_to_config` copies its UNet and noise
@@ -161,7 +161,8 @@ def load_tokenizer(pipe: Pipeline, sub: str):
   try:
     from transformers import CLIPTokenizer
   except ImportError as e:
-    raise hf_folder.FolderError("the tokenizer needs transformers: pip install 'ppd_jax[hf]'") from e
+    raise hf_folder.FolderError(
+        "the tokenizer needs transformers: pip install 'ppd_jax[hf]'") from e
   path = f"{pipe.folder}/{sub}"
   try:
     return CLIPTokenizer.from_pretrained(path)
