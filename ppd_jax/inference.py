@@ -1,6 +1,7 @@
 """Generation from a trained run: load it, mix users' embeddings, sample (diffusion/generation.py).
 """
 import dataclasses
+import functools
 import os
 from typing import Any, Sequence
 
@@ -20,12 +21,18 @@ from ppd_jax.models import build_model, merge_params
 
 @dataclasses.dataclass
 class TrainedRun:
+  """A restored run. `source` (users, caption encoder, VAE; it may sample the base pool) is built
+  on first use: exporting the user branch needs only the params."""
   config: ml_collections.ConfigDict
   model: Any
   schedule: schedules.NoiseSchedule
   params: Any           # base + user branch, merged
-  source: Any           # the run's data source: users' embeddings and the caption encoder
   step: int
+
+  @functools.cached_property
+  def source(self) -> Any:
+    """The run's data source: users' embeddings, the caption encoder and the backbone."""
+    return sources.build_source(self.config)
 
 
 def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
@@ -44,7 +51,7 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
   return TrainedRun(config=config, model=model,
                     schedule=schedules.schedule_from_config(config.diffusion),
                     params=merge_params(base, state.user_params),
-                    source=sources.build_source(config), step=int(state.step))
+                    step=int(state.step))
 
 
 def mix_users(embeddings: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:

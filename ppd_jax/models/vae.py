@@ -170,6 +170,14 @@ class MidBlock(nn.Module):
     return block(1)(x)
 
 
+def _resnets(block: nn.Module, x: jax.Array) -> jax.Array:
+  """A block's `num_layers` time-free ResnetBlock2Ds, named resnets_i (called inside its compact)."""
+  for i in range(block.num_layers):
+    x = resnet.ResnetBlock2D(block.out_channels, block.groups, NORM_EPS, dtype=block.dtype,
+                             name=f"resnets_{i}", parent=block)(x)
+  return x
+
+
 class DownEncoderBlock2D(nn.Module):
   """`num_layers` resnets, then a stride-2 conv padded (0, 1) bottom/right unless last."""
   out_channels: int
@@ -180,9 +188,7 @@ class DownEncoderBlock2D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i in range(self.num_layers):
-      x = resnet.ResnetBlock2D(self.out_channels, self.groups, NORM_EPS, dtype=self.dtype,
-                               name=f"resnets_{i}")(x)
+    x = _resnets(self, x)
     if self.add_downsample:
       x = resnet.Downsample2D(self.out_channels, self.dtype, padding=0, name="downsamplers_0")(x)
     return x
@@ -198,9 +204,7 @@ class UpDecoderBlock2D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i in range(self.num_layers):
-      x = resnet.ResnetBlock2D(self.out_channels, self.groups, NORM_EPS, dtype=self.dtype,
-                               name=f"resnets_{i}")(x)
+    x = _resnets(self, x)
     if self.add_upsample:
       x = resnet.Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x)
     return x
