@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -148,19 +147,13 @@ def test_plot_writes_a_png(tmp_path):
   assert "top-5" in line and "(chance 1.0000)" in line    # top-5 of 5 users is certain
 
 
-class _ArrayStore:
-  """Stands in for the store of several embeddings per user (repeated ids), which
-  UserEmbeddingStore does not read yet: the probe only touches .user_ids and .embeddings."""
-
-  def __init__(self, path):
-    with np.load(path) as f:
-      self.user_ids, self.embeddings = f["user_ids"], f["embeddings"]
-
-
 def _multi_store(tmp_path, num_users=8, per_user=8):
   x, labels = _users(num_users=num_users, per_user=per_user, noise=0.5, tokens=3)
-  path = str(tmp_path / "multi.npz")
-  np.savez(path, user_ids=labels, embeddings=x.astype(np.float16))
+  path = str(tmp_path / "multi.safetensors")
+  samples = np.zeros_like(labels)
+  for u in np.unique(labels):                    # 0, 1, ... within each user
+    samples[labels == u] = np.arange((labels == u).sum())
+  store.write_store(path, labels, x.astype(np.float16), samples=samples)
   uniq = np.unique(labels)
   index = tmp_path / "shards" / "index"
   index.mkdir(parents=True)
@@ -169,9 +162,8 @@ def _multi_store(tmp_path, num_users=8, per_user=8):
   return path, uniq
 
 
-def test_run_selects_by_pairs_and_layer(tmp_path, monkeypatch):
+def test_run_selects_by_pairs_and_layer(tmp_path):
   path, uniq = _multi_store(tmp_path)
-  monkeypatch.setattr(probe.store_lib, "UserEmbeddingStore", _ArrayStore)
   lines = []
   r = probe.run(path, str(tmp_path / "out"), k=4, layer=1, steps=100,
                 num_pairs=str(tmp_path / "shards"), log=lines.append)
@@ -195,8 +187,8 @@ def test_run_selects_by_pairs_and_layer(tmp_path, monkeypatch):
     probe.run(path, str(tmp_path / "o"), k=1)
 
 
-def test_run_on_todays_store_errors(tmp_path):
-  """UserEmbeddingStore holds one embedding per user: nothing to test on, said in one line."""
+def test_run_on_a_store_of_single_embeddings_errors(tmp_path):
+  """A store with one embedding per user gives nothing to test on, said in one line."""
   x, labels = _users(num_users=5, per_user=1, tokens=2)
   path = str(tmp_path / "users.safetensors")
   store.write_store(path, labels, x)
@@ -211,26 +203,13 @@ def test_run_on_todays_store_errors(tmp_path):
 
 
 def test_cli_end_to_end(tmp_path):
-  """The absl script path, with the multi-embedding store read through _ArrayStore."""
+  """The absl script path on a store with several embeddings per user."""
   path, uniq = _multi_store(tmp_path)
   out = str(tmp_path / "out")
-  script = textwrap.dedent(f"""
-      import runpy, sys
-      import numpy as np
-      from ppd_jax.users import store
-
-      class ArrayStore:
-        def __init__(self, path):
-          with np.load(path) as f:
-            self.user_ids, self.embeddings = f["user_ids"], f["embeddings"]
-
-      store.UserEmbeddingStore = ArrayStore
-      sys.argv = ["probe", "--store={path}", "--out={out}", "--k=5", "--layer=1", "--steps=100",
-                  "--num_pairs={tmp_path / 'shards'}"]
-      runpy.run_module("ppd_jax.users.probe", run_name="__main__")
-      """)
-  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                        timeout=60)
+  args = [f"--store={path}", f"--out={out}", "--k=5", "--layer=1", "--steps=100",
+          f"--num_pairs={tmp_path / 'shards'}"]
+  done = subprocess.run([sys.executable, "-m", "ppd_jax.users.probe", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
   assert done.returncode == 0, done.stderr
   assert done.stdout.startswith("probe: 5 users, 40 embeddings; test top-1 1.00 (chance 0.2000), "
                                 "top-5 1.00 (chance 1.0000)")

@@ -1,5 +1,6 @@
 """The user-embedding store round-trips exactly, refuses bad input and foreign files by name, and
 never leaves a half-written file behind."""
+import json
 import os
 import pickle
 
@@ -78,7 +79,7 @@ def test_bad_input_is_rejected_naming_the_culprit(tmp_path):
   bad = emb.copy()
   bad[5, 1, 2] = np.nan
   bad[2, 0, 0] = np.inf
-  with pytest.raises(StoreError, match=f"non-finite.*user id {ids[2]} \\(2 user"):
+  with pytest.raises(StoreError, match=f"non-finite.*user id {ids[2]} \\(2 entries"):
     write_store(path, ids, bad)
   with pytest.raises(StoreError, match="shape"):
     write_store(path, ids, emb[:-1])
@@ -90,7 +91,7 @@ def test_bad_input_is_rejected_naming_the_culprit(tmp_path):
     write_store(path, ids[:, None], emb)
   with pytest.raises(StoreError, match="floating point"):
     write_store(path, ids, emb.astype(np.int32))
-  with pytest.raises(StoreError, match="6 profiles for 7 users"):
+  with pytest.raises(StoreError, match="6 profiles for 7 entries"):
     write_store(path, ids, emb, profiles=["p"] * 6)
   assert not path.exists() and os.listdir(tmp_path) == []
 
@@ -163,3 +164,90 @@ def test_failed_write_keeps_the_old_store_and_leaves_no_temp_file(tmp_path, monk
   write_store(path, ids, emb * 2)                        # a later write replaces it in place
   assert os.listdir(tmp_path) == ["u.safetensors"]
   np.testing.assert_array_equal(UserEmbeddingStore(path)[ids[0]], emb[0] * 2)
+
+
+def several_samples(tmp_path, name="multi.safetensors", users=(5, -3, 11), per_user=3, shard=None):
+  """Entries (user, sample) in a scrambled order, each with its shots, profile and embedding."""
+  rng = np.random.default_rng(len(name))
+  ids = np.repeat(np.asarray(users, np.int64), per_user)
+  samples = np.tile(np.arange(per_user), len(users))
+  order = rng.permutation(ids.size)
+  ids, samples = ids[order], samples[order]
+  shots = ids[:, None] * 100 + samples[:, None] * 4 + np.arange(4)
+  emb = rng.normal(size=(ids.size, 2, 3)).astype(np.float32)
+  profiles = [f"user {u}, sample {s}: likes ✓" for u, s in zip(ids, samples)]
+  source = {"model": "tiny"} if shard is None else {"model": "tiny", "shard": shard}
+  path = tmp_path / name
+  write_store(path, ids, emb, samples=samples, shot_ids=shots, profiles=profiles, source=source)
+  return path, ids, samples, shots, emb, profiles
+
+
+def test_several_samples_per_user_keep_shots_and_profiles(tmp_path):
+  path, ids, samples, shots, emb, profiles = several_samples(tmp_path)
+  s = UserEmbeddingStore(path)
+  assert (s.num_users, s.num_entries, len(s)) == (3, 9, 9)
+  np.testing.assert_array_equal(s.users, [-3, 5, 11])
+  order = np.lexsort((samples, ids))
+  np.testing.assert_array_equal(s.user_ids, ids[order])
+  np.testing.assert_array_equal(s.samples, samples[order])
+  np.testing.assert_array_equal(s.shot_ids, shots[order])
+  np.testing.assert_array_equal(s.embeddings, emb[order])
+  assert [s.profile_of_row(r) for r in range(9)] == [profiles[i] for i in order]
+  for uid in (5, -3, 11):                         # lookups by user give the sample-0 entry
+    first = np.flatnonzero((ids == uid) & (samples == 0))[0]
+    np.testing.assert_array_equal(s[uid], emb[first])
+    assert s.profile(uid) == profiles[first]
+    np.testing.assert_array_equal(s.samples[s.rows_of(uid)], [0, 1, 2])
+  np.testing.assert_array_equal(s.get_many([11, -3, 11]), s.embeddings[[6, 0, 6]])
+  np.testing.assert_array_equal(s.missing([5, 6, -3]), [6])
+
+  with pytest.raises(StoreError, match=r"duplicate \(user id, sample\) entries: \[\[1, 1\]\]"):
+    write_store(path, [1, 1, 1], emb[:3], samples=[0, 1, 1])
+  with pytest.raises(StoreError, match="without a sample-0 entry.*7"):
+    write_store(path, [2, 7], emb[:2], samples=[0, 1])
+  with pytest.raises(StoreError, match="shot_ids"):
+    write_store(path, [2, 7], emb[:2], shot_ids=np.zeros((3, 4), np.int64))
+  assert UserEmbeddingStore(path).num_entries == 9          # refused writes left it alone
+
+
+def test_version_1_stores_are_still_read(tmp_path):
+  ids, emb = random_users(n=4)
+  path = tmp_path / "v1.safetensors"
+  order = np.argsort(ids)
+  meta = {"format": store_lib.FORMAT, "version": "1", "tokens": "3", "dim": "5",
+          "source": "{\"vlm\": \"old\"}", "profiles": json.dumps([f"p{u}" for u in ids[order]])}
+  save_file({"user_ids": ids[order], "embeddings": emb[order]}, path, metadata=meta)
+  s = UserEmbeddingStore(path)
+  assert (s.version, s.num_users, s.source, s.shot_ids.shape) == (1, 4, {"vlm": "old"}, (4, 0))
+  np.testing.assert_array_equal(s[ids[2]], emb[2])
+  assert s.profile(ids[2]) == f"p{ids[2]}"
+
+
+def test_merge_joins_shards_and_refuses_mismatches(tmp_path):
+  a = several_samples(tmp_path, "a.safetensors", users=(1, 4), shard={"index": 0, "count": 2})
+  b = several_samples(tmp_path, "b.safetensors", users=(2, 9), shard={"index": 1, "count": 2})
+  merged = store_lib.merge_stores(tmp_path / "all.safetensors", [a[0], b[0]])
+  np.testing.assert_array_equal(merged.users, [1, 2, 4, 9])
+  assert merged.num_entries == 12 and merged.source["model"] == "tiny"
+  assert "shard" not in merged.source
+  for part in (a, b):
+    s = UserEmbeddingStore(part[0])
+    for r in range(len(s)):
+      (row,) = np.flatnonzero((merged.user_ids == s.user_ids[r]) & (merged.samples == s.samples[r]))
+      np.testing.assert_array_equal(merged.embeddings[row], s.embeddings[r])
+      np.testing.assert_array_equal(merged.shot_ids[row], s.shot_ids[r])
+      assert merged.profile_of_row(row) == s.profile_of_row(r)
+
+  with pytest.raises(StoreError, match=r"shard\(s\) \[1\] of 2 are missing"):
+    store_lib.merge_stores(tmp_path / "x.safetensors", [a[0]])
+  assert store_lib.merge_stores(tmp_path / "x.safetensors", [a[0]], allow_partial=True).num_users == 2
+  with pytest.raises(StoreError, match=r"shard\(s\) \[0\] given twice"):
+    store_lib.merge_stores(tmp_path / "x.safetensors", [a[0], a[0]])
+  c = several_samples(tmp_path, "c.safetensors", users=(1,), shard={"index": 1, "count": 2})
+  with pytest.raises(StoreError, match="duplicate"):
+    store_lib.merge_stores(tmp_path / "x.safetensors", [a[0], c[0]])
+  other = tmp_path / "other.safetensors"
+  write_store(other, [77], np.ones((1, 2, 3)), shot_ids=np.zeros((1, 4), np.int64),
+              profiles=["x"], source={"model": "big", "shard": {"index": 1, "count": 2}})
+  with pytest.raises(StoreError, match=f"{other}: made with other settings.*'model'"):
+    store_lib.merge_stores(tmp_path / "x.safetensors", [a[0], other])

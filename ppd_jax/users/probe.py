@@ -264,8 +264,8 @@ def run(store_path: str, out_dir: str, *, k: int = 300, layer=-1, steps: int = 5
         seed: int = 0, num_pairs: str | None = None, log=print) -> dict:
   """The CLI's work: read the store, keep the k users with the most pairs (or, without a pair
   table, the most embeddings), probe, write out_dir/probe.json and probe.png, print a summary.
-  Reads store.user_ids / store.embeddings only, so repeated user ids (several embeddings per
-  user) work as soon as the store allows them."""
+  Every entry of the store counts: a user's several embeddings (`users/embed.py --samples`)
+  are what the split by embedding divides."""
   layer = _parse_layer(layer)
   if k < 2:
     raise ProbeError(f"--k: the probe needs at least 2 users, got {k}")
