@@ -128,6 +128,7 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
 
   _require(c.data.source in ("synthetic", "pickapic"), "data.source", c.data.source,
            "must be 'synthetic' or 'pickapic'")
+  _validate_profile_in_caption(c)
   if c.data.source == "pickapic":
     _validate_pickapic(c, stage)
   if c.data.source == "synthetic":
@@ -176,10 +177,11 @@ def _validate_pickapic(c: ml_collections.ConfigDict, stage: str) -> None:
            "must be 'float16' or 'float32'")
   _require(d.missing_user_embeddings in ("error", "drop"), "data.missing_user_embeddings",
            d.missing_user_embeddings, "must be 'error' or 'drop'")
+  if d.get("profile_in_caption", False):     # the precompute encodes the profiles: needs them
+    _require_profiles(_open_store(d))
   if stage == "precompute":
     return
   from ppd_jax.data import shards
-  from ppd_jax.users import store as store_lib
   _require(bool(d.shards), "data.shards", d.shards,
            "must name the folder made by python -m ppd_jax.data.precompute")
   try:
@@ -199,13 +201,36 @@ def _validate_pickapic(c: ml_collections.ConfigDict, stage: str) -> None:
   if m.addition_embed_type == "text_time":
     _require("pooled_text_embedding" in manifest["text"]["keys"], "data.shards", d.shards,
              "holds no pooled text embeddings: it was not made for an SDXL model")
-  _require(bool(d.user_embeddings), "data.user_embeddings", d.user_embeddings,
-           "must name a user-embedding store file (ppd_jax/users/store.py)")
-  try:
-    store = store_lib.UserEmbeddingStore(d.user_embeddings)
-  except store_lib.StoreError as e:
-    raise ConfigError(f"config.data.user_embeddings={d.user_embeddings!r}: {e}") from e
+  store = _open_store(d)
   _require((store.tokens, store.dim) == (m.user_tokens, m.user_embed_dim),
            "data.user_embeddings", d.user_embeddings,
            f"holds [tokens, dim] = [{store.tokens}, {store.dim}] per user, the model takes "
            f"model.user_tokens={m.user_tokens}, model.user_embed_dim={m.user_embed_dim}")
+
+
+def _validate_profile_in_caption(c: ml_collections.ConfigDict) -> None:
+  """The caption-augmentation baseline needs users with profile text: Pick-a-Pic's VLM users."""
+  on = c.data.get("profile_in_caption", False)
+  _require(isinstance(on, bool), "data.profile_in_caption", on, "must be True or False")
+  _require(not on or c.data.source == "pickapic", "data.profile_in_caption", on,
+           f"needs data.source='pickapic', not {c.data.source!r}: the synthetic demo users "
+           "have no profile text")
+
+
+def _open_store(d: ml_collections.ConfigDict):
+  """The user-embedding store data.user_embeddings names, or a ConfigError naming the field."""
+  from ppd_jax.users import store as store_lib
+  _require(bool(d.user_embeddings), "data.user_embeddings", d.user_embeddings,
+           "must name a user-embedding store file (ppd_jax/users/store.py)")
+  try:
+    return store_lib.UserEmbeddingStore(d.user_embeddings)
+  except store_lib.StoreError as e:
+    raise ConfigError(f"config.data.user_embeddings={d.user_embeddings!r}: {e}") from e
+
+
+def _require_profiles(store) -> None:
+  """A store written without profile text would silently train on plain captions."""
+  if store.profile(int(store.user_ids[0])) is None:
+    raise ConfigError(
+        f"config.data.profile_in_caption=True: the user-embedding store {store.path} holds no "
+        "profile text; write it with profiles, or set data.profile_in_caption=False")

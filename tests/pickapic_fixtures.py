@@ -54,3 +54,18 @@ def write_user_store(path: str, shard_folder: str, dim: int = 16, leave_out=(), 
   emb = np.random.default_rng(seed).standard_normal((len(users), 1, dim)).astype(np.float32)
   store_lib.write_store(path, users, emb, source={"embedder": "random (test)"})
   return dict(zip(users.tolist(), emb))
+
+
+_TASTES = ("bright", "dark", "big", "small")
+
+
+def write_profile_store(path: str, shard_folder: str, dim: int = 16, leave_out=(), seed: int = 0,
+                        style: str = "likes"):
+  """A store like write_user_store's that also holds a profile text per user (what the
+  caption-augmentation baseline appends); -> {user_id: profile}."""
+  users = np.load(os.path.join(shard_folder, "index", "users.npz"))["user_id"]
+  users = np.array([u for u in users if u not in set(leave_out)])
+  emb = np.random.default_rng(seed).standard_normal((len(users), 1, dim)).astype(np.float32)
+  profiles = [f"{style} {_TASTES[i % len(_TASTES)]} things, user {u}" for i, u in enumerate(users)]
+  store_lib.write_store(path, users, emb, profiles=profiles, source={"embedder": "random (test)"})
+  return dict(zip(users.tolist(), profiles))

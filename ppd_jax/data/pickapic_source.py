@@ -21,6 +21,18 @@ class MissingUserEmbeddings(ValueError):
   """Pairs of users the store has no embedding for; the message lists them."""
 
 
+def check_profile_in_caption(folder: str, manifest: dict, wanted: bool) -> None:
+  """Shards encode either plain or profile-joined captions; training on the other kind would
+  silently run the wrong baseline. A manifest from before the switch holds plain captions."""
+  made = bool(manifest["data"].get("profile_in_caption", False))
+  if made != bool(wanted):
+    raise shards.ShardsError(
+        f"{folder} was made with data.profile_in_caption={made}, the config has "
+        f"data.profile_in_caption={bool(wanted)}: its text conditioning holds "
+        f"{'captions joined with profiles' if made else 'plain captions'}. Use shards made with "
+        "the same setting (python -m ppd_jax.data.precompute), or change the config.")
+
+
 class PickapicPairs:
   """A PairSource (data/pipeline.py) over one split of a shard folder."""
 
@@ -28,6 +40,7 @@ class PickapicPairs:
     d = config.data
     self.folder, self.split = os.path.abspath(d.shards), split
     self.manifest = shards.read_manifest(self.folder)
+    check_profile_in_caption(self.folder, self.manifest, d.get("profile_in_caption", False))
     table = dict(np.load(os.path.join(self.folder, f"records-{split}.npz")))
     self._paths = [os.path.join(self.folder, "pairs", s["file"])
                    for s in self.manifest["shards"] if s["split"] == split]

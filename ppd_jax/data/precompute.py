@@ -9,8 +9,13 @@ split). Process p of P does units p, p + P, ...; within a process the VAE batch 
 local devices. A rerun skips units whose done-file and checksums hold, so a killed run resumes
 where it stopped. A JPEG that does not decode, or a row group that cannot be read, drops its pairs,
 which are counted and listed in the manifest; nothing already written is touched.
+
+With config.data.profile_in_caption on (the caption-augmentation baseline), the text units encode
+each pair's caption joined with its user's profile text (users/profile_caption.py) instead of the
+plain captions, and each record's caption_id points at that joined text.
 """
 import concurrent.futures
+import hashlib
 import json
 import os
 import sys
@@ -24,6 +29,8 @@ from ppd_jax.data import images as images_lib
 from ppd_jax.data import pickapic
 from ppd_jax.data import records
 from ppd_jax.data import shards
+from ppd_jax.users import profile_caption
+from ppd_jax.users import store as store_lib
 
 _SKIPPED_LISTED = 1000       # skipped pairs listed one by one in the manifest (all are counted)
 
@@ -46,10 +53,13 @@ class Progress:
                f"ETA {metrics.format_duration(eta)}")
 
 
-def settings_of(config, backbone) -> dict:
-  """What the output folder is made with; a rerun into the same folder must match it."""
+def settings_of(config, backbone, store=None) -> dict:
+  """What the output folder is made with; a rerun into the same folder must match it.
+
+  store: the profile store with data.profile_in_caption on (default: opened from the config).
+  With the switch off nothing is added, so folders made before the switch existed still match."""
   d, m = config.data, config.model
-  return {
+  settings = {
       "format": shards.FORMAT, "version": shards.VERSION,
       "model": {"pretrained": m.pretrained, "variant": m.variant, "base": m.base,
                 "backbone": [str(x) for x in backbone.identity],
@@ -62,6 +72,61 @@ def settings_of(config, backbone) -> dict:
                "storage_dtype": d.storage_dtype, "text_chunk": d.text_chunk,
                "text_length": d.text_length},
   }
+  if d.get("profile_in_caption", False):
+    store = store if store is not None else profile_store(config)
+    settings["data"].update(profile_in_caption=True, profile_store=store_fingerprint(store))
+  return settings
+
+
+def profile_store(config) -> store_lib.UserEmbeddingStore | None:
+  """The store whose profiles the captions are joined with; None with the switch off."""
+  d = config.data
+  return store_lib.UserEmbeddingStore(d.user_embeddings) if d.get("profile_in_caption") else None
+
+
+def store_fingerprint(store: store_lib.UserEmbeddingStore) -> dict:
+  """Identifies the profile texts a folder was encoded with, so a rerun with another store is
+  refused rather than mixing two stores' texts in one folder."""
+  profiles = [store.profile(int(u)) for u in store.users]      # the sample-0 entries
+  h = hashlib.sha256(store.users.astype("<i8").tobytes())
+  h.update(json.dumps(profiles).encode())
+  return {"file": os.path.basename(store.path), "bytes": os.path.getsize(store.path),
+          "users": store.num_users, "profiles_sha256": h.hexdigest()}
+
+
+def text_table(index, store=None) -> tuple[list[str], np.ndarray]:
+  """(texts, per-pair row in texts): what the text units encode and where each pair's text is.
+
+  No store: the index's own captions and caption ids, untouched. A store: the unique strings
+  with_profile(caption, profile of the pair's user), sorted; a user the store lacks keeps the plain
+  caption (the loader refuses or drops that user's pairs anyway)."""
+  if store is None:
+    return index.captions, index.pairs["caption_id"]
+  keys = np.stack([index.pairs["caption_id"].astype(np.int64),
+                   index.pairs["user_id"].astype(np.int64)], axis=1)
+  combos, inverse = np.unique(keys, axis=0, return_inverse=True)
+  users = np.unique(combos[:, 1]).tolist()
+  profiles = {u: store.profile(u) if u in store else None for u in users}
+  joined = [profile_caption.with_profile(index.captions[c], profiles[u])
+            for c, u in combos.tolist()]
+  texts = sorted(set(joined))
+  row = {t: i for i, t in enumerate(texts)}
+  rows = np.array([row[t] for t in joined], np.int32)
+  return texts, rows[inverse.reshape(-1)]
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the settings that differ, one level into each section."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if a == b:
+      continue
+    if not prefix and isinstance(a, dict) and isinstance(b, dict):
+      out += _differences(a, b, f"{k}.")
+    else:
+      out.append(prefix + k)
+  return out
 
 
 def _check_settings(output: str, settings: dict) -> None:
@@ -69,7 +134,7 @@ def _check_settings(output: str, settings: dict) -> None:
   if os.path.exists(path):
     old = shards.read_json(path)
     if old != settings:
-      diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+      diff = _differences(old, settings)
       raise shards.ShardsError(
           f"{output} was made with other settings ({', '.join(diff)} differ; see {path}). "
           "Use a new --output, or the settings it was made with.")
@@ -157,8 +222,10 @@ def _decode_pairs(executor, jpg0, jpg1, size):
 
 
 def encode_file(output, unit, index, u, encode, per, backbone, storage_dtype, executor,
-                progress) -> dict:
-  """All pairs of input file u -> pairs/{split}-{u}.array_record; the unit's done-file dict."""
+                progress, text_ids) -> dict:
+  """All pairs of input file u -> pairs/{split}-{u}.array_record; the unit's done-file dict.
+
+  text_ids: each pair's row in the text table (text_table), stored as the record's caption_id."""
   import pyarrow.parquet as pq
   path = index.paths[u]
   if pickapic.file_fingerprint(path) != index.files[u]:
@@ -188,7 +255,7 @@ def encode_file(output, unit, index, u, encode, per, backbone, storage_dtype, ex
           "dispreferred": latents[lose].astype(storage_dtype),
           "time_ids": np.array([oh, ow, top, left, size, size], np.float32),
           "pair": np.int64(pos), "user_id": index.pairs["user_id"][pos],
-          "caption_id": np.int32(index.pairs["caption_id"][pos])}))
+          "caption_id": np.int32(text_ids[pos])}))
       pair_ids[s].append(int(pos))
     progress.add(len(batch))
 
@@ -233,8 +300,8 @@ def encode_file(output, unit, index, u, encode, per, backbone, storage_dtype, ex
           "skipped": skipped}
 
 
-def _units(index, chunk: int) -> list[tuple[str, int]]:
-  n_text = -(-len(index.captions) // chunk)
+def _units(index, num_texts: int, chunk: int) -> list[tuple[str, int]]:
+  n_text = -(-num_texts // chunk)
   files = sorted(set(int(f) for f in np.unique(index.pairs["file_id"])))
   return [(f"text-{k:05d}", k) for k in range(n_text)] + [(f"file-{u:05d}", u) for u in files]
 
@@ -260,14 +327,17 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
     raise ValueError(f"the backbone encodes {backbone.pixel_size} px images, the model's "
                      f"sample_size {config.model.sample_size} needs "
                      f"{config.model.sample_size * factor}")
-  _check_settings(output, settings_of(config, backbone))
+  store = profile_store(config)
+  settings = settings_of(config, backbone, store)
+  _check_settings(output, settings)
   index = _load_or_build_index(output, input_path, d, log)
+  texts, text_ids = text_table(index, store)
 
   p = jax.process_index() if process_index is None else process_index
   n_proc = jax.process_count() if process_count is None else process_count
   if not 0 <= p < n_proc:
     raise ValueError(f"process_index={p} must be in [0, process_count={n_proc})")
-  units = _units(index, d.text_chunk)
+  units = _units(index, len(texts), d.text_chunk)
   mine = [unit for i, unit in enumerate(units) if i % n_proc == p]
   todo = [(name, k) for name, k in mine if shards.unit_done(output, name, verify) is None]
   file_units = [k for name, k in todo if name.startswith("file-")]
@@ -285,11 +355,11 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
       if removed:
         log(f"precompute: {name}: removed {removed} half-written file(s) of an interrupted run")
       if name.startswith("text-"):
-        captions = index.captions[k * d.text_chunk:(k + 1) * d.text_chunk]
+        captions = texts[k * d.text_chunk:(k + 1) * d.text_chunk]
         done = encode_text_chunk(output, k, captions, backbone, storage)
       else:
         done = encode_file(output, name, index, k, encode, per, backbone, storage, executor,
-                           progress)
+                           progress, text_ids)
       shards.mark_done(output, name, done)
       if after_unit is not None:
         after_unit(name)
@@ -301,11 +371,12 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
     if p != 0:
       return None
   # Otherwise whichever process finishes the last unit writes it.
-  return finalize(output, index, units, settings_of(config, backbone), config, log)
+  return finalize(output, index, text_ids, units, settings, config, log)
 
 
-def finalize(output, index, units, settings, config, log) -> dict | None:
-  """Per-split record tables and the manifest, once every unit is done."""
+def finalize(output, index, text_ids, units, settings, config, log) -> dict | None:
+  """Per-split record tables and the manifest, once every unit is done (text_ids: as in
+  encode_file)."""
   dones = {name: shards.unit_done(output, name, verify=False) for name, _ in units}
   missing = [name for name, done in dones.items() if done is None]
   if missing:
@@ -320,7 +391,7 @@ def finalize(output, index, units, settings, config, log) -> dict | None:
     ids = np.asarray(ids, np.int64)
     counts[f"pairs_{name}"] = len(ids)
     table = {"pair": ids, "user_id": index.pairs["user_id"][ids],
-             "caption_id": index.pairs["caption_id"][ids]}
+             "caption_id": text_ids[ids]}
     shards.commit_npz(os.path.join(output, f"records-{name}.npz"), table)
     shard_list += [f for unit in file_units for f in unit["files"] if f["split"] == name]
   for unit in file_units:

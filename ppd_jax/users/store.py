@@ -417,21 +417,22 @@ def merge_stores(out, paths, *, allow_partial: bool = False) -> "UserEmbeddingSt
   """Several stores (e.g. users/embed.py's --shard_index outputs) -> one store at out.
 
   They must agree on tokens, dim, shots, profiles and their producer's settings (source, less its
-  "shard" entry); a (user, sample) in two inputs is refused. When the inputs carry shard numbers,
-  all num_shards of them must be present unless allow_partial.
+  per-job "shard" and "report" entries); a (user, sample) in two inputs is refused. When the
+  inputs carry shard numbers, all num_shards of them must be present unless allow_partial.
   """
   out = os.fspath(out)
   if not paths:
     raise StoreError(f"{out}: no stores to merge")
   stores = [UserEmbeddingStore(p) for p in paths]
   first = stores[0]
-  common = {k: v for k, v in first.source.items() if k != "shard"}
+  per_job = ("shard", "report")
+  common = {k: v for k, v in first.source.items() if k not in per_job}
   for s in stores[1:]:
-    if (s.tokens, s.dim, s.shot_ids.shape[1]) != (first.tokens, first.dim,
-                                                 first.shot_ids.shape[1]):
-      raise StoreError(f"{s.path}: [tokens, dim, shots] = {[s.tokens, s.dim, s.shot_ids.shape[1]]}"
-                       f" but {first.path} has {[first.tokens, first.dim, first.shot_ids.shape[1]]}")
-    mine = {k: v for k, v in s.source.items() if k != "shard"}
+    shape = lambda x: [x.tokens, x.dim, x.shot_ids.shape[1]]
+    if shape(s) != shape(first):
+      raise StoreError(f"{s.path}: [tokens, dim, shots] = {shape(s)} but {first.path} has "
+                       f"{shape(first)}")
+    mine = {k: v for k, v in s.source.items() if k not in per_job}
     if mine != common:
       keys = sorted(k for k in set(mine) | set(common) if mine.get(k) != common.get(k))
       raise StoreError(f"{s.path}: made with other settings than {first.path} (source keys "
@@ -456,6 +457,8 @@ def merge_stores(out, paths, *, allow_partial: bool = False) -> "UserEmbeddingSt
   if first.has_profiles:
     profiles = [s.profile_of_row(r) for s in stores for r in range(len(s))]
   source = {**common, "merged_from": [os.path.basename(s.path) for s in stores]}
+  if any("report" in s.source for s in stores):
+    source["reports"] = [s.source.get("report") for s in stores]
   write_store(out, np.concatenate([s.user_ids for s in stores]),
               np.concatenate([s.embeddings for s in stores]),
               samples=np.concatenate([s.samples for s in stores]),

@@ -1,0 +1,196 @@
+"""LLaVA-OneVision (transformers, PyTorch) as PPD's user encoder: 4 labelled pairs in, a
+chain-of-thought profile and the final generated token's hidden state(s) out.
+
+    prompt (users/prompts.py, Table 2)  ──► generate() ──► profile text
+    prompt + generated tokens ──► one forward pass ──► final generated token's hidden state:
+                                                        every layer [L + 1, H] or the last [1, H]
+
+Why the second pass: the hidden states generate() can return belong to the step that produced
+each token, i.e. to the position of the token before it; the final token's own state only exists
+once it is fed back in. The pass uses the generation's attention mask and position ids
+(cumsum(mask) - 1), so a left-padded row gets exactly the states of its unpadded sequence.
+
+The prompt is the checkpoint's ChatML turn format (Qwen2 language model), written here rather than
+by LlavaOnevisionProcessor, which needs torchvision; an image is spelt as the number of <image>
+tokens its features fill. With several images per prompt (always: two per pair), OneVision
+encodes each image at the base resolution only, (image_size / patch_size)^2 patches plus one
+newline feature ("default" feature selection drops one), whatever the image's size.
+
+Torch and transformers are imported lazily: the JAX side imports this package without them.
+"""
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from ppd_jax.users import prompts
+
+LAYERS = ("all", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """How the profile is generated. "sample": the paper (temperature 0.7, top-p 1.0, seeded);
+  "greedy": the authors' released code."""
+  mode: str = "sample"
+  temperature: float = 0.7
+  top_p: float = 1.0
+  seed: int = 0
+  max_new_tokens: int = 1024
+
+  def __post_init__(self):
+    if self.mode not in ("sample", "greedy"):
+      raise ValueError(f"--decoding must be 'sample' or 'greedy', got {self.mode!r}")
+    if self.mode == "sample" and not (self.temperature > 0 and 0 < self.top_p <= 1):
+      raise ValueError(f"--temperature must be > 0 and --top_p in (0, 1], got "
+                       f"{self.temperature}, {self.top_p}")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+  def as_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    if self.mode == "greedy":
+      d.pop("temperature"), d.pop("top_p"), d.pop("seed")
+    return d
+
+
+def batch_seed(seed: int, first_key: str) -> int:
+  """The torch seed of one batch, from the run's seed and the batch's first entry: a resumed run
+  draws the same tokens for the same batch however many batches came before."""
+  digest = hashlib.sha256(f"{seed}:{first_key}".encode()).digest()
+  return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def chat_text(segments: list, image_text: str) -> str:
+  """One user turn with the system prompt, in ChatML, ready for the assistant's answer."""
+  return ("<|im_start|>system\n" + prompts.SYSTEM_PROMPT + "<|im_end|>\n"
+          "<|im_start|>user\n" + prompts.render(segments, image_text) + "<|im_end|>\n"
+          "<|im_start|>assistant\n")
+
+
+def _torch_dtype(name: str, device: str):
+  import torch
+  if name == "auto":
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+  try:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+  except KeyError:
+    raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+class VLM:
+  """A loaded LLaVA-OneVision checkpoint with its tokenizer and (PIL) image processor."""
+
+  def __init__(self, model, tokenizer, image_processor, model_id: str):
+    self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+    self.model_id = model_id
+    self.tokenizer.padding_side = "left"          # batched generation continues on the right
+    cfg = model.config
+    self.image_token = getattr(tokenizer, "image_token", None) or "<image>"
+    ids = tokenizer.encode(self.image_token, add_special_tokens=False)
+    if ids != [cfg.image_token_id]:
+      raise ValueError(f"{model_id}: the tokenizer spells {self.image_token!r} as {ids}, the "
+                       f"model expects the single token {cfg.image_token_id}")
+    self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if self.eos_id is None or self.eos_id == tokenizer.unk_token_id:
+      self.eos_id = tokenizer.eos_token_id
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+    self.num_layers = cfg.text_config.num_hidden_layers
+    self.hidden_size = cfg.text_config.hidden_size
+
+  @classmethod
+  def load(cls, model_id: str, *, dtype: str = "auto", device: str | None = None) -> "VLM":
+    """From a hub id or a local folder in transformers' format (e.g.
+    llava-hf/llava-onevision-qwen2-7b-ov-hf); bfloat16 on a GPU, float32 on the CPU by default."""
+    import torch
+    import transformers
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+      model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(
+          model_id, dtype=_torch_dtype(dtype, device))
+      tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
+      processor = transformers.LlavaOnevisionImageProcessorPil.from_pretrained(model_id)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"--model={model_id}: not a loadable LLaVA-OneVision checkpoint: "
+                       f"{e}") from e
+    return cls(model.to(device).eval(), tokenizer, processor, model_id)
+
+  @property
+  def device(self):
+    return self.model.device
+
+  @property
+  def tokens_per_image(self) -> int:
+    """<image> tokens of one image in a multi-image prompt: base patches + one newline."""
+    cfg = self.model.config
+    patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    return patches + 1 - (cfg.vision_feature_select_strategy == "default")
+
+  def describe(self) -> dict:
+    """What the store records about the model."""
+    return {"id": self.model_id, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
+            "dtype": str(self.model.dtype).replace("torch.", "")}
+
+  def inputs(self, prompt_list: list[tuple[list, list]]) -> dict:
+    """[(segments, PIL images)] -> the model's tensors, left-padded to one length."""
+    texts = [chat_text(seg, self.image_token * self.tokens_per_image) for seg, _ in prompt_list]
+    enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    pix = self.image_processor([[im.convert("RGB") for im in imgs] for _, imgs in prompt_list],
+                               return_tensors="pt")
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+           "pixel_values": pix["pixel_values"].to(self.model.dtype),
+           "image_sizes": pix["image_sizes"], "batch_num_images": pix["batch_num_images"]}
+    return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in out.items()}
+
+  def generate(self, inputs: dict, decoding: Decoding, seed: int):
+    """-> [B, prompt + new] token ids; rows that stopped early are padded with pad_id."""
+    import torch
+    torch.manual_seed(seed)
+    kw = ({"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p,
+           "top_k": 0} if decoding.mode == "sample" else {"do_sample": False})
+    with torch.inference_mode():
+      return self.model.generate(**inputs, max_new_tokens=decoding.max_new_tokens,
+                                 eos_token_id=self.eos_id, pad_token_id=self.pad_id, **kw)
+
+  def final_states(self, inputs: dict, sequences, layers: str) -> tuple[np.ndarray, list[str]]:
+    """Hidden state(s) of each row's final generated token, from one forward pass over the
+    finished sequences -> ([B, L + 1 or 1, H] float32, generated texts)."""
+    import torch
+    if layers not in LAYERS:
+      raise ValueError(f"--layers must be one of {LAYERS}, got {layers!r}")
+    prompt_len = inputs["input_ids"].shape[1]
+    new = sequences[:, prompt_len:]
+    is_eos = new == self.eos_id
+    # Tokens up to and including the first end-of-turn; all of them when it never came.
+    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1])
+    keep = int(lengths.max())
+    steps = torch.arange(keep, device=new.device)[None]
+    mask = torch.cat([inputs["attention_mask"], (steps < lengths[:, None]).long()], dim=1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode():
+      out = self.model.model(input_ids=sequences[:, :prompt_len + keep], attention_mask=mask,
+                             position_ids=positions, pixel_values=inputs["pixel_values"],
+                             image_sizes=inputs["image_sizes"],
+                             batch_num_images=inputs["batch_num_images"],
+                             output_hidden_states=True, use_cache=False)
+    last = prompt_len + lengths - 1                                 # [B] the final token
+    rows = torch.arange(sequences.shape[0], device=last.device)
+    states = out.hidden_states if layers == "all" else out.hidden_states[-1:]
+    picked = torch.stack([h[rows, last] for h in states], dim=1)    # [B, L + 1 or 1, H]
+    texts = [self.tokenizer.decode(new[b, :lengths[b]], skip_special_tokens=True)
+             for b in range(new.shape[0])]
+    return picked.float().cpu().numpy(), texts
+
+  def embed(self, prompt_list: list[tuple[list, list]], decoding: Decoding, layers: str,
+            seed: int) -> tuple[np.ndarray, list[str]]:
+    """[(segments, images)] -> (embeddings [B, T, H] float32, generated responses)."""
+    inputs = self.inputs(prompt_list)
+    return self.final_states(inputs, self.generate(inputs, decoding, seed), layers)
+
+
+def embed_pairs(vlm: VLM, pairs: list[prompts.Pair], decoding: Decoding, layers: str,
+                seed: int = 0) -> tuple[np.ndarray, str]:
+  """One user's labelled pairs -> ([T, H] embedding, generated response)."""
+  emb, texts = vlm.embed([prompts.user_prompt(pairs)], decoding, layers, seed)
+  return emb[0], texts[0]
