@@ -2,6 +2,11 @@
 
   python -m ppd_jax.sample --workdir=W --prompt="a red circle" --user=3 --out=DIR
   python -m ppd_jax.sample --workdir=W --prompt="a red circle" --users=3:0.5,70:0.5 --out=DIR
+  python -m ppd_jax.sample --workdir=W --prompt="a red circle" --pairs=FOUR_PAIRS.json --out=DIR
+
+--pairs embeds a new user from their labelled pairs the way the run's users were embedded
+(users/new_user.py). --profile_in_caption (default: the run's data.profile_in_caption) appends the
+user's profile text to each prompt: the caption-augmentation baseline.
 
 Writes DIR/<prompt>_<users>_s<seed>_<i>.png, one per prompt and image index.
 """
@@ -16,28 +21,43 @@ from absl import logging
 from ppd_jax import checkpoint
 from ppd_jax import images
 from ppd_jax import inference
-
-flags.DEFINE_string("workdir", None, "the training run's folder (holds checkpoints/)")
-flags.DEFINE_multi_string("prompt", None, "caption(s) to generate; repeat the flag for several")
-flags.DEFINE_string("user", None, "user id to generate for")
-flags.DEFINE_string("users", None, "a mix of users as ID:WEIGHT,ID:WEIGHT (weights normalised)")
-flags.DEFINE_float("user_scale", 1.0, "strength of the user branch (0: the base model)")
-flags.DEFINE_string("out", None, "folder for the PNG files")
-flags.DEFINE_integer("seed", 0, "noise seed")
-flags.DEFINE_integer("num_images", 1, "images per prompt (seeds seed, seed+1, ...)")
-flags.DEFINE_float("guidance_scale", None, "classifier-free guidance (default: the run's config)")
-flags.DEFINE_integer("num_steps", None, "DDIM steps (default: the run's config)")
-flags.DEFINE_float("eta", None, "DDIM eta, 0 = deterministic (default: the run's config)")
-flags.DEFINE_enum("sampler", None, ["ddim", "euler", "dpmpp_2m"],
-                  "sampler (default: the run's config.sample.sampler)")
-flags.DEFINE_integer("step", None, "checkpoint step to use (default: the latest)")
-flags.mark_flags_as_required(["workdir", "prompt", "out"])
+from ppd_jax.users import new_user
+from ppd_jax.users import profile_caption
 
 
-def parse_users(user: str | None, users: str | None) -> list[tuple[str, float]]:
-  """--user=ID or --users=ID:W,ID:W -> [(id, weight), ...]."""
-  if (user is None) == (users is None):
-    raise ValueError("give exactly one of --user=ID or --users=ID:WEIGHT,ID:WEIGHT")
+def _define_flags():
+  """Defined only when run as a script, so tests can import this module beside other CLIs."""
+  flags.DEFINE_string("workdir", None, "the training run's folder (holds checkpoints/)")
+  flags.DEFINE_multi_string("prompt", None, "caption(s) to generate; repeat the flag for several")
+  flags.DEFINE_string("user", None, "user id to generate for")
+  flags.DEFINE_string("users", None, "a mix of users as ID:WEIGHT,ID:WEIGHT (weights normalised)")
+  flags.DEFINE_string("pairs", None, "a new user: JSON list / JSONL of their labelled pairs "
+                      "{caption, image_1, image_2, preferred}")
+  flags.DEFINE_string("vlm", None, "with --pairs: the VLM checkpoint, if not where the run's user "
+                      "store says")
+  flags.DEFINE_bool("profile_in_caption", None, "append the user's profile text to each prompt "
+                    "(default: the run's data.profile_in_caption)")
+  flags.DEFINE_float("user_scale", 1.0, "strength of the user branch (0: the base model)")
+  flags.DEFINE_string("out", None, "folder for the PNG files")
+  flags.DEFINE_integer("seed", 0, "noise seed")
+  flags.DEFINE_integer("num_images", 1, "images per prompt (seeds seed, seed+1, ...)")
+  flags.DEFINE_float("guidance_scale", None, "classifier-free guidance (default: the run's config)")
+  flags.DEFINE_integer("num_steps", None, "DDIM steps (default: the run's config)")
+  flags.DEFINE_float("eta", None, "DDIM eta, 0 = deterministic (default: the run's config)")
+  flags.DEFINE_enum("sampler", None, ["ddim", "euler", "dpmpp_2m"],
+                    "sampler (default: the run's config.sample.sampler)")
+  flags.DEFINE_integer("step", None, "checkpoint step to use (default: the latest)")
+  flags.mark_flags_as_required(["workdir", "prompt", "out"])
+
+
+def parse_users(user: str | None, users: str | None,
+                pairs: str | None = None) -> list[tuple[str, float]]:
+  """--user=ID or --users=ID:W,ID:W -> [(id, weight), ...]; --pairs=FILE -> [(FILE's name, 1)]."""
+  if sum(x is not None for x in (user, users, pairs)) != 1:
+    raise ValueError("give exactly one of --user=ID, --users=ID:WEIGHT,ID:WEIGHT or "
+                     "--pairs=FILE")
+  if pairs is not None:
+    return [(os.path.splitext(os.path.basename(pairs))[0], 1.0)]
   if user is not None:
     return [(user, 1.0)]
   out = []
@@ -55,6 +75,11 @@ def _user_key(uid: str):
   return int(uid) if uid.isdigit() else uid
 
 
+def _stored_profile(run, user_id) -> str | None:
+  store = getattr(run.source, "store", None)
+  return None if store is None else store.profile(user_id)
+
+
 def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "empty"
 
@@ -65,11 +90,23 @@ def main(argv):
   f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
   try:
-    mix = parse_users(f.user, f.users)
+    mix = parse_users(f.user, f.users, f.pairs)
     run = inference.load_trained(f.workdir, f.step)
-    embeddings = [run.source.user_embedding(_user_key(uid)) for uid, _ in mix]
-    embedding = inference.mix_users(embeddings, [w for _, w in mix])
-  except (ValueError, KeyError, checkpoint.CheckpointError) as e:
+    with_profile = (run.config.data.get("profile_in_caption", False)
+                    if f.profile_in_caption is None else f.profile_in_caption)
+    if with_profile and len(mix) > 1:
+      raise ValueError("--profile_in_caption takes one user's profile; not a mix of users")
+    if f.pairs is not None:
+      embedding, profile = new_user.embed_new_user(run, f.pairs, vlm_model=f.vlm)
+    else:
+      embeddings = [run.source.user_embedding(_user_key(uid)) for uid, _ in mix]
+      embedding = inference.mix_users(embeddings, [w for _, w in mix])
+      profile = _stored_profile(run, _user_key(mix[0][0])) if with_profile else None
+    if with_profile and not profile:
+      raise ValueError("--profile_in_caption: this user has no profile text (the demo's users "
+                       "and stores written without profiles have none)")
+    prompts = [profile_caption.with_profile(p, profile) if with_profile else p for p in f.prompt]
+  except (ValueError, KeyError, OSError, checkpoint.CheckpointError) as e:
     sys.exit(f"ppd_jax.sample: {e}")
 
   os.makedirs(f.out, exist_ok=True)
@@ -77,7 +114,7 @@ def main(argv):
   written = []
   for i in range(f.num_images):
     seed = f.seed + i
-    batch = inference.generate(run, f.prompt, embedding, user_scale=f.user_scale, seed=seed,
+    batch = inference.generate(run, prompts, embedding, user_scale=f.user_scale, seed=seed,
                                num_steps=f.num_steps, guidance_scale=f.guidance_scale, eta=f.eta,
                                sampler=f.sampler)
     for prompt, image in zip(f.prompt, batch):
@@ -90,4 +127,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -1,4 +1,5 @@
 """Sampling from a trained run: the CLI's files, user mixing, the user scale."""
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,10 @@ from PIL import Image
 
 from configs import ppd
 from ppd_jax import inference
+from ppd_jax import sample
 from ppd_jax import trainer
+from ppd_jax.users import new_user
+from ppd_jax.users import shots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,3 +79,59 @@ def test_sample_cli_names_an_unknown_user(run, tmp_path):
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "unknown user 999" in result.stderr
+
+
+def _write_pairs(folder, source, user_id, n=4) -> str:
+  """A new user's pairs as files, winner first or second by turns, as a user would give them."""
+  p = source.fewshot_pairs(user_id)
+  rows = []
+  for k in range(n):
+    names = []
+    for side, img in (("w", p["winners"][k]), ("l", p["losers"][k])):
+      name = f"{k}{side}.png"
+      Image.fromarray(np.round((np.asarray(img) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+                      ).save(os.path.join(folder, name))
+      names.append(name)
+    first, second = names if k % 2 == 0 else names[::-1]
+    rows.append({"caption": p["captions"][k], "image_1": first, "image_2": second,
+                 "preferred": 1 if k % 2 == 0 else 2})
+  path = os.path.join(folder, "new_user.json")
+  with open(path, "w") as f:
+    json.dump(rows, f)
+  return path
+
+
+def test_new_user_from_pairs_is_embedded_like_the_runs_users(run, tmp_path):
+  """The demo's unseen user, given as 4 image files, gets (up to 8-bit PNG rounding) the
+  embedding the run itself computes for it; fewer pairs than the run's N are refused."""
+  _, trained = run
+  uid = int(trained.source.unseen_user_ids[0])
+  path = _write_pairs(str(tmp_path), trained.source, uid)
+  emb, profile = new_user.embed_new_user(trained, path, log=lambda _: None)
+  assert profile is None
+  np.testing.assert_allclose(emb, trained.source.user_embedding(uid), atol=0.05)
+  other = trained.source.user_embedding(int(trained.source.unseen_user_ids[1]))
+  assert np.abs(emb - other).max() > 0.2
+  with open(path) as f:
+    rows = json.load(f)
+  with open(path, "w") as f:
+    json.dump(rows[:3], f)
+  with pytest.raises(shots.PairsError, match=f"--pairs={path}: 3 readable pair"):
+    new_user.embed_new_user(trained, path)
+
+
+def test_sample_cli_generates_for_a_new_users_pairs(run, tmp_path):
+  workdir, trained = run
+  path = _write_pairs(str(tmp_path), trained.source, int(trained.source.unseen_user_ids[0]))
+  out = tmp_path / "images"
+  cmd = [sys.executable, "-m", "ppd_jax.sample", f"--workdir={workdir}", f"--out={out}",
+         "--prompt=a red circle", f"--pairs={path}", "--num_steps=2"]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert os.listdir(out) == ["a-red-circle_new_userx1_s0_0.png"]
+
+
+def test_users_pairs_and_mixes_are_exclusive():
+  assert sample.parse_users(None, None, "a/b/mine.json") == [("mine", 1.0)]
+  with pytest.raises(ValueError, match="exactly one of"):
+    sample.parse_users("3", None, "mine.json")

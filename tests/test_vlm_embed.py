@@ -260,3 +260,32 @@ def test_cli_writes_a_store_and_names_bad_flags(world, tmp_path):
   bad = subprocess.run(args + [f"--out={out}", "--num_shards=2", "--shard_index=2"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--shard_index must be in [0, --num_shards=2)" in bad.stderr
+
+
+def test_a_new_user_is_embedded_as_the_stores_users_were(world, tmp_path):
+  """sample.py --pairs on a Pick-a-Pic run: the VLM, template, decoding and layers come from the
+  run's store, so a user's own 4 pairs given as a file reproduce its stored embedding."""
+  import ml_collections
+  from types import SimpleNamespace
+  from ppd_jax.users import new_user
+  store = _run(world, "all.safetensors")                 # complete: read back, not redone
+  source = shots.JsonlPairs(world["jsonl"], 4, log=lambda _: None)
+  rows = [json.loads(x) for x in open(world["jsonl"]) if x.startswith("{\"")]
+  mine = [r for r in rows if r["user_id"] == 11][:4]
+  for r in mine:
+    for k in ("image_1", "image_2"):
+      r[k] = str(world["root"] / r[k])
+  path = tmp_path / "four.json"
+  path.write_text(json.dumps(mine))
+  config = ml_collections.ConfigDict({"data": {"source": "pickapic", "fewshot": 4}})
+  run = SimpleNamespace(config=config, source=SimpleNamespace(store=store))
+  emb, profile = new_user.embed_new_user(run, str(path), log=lambda _: None)
+  assert store.shot_ids[store.rows_of(11)[0]].tolist() == source.candidates(11)[:4]
+  np.testing.assert_allclose(emb, store[11], atol=2e-5)
+  assert profile == store.profile(11)
+
+  other = tmp_path / "other.safetensors"
+  store_lib.write_store(other, [1], np.ones((1, 3, 32)), source={"embedder": "statistics"})
+  run.source.store = store_lib.UserEmbeddingStore(other)
+  with pytest.raises(ValueError, match="not made by the VLM extraction"):
+    new_user.embed_new_user(run, str(path))
