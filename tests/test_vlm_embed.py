@@ -289,3 +289,22 @@ def test_a_new_user_is_embedded_as_the_stores_users_were(world, tmp_path):
   run.source.store = store_lib.UserEmbeddingStore(other)
   with pytest.raises(ValueError, match="not made by the VLM extraction"):
     new_user.embed_new_user(run, str(path))
+
+
+def test_bad_settings_are_named_before_any_work(world):
+  with pytest.raises(ValueError, match="--top_p"):
+    vlm_lib.Decoding(top_p=0.0)
+  with pytest.raises(ValueError, match="--decoding"):
+    vlm_lib.Decoding(mode="beam")
+  assert GREEDY.as_dict() == {"mode": "greedy", "max_new_tokens": 6}
+  for kw, flag in (({"layers": "middle"}, "--layers"), ({"samples": 0}, "--samples"),
+                   ({"storage_dtype": "int8"}, "--storage_dtype"),
+                   ({"batch_size": 0}, "--batch_size")):
+    with pytest.raises(ValueError, match=flag):
+      embed.run(_options(world, "never.safetensors", **kw), vlm=world["vlm"])
+  with pytest.raises(ValueError, match="--out must name a .safetensors"):
+    embed.run(_options(world, "users.npz"), vlm=world["vlm"])
+  with pytest.raises(shots.PairsError, match="--pairs=.*nope"):
+    embed.run(_options(world, "never.safetensors", pairs=str(world["root"] / "nope")),
+              vlm=world["vlm"])
+  assert not (world["root"] / "never.safetensors.parts").exists()

@@ -214,12 +214,12 @@ def _assemble(opt: Options, batches: list, work: str, wanted: dict, model_info, 
                                  "users_left_out": lacking.tolist()[:100]}}
   if model_info is not None:
     source["model_info"] = model_info
+  kept = [r for r, k in zip(responses, keep) if k]
+  # Responses first: once the store exists, a rerun counts the job as done.
+  _write_responses(opt.out + ".responses.jsonl", ids[keep], cat("samples")[keep], kept)
   store_lib.write_store(opt.out, ids[keep], cat("embeddings")[keep], samples=cat("samples")[keep],
                         shot_ids=cat("shot_ids")[keep],
-                        profiles=[prompts.profile_of(r) for r, k in zip(responses, keep) if k],
-                        source=source)
-  _write_responses(opt.out + ".responses.jsonl", ids[keep], cat("samples")[keep],
-                   [r for r, k in zip(responses, keep) if k])
+                        profiles=[prompts.profile_of(r) for r in kept], source=source)
   shutil.rmtree(work, ignore_errors=True)
   done = store_lib.UserEmbeddingStore(opt.out)
   log(f"embed: wrote {opt.out}: {done.num_users} users, {done.num_entries} entries of "
@@ -269,6 +269,7 @@ def _define_flags():
                     "sample: temperature/top-p, seeded (the paper); greedy: the authors' code")
   flags.DEFINE_float("temperature", 0.7, "sampling temperature")
   flags.DEFINE_float("top_p", 1.0, "nucleus probability (1.0: none)")
+  flags.DEFINE_integer("top_k", 0, "keep only the k likeliest tokens (0: off, the paper)")
   flags.DEFINE_integer("seed", 0, "sampling seed (and the extra samples' shot choice)")
   flags.DEFINE_integer("max_new_tokens", 1024, "cap on the generated response")
   flags.DEFINE_integer("shots", 4, "pairs per embedding (the paper's N)")
@@ -286,7 +287,7 @@ def _define_flags():
 
 def options_from_flags(f) -> Options:
   decoding = vlm_lib.Decoding(mode=f.decoding, temperature=f.temperature, top_p=f.top_p,
-                              seed=f.seed, max_new_tokens=f.max_new_tokens)
+                              top_k=f.top_k, seed=f.seed, max_new_tokens=f.max_new_tokens)
   return Options(model=f.model, pairs=f.pairs, out=f.out, layers=f.layers, decoding=decoding,
                  shots=f.shots, samples=f.samples, sample_users=f.sample_users,
                  batch_size=f.batch_size, shard_index=f.shard_index, num_shards=f.num_shards,

@@ -30,27 +30,31 @@ LAYERS = ("all", "last")
 
 @dataclasses.dataclass(frozen=True)
 class Decoding:
-  """How the profile is generated. "sample": the paper (temperature 0.7, top-p 1.0, seeded);
-  "greedy": the authors' released code."""
+  """How the profile is generated. "sample": the paper (temperature 0.7, top-p 1.0, seeded; top-k
+  off, where transformers' default would keep the 50 likeliest tokens); "greedy": the authors'
+  released code."""
   mode: str = "sample"
   temperature: float = 0.7
   top_p: float = 1.0
+  top_k: int = 0
   seed: int = 0
   max_new_tokens: int = 1024
 
   def __post_init__(self):
     if self.mode not in ("sample", "greedy"):
       raise ValueError(f"--decoding must be 'sample' or 'greedy', got {self.mode!r}")
-    if self.mode == "sample" and not (self.temperature > 0 and 0 < self.top_p <= 1):
-      raise ValueError(f"--temperature must be > 0 and --top_p in (0, 1], got "
-                       f"{self.temperature}, {self.top_p}")
+    if self.mode == "sample" and not (self.temperature > 0 and 0 < self.top_p <= 1
+                                      and self.top_k >= 0):
+      raise ValueError(f"--temperature must be > 0, --top_p in (0, 1] and --top_k >= 0, got "
+                       f"{self.temperature}, {self.top_p}, {self.top_k}")
     if self.max_new_tokens < 1:
       raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
     if self.mode == "greedy":
-      d.pop("temperature"), d.pop("top_p"), d.pop("seed")
+      for k in ("temperature", "top_p", "top_k", "seed"):
+        d.pop(k)
     return d
 
 
@@ -148,7 +152,7 @@ class VLM:
     import torch
     torch.manual_seed(seed)
     kw = ({"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p,
-           "top_k": 0} if decoding.mode == "sample" else {"do_sample": False})
+           "top_k": decoding.top_k} if decoding.mode == "sample" else {"do_sample": False})
     with torch.inference_mode():
       return self.model.generate(**inputs, max_new_tokens=decoding.max_new_tokens,
                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id, **kw)
