@@ -57,7 +57,8 @@ def _image(data, where: str) -> Image.Image:
 
 def read_rows(path: str) -> tuple[list[dict], list[str]]:
   """A JSONL file or a JSON list -> (rows with their pair ids, problems found), bad rows left
-  out. Every row needs caption, image_1, image_2 and preferred; user_id too unless `single`."""
+  out. Every row needs caption, image_1, image_2 and preferred; JsonlPairs also needs user_id,
+  a new user's file (users/new_user.py) may leave it out."""
   try:
     with open(path, encoding="utf-8") as f:
       text = f.read()
