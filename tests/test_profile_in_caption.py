@@ -12,6 +12,7 @@ from ppd_jax import config_validation
 from ppd_jax.data import pickapic
 from ppd_jax.data import pickapic_source
 from ppd_jax.data import precompute
+from ppd_jax.data import profile_text
 from ppd_jax.data import shards
 from ppd_jax.users import profile_caption
 from ppd_jax.users import store as store_lib
@@ -78,7 +79,7 @@ def test_loader_text_is_the_caption_joined_with_the_pairs_user_profile(made):
 
 def test_text_units_hold_each_joined_string_once_and_records_point_into_them(made):
   index = pickapic.PickapicIndex.load(os.path.join(made["on"], "index"))
-  texts, text_ids = precompute.text_table(index, store_lib.UserEmbeddingStore(made["store"]))
+  texts, text_ids = profile_text.text_table(index, store_lib.UserEmbeddingStore(made["store"]))
   assert texts == sorted(set(texts)) and len(texts) > len(index.captions)
   chunk = made["manifest"]["text"]["chunk"]
   assert made["manifest"]["text"]["num_chunks"] == -(-len(texts) // chunk)
@@ -97,12 +98,12 @@ def test_users_the_store_lacks_keep_the_plain_caption(made, tmp_path):
   gone = int(index.pairs["user_id"][0])
   partial = str(tmp_path / "partial.safetensors")
   pickapic_fixtures.write_profile_store(partial, made["plain"], leave_out=[gone])
-  texts, text_ids = precompute.text_table(index, store_lib.UserEmbeddingStore(partial))
+  texts, text_ids = profile_text.text_table(index, store_lib.UserEmbeddingStore(partial))
   theirs = np.flatnonzero(index.pairs["user_id"] == gone)
   assert [texts[text_ids[p]] for p in theirs] == _captions_of(made["on"], theirs)
   others = np.flatnonzero(index.pairs["user_id"] != gone)
   assert all(profile_caption.SEPARATOR in texts[text_ids[p]] for p in others)
-  again, again_ids = precompute.text_table(index, store_lib.UserEmbeddingStore(partial))
+  again, again_ids = profile_text.text_table(index, store_lib.UserEmbeddingStore(partial))
   assert again == texts
   np.testing.assert_array_equal(again_ids, text_ids)
 

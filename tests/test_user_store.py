@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from ppd_jax.users import merge
 from ppd_jax.users import store as store_lib
 from ppd_jax.users.store import StoreError, UserEmbeddingStore, write_store
 
@@ -226,7 +227,7 @@ def test_version_1_stores_are_still_read(tmp_path):
 def test_merge_joins_shards_and_refuses_mismatches(tmp_path):
   a = several_samples(tmp_path, "a.safetensors", users=(1, 4), shard={"index": 0, "count": 2})
   b = several_samples(tmp_path, "b.safetensors", users=(2, 9), shard={"index": 1, "count": 2})
-  merged = store_lib.merge_stores(tmp_path / "all.safetensors", [a[0], b[0]])
+  merged = merge.merge_stores(tmp_path / "all.safetensors", [a[0], b[0]])
   np.testing.assert_array_equal(merged.users, [1, 2, 4, 9])
   assert merged.num_entries == 12 and merged.source["model"] == "tiny"
   assert "shard" not in merged.source
@@ -239,16 +240,16 @@ def test_merge_joins_shards_and_refuses_mismatches(tmp_path):
       assert merged.profile_of_row(row) == s.profile_of_row(r)
 
   with pytest.raises(StoreError, match=r"shard\(s\) \[1\] of 2 are missing"):
-    store_lib.merge_stores(tmp_path / "x.safetensors", [a[0]])
-  partial = store_lib.merge_stores(tmp_path / "x.safetensors", [a[0]], allow_partial=True)
+    merge.merge_stores(tmp_path / "x.safetensors", [a[0]])
+  partial = merge.merge_stores(tmp_path / "x.safetensors", [a[0]], allow_partial=True)
   assert partial.num_users == 2
   with pytest.raises(StoreError, match=r"shard\(s\) \[0\] given twice"):
-    store_lib.merge_stores(tmp_path / "x.safetensors", [a[0], a[0]])
+    merge.merge_stores(tmp_path / "x.safetensors", [a[0], a[0]])
   c = several_samples(tmp_path, "c.safetensors", users=(1,), shard={"index": 1, "count": 2})
   with pytest.raises(StoreError, match="duplicate"):
-    store_lib.merge_stores(tmp_path / "x.safetensors", [a[0], c[0]])
+    merge.merge_stores(tmp_path / "x.safetensors", [a[0], c[0]])
   other = tmp_path / "other.safetensors"
   write_store(other, [77], np.ones((1, 2, 3)), shot_ids=np.zeros((1, 4), np.int64),
               profiles=["x"], source={"model": "big", "shard": {"index": 1, "count": 2}})
   with pytest.raises(StoreError, match=f"{other}: made with other settings.*'model'"):
-    store_lib.merge_stores(tmp_path / "x.safetensors", [a[0], other])
+    merge.merge_stores(tmp_path / "x.safetensors", [a[0], other])

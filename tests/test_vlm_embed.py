@@ -17,6 +17,7 @@ from ppd_jax.data import pickapic
 from ppd_jax.users import embed
 from ppd_jax.users import prompts
 from ppd_jax.users import shots
+from ppd_jax.users import merge
 from ppd_jax.users import store as store_lib
 from ppd_jax.users import vlm as vlm_lib
 
@@ -217,13 +218,13 @@ def test_shards_merge_into_the_unsharded_store(world, tmp_path):
   parts = [_run(world, f"shard{i}.safetensors", num_shards=2, shard_index=i, samples=2)
            for i in range(2)]
   assert sorted(parts[0].users.tolist() + parts[1].users.tolist()) == [-4, 11, 902]
-  merged = store_lib.merge_stores(tmp_path / "merged.safetensors", [p.path for p in parts])
+  merged = merge.merge_stores(tmp_path / "merged.safetensors", [p.path for p in parts])
   single = _run(world, "single.safetensors", samples=2)
   np.testing.assert_array_equal(merged.user_ids, single.user_ids)
   np.testing.assert_array_equal(merged.shot_ids, single.shot_ids)
   np.testing.assert_allclose(merged.embeddings, single.embeddings, atol=2e-5)
   with pytest.raises(store_lib.StoreError, match=r"shard\(s\) \[1\] of 2 are missing"):
-    store_lib.merge_stores(tmp_path / "x.safetensors", [parts[0].path])
+    merge.merge_stores(tmp_path / "x.safetensors", [parts[0].path])
 
 
 def test_pickapic_input_uses_the_recorded_few_shot_pairs(world, tmp_path):

@@ -15,7 +15,6 @@ each pair's caption joined with its user's profile text (users/profile_caption.p
 plain captions, and each record's caption_id points at that joined text.
 """
 import concurrent.futures
-import hashlib
 import json
 import os
 import sys
@@ -27,10 +26,9 @@ import numpy as np
 from ppd_jax import metrics
 from ppd_jax.data import images as images_lib
 from ppd_jax.data import pickapic
+from ppd_jax.data import profile_text
 from ppd_jax.data import records
 from ppd_jax.data import shards
-from ppd_jax.users import profile_caption
-from ppd_jax.users import store as store_lib
 
 _SKIPPED_LISTED = 1000       # skipped pairs listed one by one in the manifest (all are counted)
 
@@ -73,46 +71,9 @@ def settings_of(config, backbone, store=None) -> dict:
                "text_length": d.text_length},
   }
   if d.get("profile_in_caption", False):
-    store = store if store is not None else profile_store(config)
-    settings["data"].update(profile_in_caption=True, profile_store=store_fingerprint(store))
+    store = store if store is not None else profile_text.profile_store(config)
+    settings["data"].update(profile_in_caption=True, profile_store=profile_text.store_fingerprint(store))
   return settings
-
-
-def profile_store(config) -> store_lib.UserEmbeddingStore | None:
-  """The store whose profiles the captions are joined with; None with the switch off."""
-  d = config.data
-  return store_lib.UserEmbeddingStore(d.user_embeddings) if d.get("profile_in_caption") else None
-
-
-def store_fingerprint(store: store_lib.UserEmbeddingStore) -> dict:
-  """Identifies the profile texts a folder was encoded with, so a rerun with another store is
-  refused rather than mixing two stores' texts in one folder."""
-  profiles = [store.profile(int(u)) for u in store.users]      # the sample-0 entries
-  h = hashlib.sha256(store.users.astype("<i8").tobytes())
-  h.update(json.dumps(profiles).encode())
-  return {"file": os.path.basename(store.path), "bytes": os.path.getsize(store.path),
-          "users": store.num_users, "profiles_sha256": h.hexdigest()}
-
-
-def text_table(index, store=None) -> tuple[list[str], np.ndarray]:
-  """(texts, per-pair row in texts): what the text units encode and where each pair's text is.
-
-  No store: the index's own captions and caption ids, untouched. A store: the unique strings
-  with_profile(caption, profile of the pair's user), sorted; a user the store lacks keeps the plain
-  caption (the loader refuses or drops that user's pairs anyway)."""
-  if store is None:
-    return index.captions, index.pairs["caption_id"]
-  keys = np.stack([index.pairs["caption_id"].astype(np.int64),
-                   index.pairs["user_id"].astype(np.int64)], axis=1)
-  combos, inverse = np.unique(keys, axis=0, return_inverse=True)
-  users = np.unique(combos[:, 1]).tolist()
-  profiles = {u: store.profile(u) if u in store else None for u in users}
-  joined = [profile_caption.with_profile(index.captions[c], profiles[u])
-            for c, u in combos.tolist()]
-  texts = sorted(set(joined))
-  row = {t: i for i, t in enumerate(texts)}
-  rows = np.array([row[t] for t in joined], np.int32)
-  return texts, rows[inverse.reshape(-1)]
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -225,7 +186,7 @@ def encode_file(output, unit, index, u, encode, per, backbone, storage_dtype, ex
                 progress, text_ids) -> dict:
   """All pairs of input file u -> pairs/{split}-{u}.array_record; the unit's done-file dict.
 
-  text_ids: each pair's row in the text table (text_table), stored as the record's caption_id."""
+  text_ids: each pair's row in the text table (profile_text.text_table), stored as the record's caption_id."""
   import pyarrow.parquet as pq
   path = index.paths[u]
   if pickapic.file_fingerprint(path) != index.files[u]:
@@ -327,11 +288,11 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
     raise ValueError(f"the backbone encodes {backbone.pixel_size} px images, the model's "
                      f"sample_size {config.model.sample_size} needs "
                      f"{config.model.sample_size * factor}")
-  store = profile_store(config)
+  store = profile_text.profile_store(config)
   settings = settings_of(config, backbone, store)
   _check_settings(output, settings)
   index = _load_or_build_index(output, input_path, d, log)
-  texts, text_ids = text_table(index, store)
+  texts, text_ids = profile_text.text_table(index, store)
 
   p = jax.process_index() if process_index is None else process_index
   n_proc = jax.process_count() if process_count is None else process_count
