@@ -98,15 +98,16 @@ def _part_path(work: str, b: int) -> str:
   return os.path.join(work, f"part-{b:06d}.npz")
 
 
-def _read_part(path: str, batch: list) -> dict | None:
-  """A committed part, or None if it belongs to another batch (a changed plan)."""
+def _read_part(path: str, batch: list, keys_only: bool = False) -> dict | None:
+  """A committed part, or None if it belongs to another batch (a changed plan). keys_only reads
+  just its entry keys (npz members load lazily), enough to tell whether the batch is done."""
   try:
     with np.load(path) as f:
-      part = {k: f[k] for k in f.files}
-  except (OSError, ValueError):
+      if [str(k) for k in f["planned"]] != [e.key for e in batch]:
+        return None
+      return {"planned": f["planned"]} if keys_only else {k: f[k] for k in f.files}
+  except (OSError, ValueError, KeyError):
     return None
-  keys = [str(k) for k in part["planned"]]
-  return part if keys == [e.key for e in batch] else None
 
 
 def run(opt: Options, *, log=print, vlm=None, after_batch=None) -> store_lib.UserEmbeddingStore:
@@ -147,7 +148,7 @@ def run(opt: Options, *, log=print, vlm=None, after_batch=None) -> store_lib.Use
 
   batches = _batches(entries, opt.batch_size)
   todo = [b for b, batch in enumerate(batches)
-          if _read_part(_part_path(work, b), batch) is None]
+          if _read_part(_part_path(work, b), batch, keys_only=True) is None]
   log(f"embed: {len(entries)} entries of {len(mine)} users in {len(batches)} batches; "
       f"{len(batches) - len(todo)} done before, {len(todo)} to go")
   if todo and vlm is None:
