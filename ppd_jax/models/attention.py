@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ppd_jax.models import layers
 from ppd_jax.models import resnet
 
 Dtype = Any
@@ -47,7 +48,7 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
                user_tokens: jax.Array | None = None, user_scale: Scale = 1.0) -> jax.Array:
     inner = self.heads * self.dim_head
-    dense = lambda name, **kw: nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name, **kw)
+    dense = lambda name, **kw: layers.Dense(inner, use_bias=False, dtype=self.dtype, name=name, **kw)
     context = x if context is None else context
     q = dense("to_q")(x)
     out = multi_head_attention(q, dense("to_k")(context), dense("to_v")(context), self.heads,
@@ -57,7 +58,7 @@ class Attention(nn.Module):
       v_user = dense("to_v_user", kernel_init=nn.initializers.zeros)(user_tokens)
       user_out = multi_head_attention(q, k_user, v_user, self.heads, self.implementation)
       out = out + broadcast_scale(user_scale, out.dtype) * user_out
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+    return layers.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 
 class GEGLU(nn.Module):
@@ -67,7 +68,7 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h, gate = jnp.split(nn.Dense(2 * self.inner_dim, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+    h, gate = jnp.split(layers.Dense(2 * self.inner_dim, dtype=self.dtype, name="proj")(x), 2, axis=-1)
     return h * nn.gelu(gate, approximate=False)
 
 
@@ -79,7 +80,7 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = GEGLU(self.mult * x.shape[-1], dtype=self.dtype, name="net_0")(x)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
+    return layers.Dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
 
 
 def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -129,15 +130,15 @@ class Transformer2DModel(nn.Module):
     residual = x
     x = resnet.group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
     if self.use_linear_projection:
-      x = nn.Dense(c, dtype=self.dtype, name="proj_in")(x.reshape(b, hgt * wid, c))
+      x = layers.Dense(c, dtype=self.dtype, name="proj_in")(x.reshape(b, hgt * wid, c))
     else:
-      x = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_in")(x).reshape(b, hgt * wid, c)
+      x = layers.Conv(c, (1, 1), dtype=self.dtype, name="proj_in")(x).reshape(b, hgt * wid, c)
     block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     for i in range(self.num_layers):
       x = block_cls(self.heads, c // self.heads, self.dtype, self.attention_impl,
                     name=f"transformer_blocks_{i}")(x, context, user_tokens, user_scale)
     if self.use_linear_projection:
-      x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, hgt, wid, c)
+      x = layers.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, hgt, wid, c)
     else:
-      x = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(x.reshape(b, hgt, wid, c))
+      x = layers.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(x.reshape(b, hgt, wid, c))
     return x + residual

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ppd_jax.models import layers
+
 Dtype = Any
 
 
@@ -33,6 +35,6 @@ class TimestepEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, t_emb: jax.Array) -> jax.Array:
-    h = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(t_emb)
+    h = layers.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(t_emb)
     h = nn.silu(h)
-    return nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(h)
+    return layers.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(h)

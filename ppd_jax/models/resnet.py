@@ -10,14 +10,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ppd_jax.models import layers
+
 Dtype = Any
 
 _PAD1 = ((1, 1), (1, 1))
 
 
-def conv3x3(features: int, dtype: Dtype, name: str, strides: int = 1) -> nn.Conv:
+def conv3x3(features: int, dtype: Dtype, name: str, strides: int = 1) -> layers.Conv:
   """3x3 conv with PyTorch's symmetric padding of 1 (Flax "SAME" pads (0, 1) at stride 2)."""
-  return nn.Conv(features, (3, 3), strides=(strides, strides), padding=_PAD1, dtype=dtype,
+  return layers.Conv(features, (3, 3), strides=(strides, strides), padding=_PAD1, dtype=dtype,
                  name=name)
 
 
@@ -47,12 +49,12 @@ class ResnetBlock2D(nn.Module):
     h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
     h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
     if temb is not None:
-      t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+      t = layers.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
       h = h + t[:, None, None, :]
     h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
     h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
     if x.shape[-1] != self.out_channels:
-      x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+      x = layers.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
     return (x + h) / self.output_scale_factor
 
 
@@ -72,7 +74,7 @@ class Downsample2D(nn.Module):
     if self.padding == 1:
       return conv3x3(self.out_channels, self.dtype, "conv", strides=2)(x)
     if self.padding == 0:
-      return nn.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)),
+      return layers.Conv(self.out_channels, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)),
                      dtype=self.dtype, name="conv")(x)
     raise ValueError(f"Downsample2D padding must be 0 or 1, got {self.padding}")
 

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ppd_jax.models import layers
+
 Dtype = Any
 
 
@@ -22,7 +24,7 @@ class UserProjector(nn.Module):
   @nn.compact
   def __call__(self, user_embedding: jax.Array) -> jax.Array:
     x = user_embedding.astype(self.dtype)
-    x = nn.Dense(x.shape[-1], dtype=self.dtype, name="proj_0")(x)
+    x = layers.Dense(x.shape[-1], dtype=self.dtype, name="proj_0")(x)
     x = nn.gelu(x, approximate=False)
-    x = nn.Dense(self.cross_attention_dim, dtype=self.dtype, name="proj_2")(x)
+    x = layers.Dense(self.cross_attention_dim, dtype=self.dtype, name="proj_2")(x)
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name="proj_3")(x)
