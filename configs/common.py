@@ -18,6 +18,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.log_every = 10            # steps between metrics.jsonl / TensorBoard rows
   c.checkpoint_every = 100    # steps between Orbax checkpoints (and one at the end)
   c.keep_checkpoints = 3      # the last K checkpoints are kept
+  c.eval_every = 0            # steps between validations on held-out pairs (val/*); 0: none
   c.async_checkpointing = True
 
   # Global batch in preference pairs per optimizer step, split over the mesh's batch axes and,
@@ -37,6 +38,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.grad_clip = 1.0     # global-norm clip; 0 turns it off
+  # A step whose loss or gradient is not finite is skipped (no update, counted in the metrics);
+  # this many in a row stop the run with an error naming the steps, pairs and users.
+  c.optim.max_nonfinite_steps = 10
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1            # -1: all devices not used by fsdp
@@ -68,9 +72,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.projection_class_embeddings_input_dim = 2816
   c.model.user_embed_dim = 3584     # VLM hidden size (Qwen2-7B)
   c.model.user_tokens = 1           # tokens per user embedding
+  c.model.user_tokens_per_embedding = 4  # K: tokens made of a one-token embedding (user_tokens=1)
   c.model.dtype = "float32"         # compute dtype of the frozen base: "float32" | "bfloat16"
   c.model.remat = False             # rematerialise blocks in the backward pass
-  c.model.attention_impl = ""       # jax.nn.dot_product_attention: "" (XLA's choice), "cudnn"
+  # Attention kernel per layer (ppd_jax/models/attention_kernels.py): "auto" picks cuDNN's fused
+  # attention on GPU where it supports the layer, Pallas flash on TPU, else query chunks whose
+  # float32 logits fit 1 GiB per device; or force "xla", "chunked", "cudnn", "tpu_flash".
+  c.model.attention_impl = "auto"
   c.model.base = "random"           # source of the frozen base weights ("random": seeded init)
   # A diffusers-format pipeline folder or hub id (SD 1.x / 2.x / SDXL). When set, it is the frozen
   # base: the UNet architecture and noise schedule come from its config files (overriding the
@@ -110,11 +118,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sample.eta = 0.0
   c.sample.clip_sample = False      # clip each step's x0 prediction to [-1, 1] (pixel space)
 
-  # Personalisation evaluation (ppd_jax/evals/personalization.py), synthetic users only.
+  # Personalisation evaluation (ppd_jax/evals/personalization.py, synthetic users only), and
+  # validation while training.
   c.eval = ml_collections.ConfigDict()
   c.eval.seed = 1234                # the evaluation prompts and starting noise
   c.eval.num_items = 8              # (prompt, noise) items per user, shared by every model
   c.eval.unseen_users = 0           # unseen users evaluated; 0: all of them
   c.eval.train_users = 16           # training users evaluated (the first ones)
   c.eval.interpolation_pairs = 4    # pairs of unseen users mixed at weights 0, 0.25, ..., 1
+  # Validation while training (ppd_jax/validation.py), every `eval_every` steps: held-out pairs
+  # of validation users, each with a fixed timestep and noise (seeded by eval.seed).
+  c.eval.val_pairs = 256
+  c.eval.val_batch_size = 0         # pairs per validation call; 0: batch_size / grad_accum_steps
   return c

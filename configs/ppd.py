@@ -22,6 +22,7 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.total_steps = 300
   c.log_every = 10
   c.checkpoint_every = 100
+  c.eval_every = 100                # validation on 256 pairs of the unseen users
   c.batch_size = 32
   c.dpo.beta = 2000.0
   c.optim.lr = 3e-4
@@ -67,6 +68,7 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.total_steps = 4
   c.log_every = 1
   c.checkpoint_every = 2
+  c.eval_every = 0
   c.batch_size = 8
   c.model.base = "random"
   c.model.sample_size = 8
@@ -89,6 +91,7 @@ def _demo_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c = _demo(c)
   c.total_steps = 120
   c.checkpoint_every = 120
+  c.eval_every = 0                  # the test suite's time; test_validation.py covers it
   c.data.num_users = 64
   c.data.num_unseen_users = 16
   c.eval.num_items = 6
@@ -104,6 +107,7 @@ def _stable_diffusion(c: ml_collections.ConfigDict, name: str) -> ml_collections
   c.total_steps = 2000
   c.log_every = 10
   c.checkpoint_every = 250
+  c.eval_every = 250
   c.batch_size = 64
   c.dpo.beta = 5000.0               # Diffusion-DPO's value for SD 1.5 and SDXL
   c.optim.lr = 1e-5
@@ -154,10 +158,15 @@ def _pickapic(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigD
   c.optim.lr = 3e-6                 # the paper's real-user learning rate
   c.total_steps = 1000              # about one epoch of Pick-a-Pic v2's ~0.8M kept pairs
   c.checkpoint_every = 100
+  c.eval_every = 100                # the validation users' pairs (precompute's validation split)
   d = c.data
   d.source = "pickapic"
   d.shards = ""                     # --config.data.shards=SHARD_DIR
   d.user_embeddings = ""            # --config.data.user_embeddings=USERS.safetensors
+  # [tokens, dim] of a user embedding: 0 takes them from the store (users.embed's default keeps
+  # every layer, [L + 1, H]; --layers=last gives [1, H], expanded to K user tokens).
+  c.model.user_tokens = 0
+  c.model.user_embed_dim = 0
   d.worker_count = 0                # one reader gives ~3000 pairs/s (benchmarks/data.py)
   return c
 

@@ -10,6 +10,7 @@ save leaves the previous checkpoint intact and the half-written one is never tak
 """
 import json
 import logging
+from typing import Sequence
 
 import grain
 import jax
@@ -17,10 +18,16 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-# Config sections that must match for a checkpoint's params and data position to make sense.
-_MUST_MATCH = ("model", "data", "diffusion")
+# Config sections that must match for a checkpoint's params and data position to make sense:
+# what the params are (model, data, diffusion), where the data iterator is and what it yields
+# (batch_size, grad_accum_steps, seed: its position counts batches of one size in one shuffle),
+# and what the optimizer state means (loss, dpo, optim). A rerun may change them on purpose
+# (e.g. a lower learning rate) only when told to (`allow_changed`).
+_MUST_MATCH = ("model", "data", "diffusion", "batch_size", "grad_accum_steps", "seed", "loss",
+               "dpo", "optim")
 # ...except these, which change how the run goes but not what it computes.
-_MAY_DIFFER = ("data.worker_count", "data.precompute_batch")
+_MAY_DIFFER = ("data.worker_count", "data.precompute_batch", "model.attention_impl",
+               "model.remat", "optim.max_nonfinite_steps")
 
 
 class CheckpointError(RuntimeError):
@@ -57,6 +64,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state, data_iterator, config: ml_collections.ConfigDict,
            force: bool = False) -> bool:
     args = ocp.args.Composite(
@@ -84,16 +94,27 @@ class Checkpointer:
           f"checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: {e}); "
           "delete that folder to resume from the one before it") from e
 
-  def check_compatible(self, config: ml_collections.ConfigDict, step: int | None = None) -> None:
-    """Raises CheckpointError if the checkpoint was made for another model or data."""
+  def check_compatible(self, config: ml_collections.ConfigDict, step: int | None = None,
+                       allow_changed: Sequence[str] = ()) -> list[str]:
+    """Raises CheckpointError if the checkpoint was made with other settings than `config` in
+    the sections above, unless each changed field is allowed: `allow_changed` names fields or
+    sections ("optim.lr", "optim"). Returns the allowed changes, for the log."""
     saved, current = self.restore_config(step), _jsonable(config)
     problems = []
     for section in _MUST_MATCH:
-      problems += _mismatches({section: saved.get(section)}, {section: current.get(section)})
-    if problems:
+      problems += _mismatches({section: saved.get(section, "<absent>")},
+                              {section: current.get(section, "<absent>")})
+    allowed = [p for p in problems if _is_allowed(p.split(":")[0], allow_changed)]
+    refused = [p for p in problems if p not in allowed]
+    if refused:
+      names = ",".join(p.split(":")[0] for p in refused)
       raise CheckpointError(
-          f"checkpoint under {self.directory} was made for a different run:\n  "
-          + "\n  ".join(problems) + "\nUse another --workdir, or the checkpoint's settings.")
+          f"checkpoint under {self.directory} was made with other settings:\n  "
+          + "\n  ".join(refused) + "\nResuming would not continue that run (the data position, "
+          "the optimizer state or the params would mean something else). Use another --workdir, "
+          f"the checkpoint's settings, or accept the change on purpose with "
+          f"--allow_changed={names}")
+    return allowed
 
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
     """Restores the TrainState onto the shardings of `abstract_state` (and the iterator)."""
@@ -116,6 +137,10 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _is_allowed(field: str, allow_changed: Sequence[str]) -> bool:
+  return any(field == a or field.startswith(a + ".") for a in allow_changed)
 
 
 def abstract_like(tree, shardings):

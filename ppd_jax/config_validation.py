@@ -49,7 +49,25 @@ def prepare(c: ml_collections.ConfigDict, stage: str = "train") -> None:
       pretrained_lib.apply_to_config(c)
     except hf_folder.FolderError as e:
       raise ConfigError(f"config.model.pretrained={pretrained!r}: {e}") from e
+  if stage == "train":
+    _user_shape_from_store(c)
   validate(c, stage)
+
+
+def _user_shape_from_store(c: ml_collections.ConfigDict) -> None:
+  """model.user_tokens / user_embed_dim = 0 mean "what the user store holds" (the pickapic
+  configs): a store made by users.embed with its defaults (all layers of the VLM, [L + 1, H]),
+  --layers=last ([1, H]) or another VLM trains without flags. A value set by hand is checked
+  against the store instead (validate)."""
+  m = c.model
+  if m.user_tokens and m.user_embed_dim:
+    return
+  _require(c.data.source == "pickapic", "model.user_tokens", m.user_tokens,
+           "0 (take the shape from the user store) needs data.source='pickapic'")
+  store = _open_store(c.data)
+  with c.unlocked():
+    m.user_tokens = m.user_tokens or int(store.tokens)
+    m.user_embed_dim = m.user_embed_dim or int(store.dim)
 
 
 def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
@@ -57,11 +75,16 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
   for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "batch_size",
                 "grad_accum_steps", "diffusion.num_train_timesteps", "sample.num_steps",
                 "model.sample_size", "model.layers_per_block", "model.cross_attention_dim",
-                "model.user_embed_dim", "model.user_tokens", "model.norm_num_groups",
-                "data.fewshot", "data.text_length"):
+                "model.user_tokens_per_embedding", "model.norm_num_groups", "data.fewshot",
+                "data.text_length"):
     _positive_int(c, field)
+  # 0: the user store's shape; resolved by prepare() for training, unknown while precomputing.
+  from_store = stage == "precompute" and c.data.source == "pickapic"
+  for field in ("model.user_embed_dim", "model.user_tokens"):
+    _positive_int(c, field, allow_zero=from_store)
   for field in ("seed", "optim.warmup_steps", "data.worker_count"):
     _positive_int(c, field, allow_zero=True)
+  _validate_training_safety(c)
 
   _require(c.loss in ("dpo", "sft"), "loss", c.loss, "must be 'dpo' or 'sft'")
   beta = c.dpo.beta
@@ -93,8 +116,10 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
   m = c.model
   _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
            "must be 'float32' or 'bfloat16'")
-  _require(m.get("attention_impl", "") in ("", "xla", "cudnn"), "model.attention_impl",
-           m.get("attention_impl"), "must be '' (XLA's default), 'xla' or 'cudnn'")
+  from ppd_jax.models import attention_kernels
+  _require(m.get("attention_impl", "") in ("",) + attention_kernels.IMPLEMENTATIONS,
+           "model.attention_impl", m.get("attention_impl"),
+           f"must be one of {attention_kernels.IMPLEMENTATIONS} ('' is 'auto')")
   n = len(m.block_out_channels)
   _require(n > 0, "model.block_out_channels", m.block_out_channels, "must not be empty")
   _require(len(m.down_block_types) == n, "model.down_block_types", m.down_block_types,
@@ -122,7 +147,8 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
                f"{trained_for.get(k)!r}")
   try:  # the architecture's own checks (head counts, per-block tuples), before any work
     from ppd_jax.models import build_model
-    build_model(m)
+    build_model({**m.to_dict(), "user_tokens": m.user_tokens or 1,
+                 "user_embed_dim": m.user_embed_dim or 1})
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
 
@@ -159,6 +185,19 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
   _require(c.sample.guidance_scale >= 0, "sample.guidance_scale", c.sample.guidance_scale,
            "must be >= 0")
   _require(0 <= c.sample.eta <= 1, "sample.eta", c.sample.eta, "must be in [0, 1]")
+
+
+def _validate_training_safety(c: ml_collections.ConfigDict) -> None:
+  """Validation while training and the non-finite stop (trainer.py, validation.py)."""
+  _positive_int(c, "eval_every", allow_zero=True)
+  _positive_int(c, "optim.max_nonfinite_steps")
+  _positive_int(c, "eval.val_pairs")
+  _positive_int(c, "eval.val_batch_size", allow_zero=True)
+  _positive_int(c, "eval.seed", allow_zero=True)
+  val_batch = c.eval.val_batch_size or c.batch_size // max(c.grad_accum_steps, 1)
+  _require(not c.eval_every or c.eval.val_pairs >= val_batch, "eval.val_pairs", c.eval.val_pairs,
+           f"must hold at least one validation batch ({val_batch} pairs: eval.val_batch_size, or "
+           "batch_size / grad_accum_steps when it is 0)")
 
 
 def _validate_pickapic(c: ml_collections.ConfigDict, stage: str) -> None:

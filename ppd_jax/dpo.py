@@ -61,12 +61,19 @@ def dpo_terms(policy_err_w: jax.Array, policy_err_l: jax.Array, ref_err_w: jax.A
   return DPOTerms(jax.nn.softplus(-z), z, policy_diff, reference_diff)
 
 
+def implicit_accuracy(z: jax.Array) -> jax.Array:
+  """Fraction of pairs whose implicit reward ranks the preferred image first, a tie (z == 0,
+  e.g. every pair at initialisation) counting half, as Diffusion-DPO's training code does:
+  acc = mean(1[z > 0] + 0.5 * 1[z == 0])."""
+  z = z.astype(jnp.float32)
+  return (jnp.where(z > 0, 1.0, 0.0) + jnp.where(z == 0, 0.5, 0.0)).mean()
+
+
 def dpo_metrics(terms: DPOTerms, policy_err_w, policy_err_l, ref_err_w, ref_err_l) -> dict:
   """Batch means of the quantities people plot during DPO training."""
   return {
       "loss": terms.loss.mean(),
-      # Fraction of pairs whose implicit reward ranks the preferred image first.
-      "implicit_accuracy": (terms.z > 0).astype(jnp.float32).mean(),
+      "implicit_accuracy": implicit_accuracy(terms.z),
       "reward_margin": terms.z.mean(),
       "policy_diff": terms.policy_diff.mean(),
       "reference_diff": terms.reference_diff.mean(),

@@ -6,6 +6,7 @@ import os
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -45,7 +46,7 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
   tx, _ = step_lib.make_optimizer(config)
   state, base, state_sh, _ = state_lib.create_train_state(
       model, tx, mesh, config.seed, config.model.base, config.model.get("pretrained", ""),
-      config.model.get("variant", ""))
+      config.model.get("variant", ""), frozen_dtype=jnp.float32)   # the weights as loaded
   state = checkpointer.restore(ckpt_lib.abstract_like(state, state_sh), step=step)
   checkpointer.close()
   return TrainedRun(config=config, model=model,

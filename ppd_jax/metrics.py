@@ -20,7 +20,10 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     _truncate_after(self.path, resume_step)
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # A resumed run rewrites the steps after its checkpoint (or all of them, when a killed run
+    # left events but no checkpoint); purge_step makes TensorBoard drop the earlier run's events
+    # from that step on, so the curves do not overlap.
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -39,19 +42,36 @@ class MetricsWriter:
 
 
 def _truncate_after(path: str, step: int) -> None:
+  """Keeps the rows up to `step`. A line that does not parse (the torn last line of a killed
+  run) is dropped with a warning instead of stopping every later resume. Written atomically."""
   if not os.path.exists(path):
     return
+  rows = []
   with open(path) as f:
-    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path, "w") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        keep = row["step"] <= step
+      except (ValueError, KeyError, TypeError):
+        log(f"warning: {path} line {number} is not a metrics row (a run killed while writing "
+            f"it?); dropped: {line.strip()[:80]!r}")
+        continue
+      if keep:
+        rows.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
     f.writelines(rows)
+  os.replace(tmp, path)
 
 
 class Progress:
   """Steps, pairs/s and ETA, measured between log points."""
 
-  def __init__(self, total_steps: int, batch_size: int, start_step: int):
-    self.total, self.batch = total_steps, batch_size
+  def __init__(self, total_steps: int, batch_size: int, start_step: int, throughput=None):
+    """throughput: steps/s -> {tflops_per_device, mfu} (throughput.Throughput), or None."""
+    self.total, self.batch, self.throughput = total_steps, batch_size, throughput
     self._t, self._step = time.perf_counter(), start_step
 
   def update(self, step: int) -> dict:
@@ -59,14 +79,27 @@ class Progress:
     steps_per_s = (step - self._step) / max(now - self._t, 1e-9)
     self._t, self._step = now, step
     eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
-    return {"pairs_per_second": steps_per_s * self.batch, "eta_seconds": eta}
+    out = {"pairs_per_second": steps_per_s * self.batch, "eta_seconds": eta}
+    if self.throughput is not None:
+      out.update(self.throughput(steps_per_s))
+    return out
+
+  def pause(self, seconds: float) -> None:
+    """Leaves time spent outside training steps (validation, saving) out of the rate."""
+    self._t += seconds
 
   def format(self, step: int, metrics: dict, speed: dict) -> str:
     acc = metrics.get("implicit_accuracy", float("nan"))
-    return (f"step {step}/{self.total}  loss {metrics['loss']:.4f}  implicit_acc {acc:.3f}  "
+    line = (f"step {step}/{self.total}  loss {metrics['loss']:.4f}  implicit_acc {acc:.3f}  "
             f"margin {metrics.get('reward_margin', float('nan')):+.3f}  "
-            f"{speed['pairs_per_second']:.1f} pairs/s  "
-            f"ETA {format_duration(speed['eta_seconds'])}")
+            f"{speed['pairs_per_second']:.1f} pairs/s  ")
+    if "tflops_per_device" in speed:
+      line += f"{speed['tflops_per_device']:.3g} TFLOP/s/device  "
+    if "mfu" in speed:
+      line += f"MFU {100 * speed['mfu']:.1f}%  "
+    if metrics.get("skipped_updates"):
+      line += f"skipped {int(metrics['skipped_updates'])}  "
+    return line + f"ETA {format_duration(speed['eta_seconds'])}"
 
 
 def format_duration(seconds: float) -> str:

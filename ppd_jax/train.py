@@ -1,7 +1,8 @@
 """Train a PPD user branch: python -m ppd_jax.train --config=configs/ppd.py:demo --workdir=W
 
 Any config field can be overridden, e.g. --config.total_steps=20 --config.dpo.beta=2000.
-Running the same command again resumes from W/checkpoints.
+Running the same command again resumes from W/checkpoints (a changed batch_size, seed, loss,
+dpo.* or optim.* is refused unless --allow_changed names it); SIGTERM saves and exits cleanly.
 """
 import os
 import sys
@@ -18,6 +19,8 @@ from ppd_jax import trainer
 
 config_flags.DEFINE_config_file("config", None, "configs/ppd.py:VARIANT", lock_config=True)
 flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, tensorboard/")
+flags.DEFINE_list("allow_changed", [], "config fields or sections a resumed run may change on "
+                  "purpose (refused otherwise), e.g. --allow_changed=optim.lr")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,8 +32,10 @@ def main(argv):
   try:
     config_validation.prepare(config)  # before anything heavy starts
     distributed.maybe_initialize()
-    trainer.train_and_evaluate(config, os.path.abspath(flags.FLAGS.workdir))
-  except (config_validation.ConfigError, checkpoint.CheckpointError) as e:
+    trainer.train_and_evaluate(config, os.path.abspath(flags.FLAGS.workdir),
+                               allow_changed=flags.FLAGS.allow_changed)
+  except (config_validation.ConfigError, checkpoint.CheckpointError,
+          trainer.NonFiniteError) as e:
     sys.exit(f"ppd_jax.train: {e}")
 
 

@@ -1,36 +1,56 @@
-"""The flat PPD training loop: mesh, data, state, step, metrics, checkpoints.
+"""The flat PPD training loop: mesh, data, state, step, validation, metrics, checkpoints.
 
-Resuming is automatic: if W/checkpoints holds a checkpoint made for the same model and data, the
-run continues from it (params, optimizer, step and data position), and gives the same params and
-metrics as a run that was never stopped.
+Resuming is automatic: if W/checkpoints holds a checkpoint made with the same settings, the run
+continues from it (params, optimizer, step and data position), and gives the same params and
+metrics as a run that was never stopped. A changed setting that resuming cannot honour is refused
+(checkpoint.py) unless `allow_changed` names it. SIGTERM saves the current step and returns
+(preemption.py). A non-finite step is skipped by the step itself; `optim.max_nonfinite_steps` of
+them in a row stop the run with NonFiniteError, and the checkpoints on disk stay finite.
 """
+import collections
 import os
+import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from ppd_jax import checkpoint as ckpt_lib
 from ppd_jax import config_validation
 from ppd_jax import distributed
 from ppd_jax import metrics as metrics_lib
+from ppd_jax import preemption
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
+from ppd_jax import throughput as throughput_lib
+from ppd_jax import validation
 from ppd_jax.data import pipeline
 from ppd_jax.data import sources
 from ppd_jax.diffusion import schedules
 from ppd_jax.models import build_model
 
+_ID_KEYS = ("pair", "user_id")   # what a skipped batch is reported by
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:
-  """Trains the user branch for config.total_steps steps; returns the final TrainState."""
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite steps in a row; the message names the steps, pairs and users."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_changed=()) -> step_lib.TrainState:
+  """Trains the user branch for config.total_steps steps; returns the final TrainState.
+
+  allow_changed: config fields (or sections) a resumed run may change, e.g. ("optim.lr",).
+  """
   config_validation.prepare(config)
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.keep_checkpoints,
       async_save=config.async_checkpointing)
   resume_step = checkpointer.latest_step()
-  if resume_step is not None:
-    checkpointer.check_compatible(config)  # before any expensive work
+  if resume_step is not None:   # before any expensive work
+    for change in checkpointer.check_compatible(config, allow_changed=allow_changed):
+      metrics_lib.log(f"resuming with a changed setting (allowed): {change}")
 
   mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
   model = build_model(config.model)
@@ -53,35 +73,112 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   train_step = step_lib.make_train_step(
       model, schedule, config, tx, lr_schedule, mesh, state_sh, base_sh)
   step_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  validator = None
+  if config.eval_every:
+    validator = validation.Validator(config, model, schedule, mesh, state_sh, base_sh,
+                                     sources.build_held_out(config, source), metrics_lib.log)
 
   _write_run_info(workdir, config, mesh, base_params, state.user_params)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-  progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
   metrics_lib.log(f"{'resuming at' if start else 'starting'} step {start} of "
                   f"{config.total_steps}; mesh {dict(mesh.shape)}; workdir {workdir}")
 
-  compiled = None
   batch_keys = step_lib.batch_keys(config.model)
-  for step in range(start, config.total_steps):
-    local = next(data_iter)
-    batch = shd.global_batch({k: local[k] for k in batch_keys}, mesh)
-    if compiled is None:
-      compiled = train_step.lower(state, base_params, batch, step_key).compile()
-      distributed.barrier("ppd_jax/train_step_compiled")
-    state, metrics = compiled(state, base_params, batch, step_key)
-    done = step + 1
-    if done % config.log_every == 0 or done == config.total_steps:
-      metrics = jax.device_get(metrics)
-      speed = progress.update(done)
-      writer.write(done, {**metrics, **speed})
-      metrics_lib.log(progress.format(done, metrics, speed))
-    if done % config.checkpoint_every == 0 or done == config.total_steps:
-      checkpointer.save(done, state, data_iter, config)
+  finite = jax.jit(lambda s: step_lib.all_finite((s.user_params, s.opt_state)))
+  recent = collections.deque(maxlen=config.optim.max_nonfinite_steps)
+  compiled, progress, pending = None, None, None
+
+  def save(done: int, force: bool = False) -> None:
+    t0 = time.perf_counter()
+    # Never reached by construction (the step keeps the old state); a last line of defence.
+    if not bool(finite(state)):
+      raise NonFiniteError(f"step {done}: the train state is not finite; not saving it")
+    checkpointer.save(done, state, data_iter, config, force=force)
+    if progress is not None:
+      progress.pause(time.perf_counter() - t0)
+
+  def check(done: int, metrics, ids: dict) -> None:
+    """Reports a skipped step, and stops after too many in a row (one step behind dispatch)."""
+    streak = int(jax.device_get(metrics["nonfinite_streak"]))
+    if not streak:
+      recent.clear()
+      return
+    recent.append((done, ids))
+    metrics_lib.log(f"warning: step {done}: non-finite loss or gradient; update skipped "
+                    f"({streak} in a row). {_describe([ids])}")
+    if streak >= config.optim.max_nonfinite_steps:
+      checkpointer.wait()
+      last = checkpointer.latest_step()
+      raise NonFiniteError(
+          f"steps {recent[0][0]}..{done}: {streak} non-finite steps in a row "
+          f"(config.optim.max_nonfinite_steps={config.optim.max_nonfinite_steps}); no update of "
+          f"theirs was applied. {_describe([i for _, i in recent])} The latest checkpoint, step "
+          f"{last}, is finite. Look for non-finite user embeddings or inputs of those pairs, or "
+          "lower dpo.beta / optim.lr.")
+
+  with preemption.StopRequest() as stop:
+    for step in range(start, config.total_steps):
+      local = next(data_iter)
+      batch = shd.global_batch({k: local[k] for k in batch_keys}, mesh)
+      ids = {k: np.asarray(local[k]) for k in _ID_KEYS if k in local}
+      if compiled is None:
+        compiled = train_step.lower(state, base_params, batch, step_key).compile()
+        distributed.barrier("ppd_jax/train_step_compiled")
+        progress = metrics_lib.Progress(config.total_steps, config.batch_size, start,
+                                        _throughput(config, batch, mesh))
+      state, metrics = compiled(state, base_params, batch, step_key)
+      done = step + 1
+      if pending is not None:
+        check(*pending)
+      pending = (done, metrics, ids)
+      if done % config.log_every == 0 or done == config.total_steps:
+        check(*pending)
+        pending = None
+        metrics = jax.device_get(metrics)
+        speed = progress.update(done)
+        writer.write(done, {**metrics, **speed})
+        metrics_lib.log(progress.format(done, metrics, speed))
+      if validator is not None and (done % config.eval_every == 0 or done == config.total_steps):
+        t0 = time.perf_counter()
+        val = validator(state, base_params)
+        progress.pause(time.perf_counter() - t0)
+        writer.write(done, val)
+        metrics_lib.log(f"step {done}: validation loss {val['val/loss']:.4f}, implicit_acc "
+                        f"{val['val/implicit_accuracy']:.3f} on {int(val['val/pairs'])} pairs")
+      stopping = stop.requested(done)
+      if done % config.checkpoint_every == 0 or done == config.total_steps or stopping:
+        if pending is not None:
+          check(*pending)
+          pending = None
+        save(done, force=stopping)
+      if stopping:
+        metrics_lib.log(f"stopping at step {done} ({stop.received or 'preemption'}): "
+                        "checkpoint saved; run the same command to resume")
+        break
+    if pending is not None:
+      check(*pending)
 
   checkpointer.wait()
   checkpointer.close()
   writer.close()
   return state
+
+
+def _describe(batches: list[dict]) -> str:
+  """The ids of this process's rows of some batches, for a message."""
+  parts = []
+  for key in _ID_KEYS:
+    values = np.unique(np.concatenate([b[key] for b in batches if key in b] or [np.zeros(0)]))
+    if values.size:
+      shown = ", ".join(str(int(v)) for v in values[:16]) + (" ..." if values.size > 16 else "")
+      parts.append(f"{key}s [{shown}]")
+  return ("Their batches (this process's rows) hold " + "; ".join(parts) + ".") if parts else ""
+
+
+def _throughput(config, batch: dict, mesh) -> throughput_lib.Throughput:
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  return throughput_lib.Throughput(throughput_lib.step_flops(config, shapes), mesh.devices.size,
+                                   jax.devices()[0].device_kind)
 
 
 def _write_run_info(workdir, config, mesh, base_params, user_params) -> None:

@@ -27,7 +27,6 @@ def config(pretrained: str, **data):
   c.model.pretrained = pretrained
   c.model.dtype = "float32"
   c.model.remat = False
-  c.model.user_embed_dim = 16
   c.batch_size = 4
   c.grad_accum_steps = 1
   c.total_steps = 2
@@ -69,3 +68,47 @@ def write_profile_store(path: str, shard_folder: str, dim: int = 16, leave_out=(
   profiles = [f"{style} {_TASTES[i % len(_TASTES)]} things, user {u}" for i, u in enumerate(users)]
   store_lib.write_store(path, users, emb, profiles=profiles, source={"embedder": "random (test)"})
   return dict(zip(users.tolist(), profiles))
+
+
+class _PoisonedVAE:
+  """A VAE module stand-in whose encoder mean is `value` for each image equal to one of
+  `images` (what an fp16 overflow gives), the real mean for every other image."""
+
+  def __init__(self, vae, images: np.ndarray, values):
+    import jax.numpy as jnp
+    self._vae, self.config = vae, vae.config
+    self._images = jnp.asarray(images)
+    self._values = jnp.asarray(values, jnp.float32)
+
+  def apply(self, variables, x, method=None):
+    import jax.numpy as jnp
+    mean, logvar = self._vae.apply(variables, x, method=method)
+    same = (x[:, None] == self._images[None]).reshape(len(x), len(self._images), -1).all(-1)
+    value = self._values[jnp.argmax(same, 1)]
+    hit = same.any(1).reshape((-1,) + (1,) * (mean.ndim - 1))
+    return jnp.where(hit, value.reshape(hit.shape), mean), logvar
+
+
+class PoisonedBackbone:
+  """The test backbone, but its VAE gives non-finite latents for chosen images (a list of
+  (image, value)) and its text encoder a non-finite value in one key for chosen captions
+  ({caption: (key, value)}); everything else is the wrapped backbone's, identity included."""
+
+  def __init__(self, backbone, bad_images=(), bad_captions=None):
+    self._inner = backbone
+    self.vae = backbone.vae
+    if bad_images:
+      self.vae = _PoisonedVAE(backbone.vae, np.stack([im for im, _ in bad_images]),
+                              [v for _, v in bad_images])
+    self.bad_captions = dict(bad_captions or {})
+
+  def __getattr__(self, name):
+    return getattr(self._inner, name)
+
+  def encode_captions(self, captions: list[str]) -> dict:
+    out = {k: np.array(v) for k, v in self._inner.encode_captions(captions).items()}
+    for i, caption in enumerate(captions):
+      if caption in self.bad_captions:
+        key, value = self.bad_captions[caption]
+        out[key][i].flat[-1] = value
+    return out

@@ -112,17 +112,36 @@ def test_step_loss_matches_numpy_end_to_end(prediction_type):
   assert float(grads["user_projector"]["w"]) != 0.0
 
 
-def test_sft_loss_is_policy_error_on_preferred():
+def test_sft_loss_is_the_policy_error_on_preferred_images_in_numpy():
+  """SFT: L = mean over pairs of mean((target - eps_theta(x_t+))^2), the diffusion loss on the
+  preferred images with the user branch on, from scratch in numpy with the fake model (the
+  dispreferred images, or the reference, would give other numbers: checked below)."""
   cfg = ml_collections.ConfigDict({"loss": "sft", "dpo": {"beta": 300.0, "reduction": "mean"}})
   sched = schedules.make_schedule(1000)
   loss_fn = step_lib.make_loss_fn(_FakeModel(), sched, cfg)
   rng = np.random.default_rng(3)
-  batch = {"preferred": rng.normal(size=(3, 2, 2, 1)),
-           "dispreferred": rng.normal(size=(3, 2, 2, 1)),
-           "text_embedding": rng.normal(size=(3, 2, 3)),
-           "user_embedding": rng.normal(size=(3, 1, 2))}
+  b, shape = 3, (2, 2, 1)
+  batch = {"preferred": rng.normal(size=(b, *shape)), "dispreferred": rng.normal(size=(b, *shape)),
+           "text_embedding": rng.normal(size=(b, 2, 3)),
+           "user_embedding": rng.normal(size=(b, 1, 2))}
   batch = {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
-  t, noise = jnp.asarray([1, 500, 999]), jnp.asarray(rng.normal(size=(3, 2, 2, 1)), jnp.float32)
+  t = jnp.asarray([1, 500, 999], jnp.int32)
+  noise = jnp.asarray(rng.normal(size=(b, *shape)), jnp.float32)
   loss, m = loss_fn({"user_projector": {"w": jnp.float32(0.2)}}, {}, batch, t, noise)
-  np.testing.assert_allclose(loss, m["policy_err_preferred"], rtol=1e-6)
+
+  abar = np.asarray(sched.alphas_cumprod, np.float64)[np.asarray(t)][:, None, None, None]
+  np_b = {k: np.asarray(v, np.float64) for k, v in batch.items()}
+  eps = np.asarray(noise, np.float64)
+
+  def policy_error(x0, scale):
+    x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * eps
+    pred = (0.5 * x_t + 0.01 * np.asarray(t)[:, None, None, None] / 1000.0
+            + np_b["text_embedding"].mean((1, 2))[:, None, None, None]
+            + scale * 0.2 * np_b["user_embedding"].mean((1, 2))[:, None, None, None] * x_t)
+    return ((eps - pred) ** 2).reshape(b, -1).mean(1).mean()
+
+  want = policy_error(np_b["preferred"], 1.0)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  for other in (policy_error(np_b["dispreferred"], 1.0), policy_error(np_b["preferred"], 0.0)):
+    assert abs(other - want) > 1e-3 * want, "the test inputs should tell these apart"
   assert "implicit_accuracy" in m  # DPO metrics are still reported for comparison

@@ -3,8 +3,10 @@
 The exported file goes through diffusers' public API (`StableDiffusionPipeline.load_ip_adapter`
 on a tiny offline pipeline), and the loaded PyTorch UNet must then compute what our Flax model
 computes for the same user embedding: that checks the key names, the layouts and the processor
-numbering together. Classifier-free guidance: ppd_jax's sampler runs the unconditional branch
-with the user branch off; per-row `ip_adapter_masks` [0; 1] reproduce that exactly in diffusers.
+numbering together, for both projector layouts: Full (multi-token embeddings) and ImageProjection
+(one-token embeddings, K = 4 user tokens). Classifier-free guidance: ppd_jax's sampler runs the
+unconditional branch with the user branch off; per-row `ip_adapter_masks` [0; 1] reproduce that
+exactly in diffusers.
 """
 import json
 import os
@@ -83,14 +85,21 @@ def parts():
               diffusers=diffusers)
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHS))
+# Fixture ids: "<arch>" exports the Full projector (USER_TOKENS-token embeddings), "<arch>-single"
+# the ImageProjection one (one-token embeddings made into K = 4 user tokens).
+PORTED = sorted(ARCHS) + [f"{a}-single" for a in sorted(ARCHS)]
+
+
+@pytest.fixture(scope="module", params=PORTED)
 def ported(request, parts, tmp_path_factory):
   """A diffusers pipeline whose UNet has our exported user branch loaded, and our model."""
   torch, diffusers = parts["torch"], parts["diffusers"]
+  arch, _, kind = request.param.partition("-")
   torch.manual_seed(0)
   ref = diffusers.UNet2DConditionModel(sample_size=8, cross_attention_dim=TEXT_DIM,
-                                       **ARCHS[request.param]).eval()
-  cfg = our_config(ref.config, user_embed_dim=USER_DIM, user_tokens=USER_TOKENS)
+                                       **ARCHS[arch]).eval()
+  cfg = our_config(ref.config, user_embed_dim=USER_DIM,
+                   user_tokens=1 if kind == "single" else USER_TOKENS, user_tokens_per_embedding=4)
   model = models.PersonalizedUNet(cfg)
   base_shapes, user_shapes = models.split_params(
       jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
@@ -99,7 +108,7 @@ def ported(request, parts, tmp_path_factory):
   rng = np.random.RandomState(1)   # every user leaf non-zero (to_v_user is zero at init)
   user = jax.tree.map(lambda a: (0.3 * rng.randn(*a.shape)).astype(np.float32), user_shapes)
 
-  folder = tmp_path_factory.mktemp(f"export_{request.param}")
+  folder = tmp_path_factory.mktemp(f"export_{arch}_{kind}")
   export.save_ip_adapter(str(folder / WEIGHT_NAME), export.ip_adapter_state_dict(user, cfg),
                          export.export_metadata(cfg, weight_name=WEIGHT_NAME))
   pipe = diffusers.StableDiffusionPipeline(
@@ -114,20 +123,26 @@ def ported(request, parts, tmp_path_factory):
   apply = jax.jit(model.apply)
   ours = lambda x, t, text, u, s: np.asarray(
       apply({"params": models.merge_params(base, user)}, x, t, text, u, s))
-  return types.SimpleNamespace(name=request.param, pipe=pipe, cfg=cfg, ours=ours, torch=torch)
+  return types.SimpleNamespace(name=request.param, pipe=pipe, cfg=cfg, ours=ours, torch=torch,
+                               model=model, base=base, user=user)
 
 
-def _inputs(seed: int = 0, batch: int = 2):
+def _inputs(seed: int = 0, batch: int = 2, tokens: int = USER_TOKENS):
   rng = np.random.RandomState(seed)
   return dict(x=rng.randn(batch, 8, 8, 4).astype(np.float32),
               t=np.array([3, 781][:batch]),
               text=rng.randn(batch, 5, TEXT_DIM).astype(np.float32),
-              user=rng.randn(batch, USER_TOKENS, USER_DIM).astype(np.float32))
+              user=rng.randn(batch, tokens, USER_DIM).astype(np.float32))
+
+
+def _embeds(ported, user: np.ndarray) -> np.ndarray:
+  """Our user embeddings [B, T, E] -> ip_adapter_image_embeds' tensor, one "image" per row:
+  [B, 1, E] for ImageProjection (T = 1: the array as it is), [B, 1, T, E] for Full."""
+  return user if ported.cfg.user_tokens == 1 else user[:, None]
 
 
 def _theirs(ported, x, t, text, image_embeds, **kwargs) -> np.ndarray:
-  """diffusers' UNet, NHWC in and out; image_embeds [B, 1, tokens, dim]: one "image" per row,
-  whose tokens the Full projection maps one by one (as UserProjector does)."""
+  """diffusers' UNet, NHWC in and out; image_embeds from `_embeds`."""
   torch = ported.torch
   with torch.no_grad():
     out = ported.pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
@@ -212,34 +227,72 @@ def test_missing_extra_and_misshaped_user_params_are_named():
 
 
 def load_keys_for(cfg) -> list[str]:
+  """The IP-Adapter file's keys: ImageProjection's (one-token embeddings) or Full's projector."""
   n = len(export.cross_attention_layers(cfg))
-  return ([f"image_proj.proj.{i}.{w}" for i in (0, 2, 3) for w in ("weight", "bias")]
-          + [f"ip_adapter.{2 * k + 1}.to_{kv}_ip.weight" for k in range(n) for kv in "kv"])
+  if cfg.user_tokens == 1:
+    proj = [f"image_proj.{m}.{w}" for m in ("proj", "norm") for w in ("weight", "bias")]
+  else:
+    proj = [f"image_proj.proj.{i}.{w}" for i in (0, 2, 3) for w in ("weight", "bias")]
+  return proj + [f"ip_adapter.{2 * k + 1}.to_{kv}_ip.weight" for k in range(n) for kv in "kv"]
+
+
+def _tiny_single(k: int):
+  """The tiny config with one-token embeddings made into k user tokens, and its zero user params."""
+  c = ppd.get_config("tiny").model
+  c.user_tokens, c.user_tokens_per_embedding = 1, k
+  cfg = models.build_model(c).config
+  _, user = models.split_params(jax.eval_shape(
+      lambda: models.init_params(models.PersonalizedUNet(cfg), jax.random.key(0))))
+  return cfg, jax.tree.map(lambda a: np.zeros(a.shape, np.float32), user)
+
+
+def test_single_token_export_has_image_projection_layout():
+  cfg, user = _tiny_single(4)
+  sd = export.ip_adapter_state_dict(user, cfg)
+  assert sorted(sd) == sorted(load_keys_for(cfg))
+  e, d = cfg.user_embed_dim, cfg.cross_attention_dim
+  assert sd["image_proj.proj.weight"].shape == (4 * d, e)
+  assert sd["image_proj.proj.bias"].shape == (4 * d,)
+  assert sd["image_proj.norm.weight"].shape == sd["image_proj.norm.bias"].shape == (d,)
+  info = export.export_metadata(cfg)
+  assert info["user_tokens"] == 1 and info["user_tokens_per_embedding"] == 4
+  assert f"[2p, 1, {e}]" in info["ip_adapter_image_embeds"] and "ImageProjection" in info["layout"]
+  assert any("reshape(1, 1, -1)" in line for line in info["usage"])
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_single_token_export_refuses_k_other_than_4(k):
+  """diffusers' loader builds ImageProjection with 4 tokens whatever the file holds."""
+  cfg, user = _tiny_single(k)
+  with pytest.raises(convert.WeightsError,
+                     match=rf"model.user_tokens_per_embedding={k}.*num_image_text_embeds=4"):
+    export.ip_adapter_state_dict(user, cfg)
 
 
 # 2. Parity through the public diffusers API -------------------------------------------------------
 
 def test_diffusers_unet_with_exported_user_equals_ours(ported):
-  inp = _inputs()
+  inp = _inputs(tokens=ported.cfg.user_tokens)
   for scale in (1.0, 0.6):
     ported.pipe.set_ip_adapter_scale(scale)
-    theirs = _theirs(ported, inp["x"], inp["t"], inp["text"], inp["user"][:, None])
+    theirs = _theirs(ported, inp["x"], inp["t"], inp["text"], _embeds(ported, inp["user"]))
     _close(ported.ours(inp["x"], inp["t"], inp["text"], inp["user"], scale), theirs,
            f"{ported.name} at scale {scale}")
   base = ported.ours(inp["x"], inp["t"], inp["text"], inp["user"], 0.0)
   assert np.abs(base - theirs).max() > 1e-2 * np.abs(theirs).max(), "the user branch is inert"
 
 
-@pytest.mark.parametrize("ported", ["sd1"], indirect=True)   # one is enough
+@pytest.mark.parametrize("ported", ["sd1", "sd1-single"], indirect=True)   # one arch is enough
 def test_masks_reproduce_our_guidance_branches(ported):
   """Rows [uncond; cond] with ip_adapter_masks [0; 1]: the uncond row is our empty-caption,
   user-off branch whatever the negative embedding; without the mask it is not."""
-  torch, inp = ported.torch, _inputs(batch=1)
+  tokens = ported.cfg.user_tokens
+  torch, inp = ported.torch, _inputs(batch=1, tokens=tokens)
   null = np.random.RandomState(5).randn(1, 5, TEXT_DIM).astype(np.float32)
   x2, t2, text2 = (np.concatenate([a, a]) for a in (inp["x"], inp["t"], inp["text"]))
   text2[0] = null[0]
-  negative = np.random.RandomState(6).randn(1, USER_TOKENS, USER_DIM).astype(np.float32)
-  embeds = np.concatenate([negative, inp["user"]])[:, None]
+  negative = np.random.RandomState(6).randn(1, tokens, USER_DIM).astype(np.float32)
+  embeds = _embeds(ported, np.concatenate([negative, inp["user"]]))
   ported.pipe.set_ip_adapter_scale(0.8)
   mask = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
   theirs = _theirs(ported, x2, t2, text2, embeds,
@@ -252,22 +305,28 @@ def test_masks_reproduce_our_guidance_branches(ported):
   assert np.abs(unmasked[:1] - uncond).max() > 1e-3 * np.abs(uncond).max()
 
 
-@pytest.mark.parametrize("ported", ["sd1"], indirect=True)   # one is enough
+@pytest.mark.parametrize("ported", ["sd1", "sd1-single"], indirect=True)   # one arch is enough
 def test_pipeline_generates_with_exported_user(ported):
+  """The call usage_snippet prints: embeds with 2p rows (the pipeline repeats them per image),
+  the mask with 2n UNet rows, n = p * num_images_per_prompt."""
   torch = ported.torch
   ported.pipe.set_ip_adapter_scale(1.0)
-  user = torch.from_numpy(_inputs(seed=2)["user"][:1])[:, None]
-  garbage = torch.from_numpy(_inputs(seed=3)["user"][:1])[:, None]
-  mask = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+  prompts, per_prompt = ["a red circle", "a blue square"], 2
+  p, tokens = len(prompts), ported.cfg.user_tokens
+  n = p * per_prompt
+  user = torch.from_numpy(_embeds(ported, _inputs(seed=2, tokens=tokens)["user"][:1]))
+  garbage = torch.from_numpy(_embeds(ported, _inputs(seed=3, tokens=tokens)["user"][:1]))
+  mask = torch.cat([torch.zeros(n), torch.ones(n)]).view(2 * n, 1, 1, 1)
 
   def generate(negative, masks=True):
+    embeds = torch.cat([negative.expand(p, *user.shape[1:]), user.expand(p, *user.shape[1:])])
     return ported.pipe(
-        "a red circle", ip_adapter_image_embeds=[torch.cat([negative, user])],
+        prompts, num_images_per_prompt=per_prompt, ip_adapter_image_embeds=[embeds],
         cross_attention_kwargs={"ip_adapter_masks": [mask]} if masks else None,
         num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
 
   image = generate(user)
-  assert image.shape == (1, 8, 8, 3) and np.isfinite(image).all()
+  assert image.shape == (n, 8, 8, 3) and np.isfinite(image).all()
   np.testing.assert_allclose(generate(garbage), image, atol=1e-6)   # negative masked off
   assert np.abs(generate(garbage, masks=False) - image).max() > 1e-4
 

@@ -16,6 +16,8 @@ from configs import ppd
 from ppd_jax import models
 from ppd_jax.models import attention
 from ppd_jax.models import unet
+from ppd_jax.models import user_projector
+from ppd_jax.weights import export
 
 B = 2          # batch
 TEXT_LEN = 8   # caption tokens
@@ -258,6 +260,62 @@ def test_user_attention_parity_with_ip_adapter_processor():
       {k: jnp.asarray(v) for k, v in torch_to_flax(sd).items()})
   got = attention.Attention(heads, dim_head).apply({"params": params}, x, text, user, scale)
   assert _max_err(got, expected) <= 1e-5
+
+
+def test_single_token_projector_equals_diffusers_image_projection():
+  """SingleTokenUserProjector == diffusers' ImageProjection (IP-Adapter's ImageProjModel) with the
+  same weights: tokens = LayerNorm(reshape(W e + b, [K, D])). K = 3 != D keeps a transposed
+  reshape from passing by symmetry."""
+  torch = pytest.importorskip("torch")
+  from diffusers.models.embeddings import ImageProjection
+  e, d, k = 10, 12, 3
+  torch.manual_seed(0)
+  ref = ImageProjection(image_embed_dim=e, cross_attention_dim=d, num_image_text_embeds=k).eval()
+  _perturb_torch(ref)
+  sd = {key.replace("image_embeds.", "proj."): v for key, v in ref.state_dict().items()}
+  params = traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in torch_to_flax(sd).items()})
+  user = np.random.RandomState(0).randn(B, 1, e).astype(np.float32)
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(user[:, 0])).numpy()
+  got = user_projector.SingleTokenUserProjector(d, k).apply({"params": params}, user)
+  assert got.shape == (B, k, d) == expected.shape
+  assert _max_err(got, expected) <= 1e-5
+
+
+def _to_k_user_grads(tiny, k: int) -> list[jax.Array]:
+  """d loss / d to_k_user kernel for every cross-attention of the tiny UNet, one-token user
+  embeddings made into k user tokens, user params random (to_v_user != 0). The base is the tiny
+  fixture's (it does not depend on the user branch); the user params are only traced for shapes."""
+  model = models.PersonalizedUNet(dataclasses.replace(tiny[0].config, user_tokens=1,
+                                                      user_tokens_per_embedding=k))
+  base = models.split_params(tiny[1])[0]
+  user_shapes = models.split_params(
+      jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))[1]
+  user = models.split_params(_randomize_user(models.merge_params(base, user_shapes)))[1]
+  inp = _inputs(model.config)
+  target = jnp.asarray(np.random.RandomState(3).randn(*inp["sample"].shape), jnp.float32)
+
+  def loss(user):
+    out = model.apply({"params": models.merge_params(base, user)}, inp["sample"],
+                      inp["timesteps"], inp["text"], inp["user"], 1.0)
+    return jnp.mean((out - target) ** 2)
+
+  grads = traverse_util.flatten_dict(jax.jit(jax.grad(loss))(user))
+  out = [g for p, g in grads.items() if p[-2] == "to_k_user"]
+  assert len(out) == len(export.cross_attention_layers(model.config)) == 4
+  return out
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_one_token_embedding_trains_every_to_k_user(tiny, k):
+  """The bug and its fix: one user key makes softmax(q k_user) = 1 for every query, so every
+  to_k_user gets exactly zero gradient (K = 1, the old one-token behaviour); the same embedding
+  made into K = 4 tokens gives every to_k_user a non-zero gradient."""
+  norms = [float(jnp.abs(g).max()) for g in _to_k_user_grads(tiny, k)]
+  if k == 1:
+    assert all(n == 0.0 for n in norms), norms
+  else:
+    assert all(n > 1e-6 for n in norms), norms
 
 
 # 7. Remat and bfloat16 ----------------------------------------------------------------------------

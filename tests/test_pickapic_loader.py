@@ -7,8 +7,11 @@ import pytest
 from array_record.python import array_record_module
 
 import pickapic_fixtures
+from ppd_jax import backbone as backbone_lib
 from ppd_jax import config_validation
 from ppd_jax import trainer
+from ppd_jax.data import images
+from ppd_jax.data import pickapic
 from ppd_jax.data import pickapic_source
 from ppd_jax.data import pipeline
 from ppd_jax.data import precompute
@@ -29,8 +32,8 @@ def folders(tmp_path_factory):
 
 
 def _config(folders, **data):
-  c = pickapic_fixtures.config(folders["pretrained"], shards=folders["shards"],
-                               user_embeddings=folders["store"], **data)
+  data = {"shards": folders["shards"], "user_embeddings": folders["store"], **data}
+  c = pickapic_fixtures.config(folders["pretrained"], **data)
   config_validation.prepare(c)
   return c
 
@@ -158,3 +161,73 @@ def test_training_from_shards_resumes_like_an_uninterrupted_run(folders, tmp_pat
   for a, b in zip(jax.tree.leaves(jax.device_get(straight.user_params)),
                   jax.tree.leaves(jax.device_get(resumed.user_params))):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def poisoned(folders):
+  """The same inputs through a backbone whose text encoder gives NaN for one caption of training
+  pairs and whose VAE gives inf for one image of another training pair."""
+  c = pickapic_fixtures.config(folders["pretrained"])
+  config_validation.prepare(c, stage="precompute")
+  backbone = backbone_lib.build_backbone(c)
+  train = np.load(os.path.join(folders["shards"], "records-train.npz"))
+  text = int(np.bincount(train["caption_id"]).argmax())       # the most used caption
+  other = int(train["pair"][train["caption_id"] != text][0])
+  index = pickapic.PickapicIndex.load(os.path.join(folders["shards"], "index"))
+  image = images.load_square(pickapic.read_pairs(index, [other])[0]["jpg_1"],
+                             backbone.pixel_size)[0]
+  wrapped = pickapic_fixtures.PoisonedBackbone(
+      backbone, [(image, np.inf)], {index.captions[text]: ("text_embedding", np.nan)})
+  out = os.path.join(folders["root"], "poisoned")
+  precompute.run(c, folders["parquet"], out, backbone=wrapped, log=lambda m: None)
+  return {"shards": out, "text": text, "image_pair": other}
+
+
+def _pairs_of_text(folder: str, split: str, text: int) -> set:
+  table = np.load(os.path.join(folder, f"records-{split}.npz"))
+  return set(table["pair"][table["caption_id"] == text].tolist())
+
+
+@pytest.mark.parametrize("split", pickapic.SPLIT_NAMES)
+def test_loader_never_yields_nonfinite_text_and_keeps_the_rest(folders, poisoned, split):
+  c = _config(folders, shards=poisoned["shards"])
+  logs = []
+  source = pickapic_source.PickapicPairs(c, log=logs.append, split=split)
+  clean = pickapic_source.PickapicPairs(_config(folders), log=lambda m: None, split=split)
+  bad = _pairs_of_text(poisoned["shards"], split, poisoned["text"])
+  assert bad or split != "train"
+  got = source.gather(np.arange(len(source)))
+  ref = clean.gather(np.arange(len(clean)))
+  where = {int(p): i for i, p in enumerate(ref["pair"])}
+  rows = [where[int(p)] for p in got["pair"]]
+  for k, v in got.items():
+    if v.dtype.kind == "f":
+      assert np.isfinite(v).all(), k
+    np.testing.assert_array_equal(v, ref[k][rows], err_msg=k)
+  want = set(clean.record_pairs.tolist()) - bad - {poisoned["image_pair"]}
+  assert set(source.record_pairs.tolist()) == want
+  it = iter(pipeline.make_dataset(source, global_batch=4, seed=0))
+  for _ in range(len(source) // 4):
+    batch = next(it)
+    assert all(np.isfinite(v).all() for v in batch.values() if v.dtype.kind == "f")
+    assert not set(batch["pair"].tolist()) & bad
+  assert bool(bad) == any(f"leaving out {len(bad)} {split} pairs" in m for m in logs)
+
+
+def test_a_manifest_without_the_nonfinite_list_has_no_bad_text(folders, poisoned, monkeypatch):
+  """Folders made before the check: nothing is left out (here, wrongly, which shows the list is
+  what the loader goes by)."""
+  read = shards.read_manifest
+
+  def old(folder):
+    manifest = read(folder)
+    manifest["text"].pop("nonfinite")
+    return manifest
+
+  monkeypatch.setattr(pickapic_source.shards, "read_manifest", old)
+  logs = []
+  source = pickapic_source.PickapicPairs(_config(folders, shards=poisoned["shards"]),
+                                         log=logs.append)
+  assert _pairs_of_text(poisoned["shards"], "train", poisoned["text"]) <= set(
+      source.record_pairs.tolist())
+  assert not any("leaving out" in m for m in logs)

@@ -226,3 +226,125 @@ def test_sdxl_shards_carry_pooled_text_and_each_pair_size_conditioning(inputs, t
     _, (oh, ow), (top, left) = images.load_square(r[f"jpg_{r['preferred']}"], size)
     np.testing.assert_array_equal(batch["time_ids"][i], [oh, ow, top, left, size, size])
   assert len({tuple(t[:2]) for t in batch["time_ids"]}) > 1     # sizes differ between images
+
+
+def _written(folder: str, manifest: dict) -> dict:
+  """pair -> record, over every shard of a finished folder."""
+  return {int(r["pair"]): r for s in manifest["shards"]
+          for r in _read_shard(os.path.join(folder, "pairs", s["file"]))}
+
+
+@pytest.fixture(scope="module")
+def poisoned(inputs, backbone, reference, tmp_path_factory):
+  """A run whose VAE overflows on one image of two pairs (NaN in jpg_0 of one, inf in jpg_1 of
+  another) and whose text encoder on two captions (NaN in one, -inf in another)."""
+  folder = reference["folder"]
+  index = pickapic.PickapicIndex.load(os.path.join(folder, "index"))
+  clean = _written(folder, reference["manifest"])
+  texts = sorted({int(r["caption_id"]) for r in clean.values()})[:2]
+  pairs = [p for p in sorted(clean) if int(clean[p]["caption_id"]) not in texts]
+  pairs = [pairs[0], pairs[-1]]                 # two files apart
+  rows = pickapic.read_pairs(index, pairs)
+  size = backbone.pixel_size
+  bad_images = [(images.load_square(rows[0]["jpg_0"], size)[0], np.nan),
+                (images.load_square(rows[1]["jpg_1"], size)[0], np.inf)]
+  bad_captions = {index.captions[texts[0]]: ("text_embedding", np.nan),
+                  index.captions[texts[1]]: ("text_embedding", -np.inf)}
+  wrapped = pickapic_fixtures.PoisonedBackbone(backbone, bad_images, bad_captions)
+  out = str(tmp_path_factory.mktemp("poisoned"))
+  c = pickapic_fixtures.config(inputs["pretrained"])
+  logs = []
+  manifest = precompute.run(c, inputs["parquet"], out, backbone=wrapped, log=logs.append)
+  return {"folder": out, "manifest": manifest, "backbone": wrapped, "index": index,
+          "clean": clean, "bad_pairs": pairs, "bad_texts": texts, "logs": logs}
+
+
+def test_pairs_with_nonfinite_latents_are_skipped_like_corrupt_jpegs(reference, poisoned):
+  manifest, ref = poisoned["manifest"], reference["manifest"]
+  index, (nan_pair, inf_pair) = poisoned["index"], poisoned["bad_pairs"]
+  written = _written(poisoned["folder"], manifest)
+  assert sorted(written) == sorted(set(poisoned["clean"]) - {nan_pair, inf_pair})
+  for r in written.values():
+    assert np.isfinite(r["preferred"]).all() and np.isfinite(r["dispreferred"]).all()
+    want = poisoned["clean"][int(r["pair"])]      # every other record is the clean run's
+    assert r.keys() == want.keys()
+    for k in r:
+      np.testing.assert_array_equal(r[k], want[k])
+  listed = {s["pair"]: s for s in manifest["skipped"]}
+  for pair, column in ((nan_pair, "jpg_0"), (inf_pair, "jpg_1")):
+    assert listed[pair] == {"pair": pair, "row": int(index.pairs["row"][pair]),
+                            "file": index.files[index.pairs["file_id"][pair]]["name"],
+                            "reason": f"non-finite latents ({column})"}
+  assert manifest["skipped_reasons"]["non-finite latents"] == 2
+  for kind, n in ref["skipped_reasons"].items():
+    assert manifest["skipped_reasons"][kind] == n
+  assert set(s["pair"] for s in ref["skipped"]) <= set(listed)
+
+
+def test_nonfinite_text_is_listed_and_its_pairs_counted_as_skipped(reference, poisoned):
+  manifest, ref = poisoned["manifest"], reference["manifest"]
+  texts = poisoned["bad_texts"]
+  assert manifest["text"]["nonfinite"] == texts and ref["text"]["nonfinite"] == []
+  assert manifest["counts"]["texts_nonfinite"] == 2 and ref["counts"]["texts_nonfinite"] == 0
+  users = sorted(p for p, r in poisoned["clean"].items() if int(r["caption_id"]) in texts)
+  listed = [s for s in manifest["skipped"] if s["reason"].startswith("non-finite text")]
+  assert [s["pair"] for s in listed] == users and users
+  assert manifest["skipped_reasons"]["non-finite text"] == len(users)
+  assert manifest["counts"]["pairs_skipped"] == ref["counts"]["pairs_skipped"] + 2 + len(users)
+  usable = sum(manifest["counts"][f"pairs_{n}"] for n in pickapic.SPLIT_NAMES)
+  assert usable == sum(ref["counts"][f"pairs_{n}"] for n in pickapic.SPLIT_NAMES) - 2 - len(users)
+  assert any("non-finite text conditioning" in line for line in poisoned["logs"])
+  # The text store is the clean one but for the two bad rows.
+  ids = np.arange(len(poisoned["index"].captions))
+  got = shards.TextStore(poisoned["folder"], manifest).get(ids)["text_embedding"]
+  want = shards.TextStore(reference["folder"], ref).get(ids)["text_embedding"]
+  good = ~np.isin(ids, texts)
+  np.testing.assert_array_equal(got[good], want[good])
+  assert not np.isfinite(got[texts]).all(axis=(1, 2)).any()
+
+
+def test_a_killed_poisoned_run_split_over_processes_resumes_identically(inputs, poisoned,
+                                                                        tmp_path):
+  """Text and file units in other processes, one of them killed: the same folder."""
+  out = str(tmp_path / "split")
+  c = pickapic_fixtures.config(inputs["pretrained"])
+
+  class Killed(Exception):
+    pass
+
+  def die(name):
+    if name.startswith("text-"):
+      raise Killed(name)
+
+  run = dict(backbone=poisoned["backbone"], log=lambda m: None, process_count=2)
+  with pytest.raises(Killed):
+    precompute.run(c, inputs["parquet"], out, process_index=1, after_unit=die, **run)
+  assert precompute.run(c, inputs["parquet"], out, process_index=0, **run) is None
+  manifest = precompute.run(c, inputs["parquet"], out, process_index=1, **run)
+  assert manifest == poisoned["manifest"]
+  assert _folder_files(out) == _folder_files(poisoned["folder"])
+
+
+def test_a_text_unit_records_nonfinite_rows_of_any_key(tmp_path):
+  """SDXL's pooled embedding counts as much as the sequence, and so does a float16 overflow."""
+  class Encoder:
+    def encode_captions(self, captions):
+      n = len(captions)
+      seq = np.zeros((n, 3, 2), np.float32)
+      pooled = np.zeros((n, 2), np.float32)
+      for i, caption in enumerate(captions):
+        if caption == "big":
+          seq[i, 1, 0] = 1e6                             # finite, but not in float16
+        if caption == "inf":
+          pooled[i, 1] = np.inf
+      return {"text_embedding": seq, "pooled_text_embedding": pooled,
+              "time_ids": np.full((n, 6), np.nan)}      # per image, not stored with the text
+
+  captions = ["a", "inf", "b", "big", "c"]
+  done = precompute.encode_text_chunk(str(tmp_path), 2, captions, Encoder(), np.float32, batch=2,
+                                      first_id=10)
+  assert done["nonfinite"] == [11] and [f["key"] for f in done["files"]] == [
+      "text_embedding", "pooled_text_embedding"]
+  done = precompute.encode_text_chunk(str(tmp_path), 2, captions, Encoder(), np.float16,
+                                      first_id=10)
+  assert done["nonfinite"] == [11, 13]

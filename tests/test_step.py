@@ -8,7 +8,7 @@ from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
 from ppd_jax.diffusion import schedules
-from ppd_jax.models import build_model
+from ppd_jax.models import build_model, init_params, split_params
 
 
 def _config(**overrides):
@@ -77,35 +77,46 @@ def test_frozen_base_is_bit_identical_after_training(single_device_run):
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
-def test_sharded_step_equals_single_device(single_device_run):
-  """8 fake devices as data=4 x fsdp=2 vs one device.
-
-  Params after 3 AdamW steps of lr 1e-3 agree to 5e-5, 5% of one step: Adam divides by sqrt(v),
-  which magnifies float noise in near-zero gradients (on the tiny base's pool, one of 512 entries
-  differs by 3.0e-5, the rest by less)."""
-  c = _config()
-  c.mesh.data, c.mesh.fsdp = 4, 2
-  _, _, user8, hist8 = _run(c, shd.make_mesh(4, 2))
-  _, _, user1, hist1 = single_device_run
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=5e-5), user8, user1)
-  # z = -beta/2 (policy_diff - reference_diff) magnifies float32 noise in the errors (~1e-7) by
-  # beta/2 = 1000, so loss and margin get atol 2e-3; a pair with |z| below that may flip its vote.
-  tol = {"policy_err_preferred": dict(rtol=1e-5), "reference_err_dispreferred": dict(rtol=1e-5),
-         "loss": dict(atol=2e-3), "reward_margin": dict(atol=2e-3),
-         "implicit_accuracy": dict(atol=1.0 / c.batch_size), "grad_norm": dict(rtol=1e-3)}
-  for m8, m1 in zip(hist8, hist1):
-    for k, kw in tol.items():
-      np.testing.assert_allclose(m8[k], m1[k], err_msg=k, **kw)
+def _grads(c, batch, user, base, t, noise):
+  model = build_model(c.model)
+  fn = jax.jit(step_lib.make_grad_fn(model, schedules.schedule_from_config(c.diffusion), c))
+  return jax.device_get(fn(user, base, batch, t, noise))
 
 
-def test_gradient_accumulation_equals_one_big_batch(single_device_run):
-  """Noise and timesteps are drawn for the whole batch first, so 2 micro-batches of 4 pairs give
-  the same update as one batch of 8 (up to float summation order)."""
+def test_gradient_accumulation_equals_one_big_batch():
+  """2 micro-batches of 4 pairs give the gradient (and grad_norm) of one batch of 8: the sum of
+  the micro-batch gradients divided by their number. Compared before the optimizer, since Adam
+  is blind to a constant factor on the gradient (a missing `/ accum` would pass after Adam)."""
+  # beta 50, not the 2000 of the other tests: at 2000 float noise in the errors, amplified by
+  # beta / 2, moves single gradient entries by ~1e-4 of their leaf between batch shapes.
+  c = _config(**{"dpo.beta": 50.0})
+  model = build_model(c.model)
+  params = jax.device_get(init_params(model, jax.random.key(3)))
+  base, user = split_params(params)
+  # A non-zero user branch, so that every user param has a gradient.
+  rng = np.random.default_rng(5)
+  user = jax.tree.map(lambda x: (x + 0.05 * rng.standard_normal(x.shape)).astype(np.float32), user)
+  batch = _batch(c, seed=11)
+  t = np.asarray(rng.integers(0, 1000, size=c.batch_size), np.int32)
+  noise = rng.standard_normal(batch["preferred"].shape).astype(np.float32)
+  g1, m1 = _grads(c, batch, user, base, t, noise)
+  g2, m2 = _grads(_config(grad_accum_steps=2, **{"dpo.beta": 50.0}), batch, user, base, t, noise)
+  norm = lambda g: np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(g)))
+  assert norm(g1) > 1e-3
+  np.testing.assert_allclose(norm(g2), norm(g1), rtol=1e-5)
+  # Each leaf to 2e-5 of its largest entry (measured: at most 5e-6).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0,
+                                                       atol=2e-5 * np.abs(b).max()), g2, g1)
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+
+
+def test_accumulated_step_reports_the_big_batch_grad_norm(single_device_run):
+  """The step's own grad_norm metric with 2 micro-batches equals the one-batch run's."""
   c = _config(grad_accum_steps=2)
-  _, _, user, hist = _run(c, shd.make_mesh(2, 1, devices=jax.devices()[:2]))
-  _, _, user1, hist1 = single_device_run
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=3e-5), user, user1)
-  np.testing.assert_allclose(hist[-1]["loss"], hist1[-1]["loss"], rtol=1e-4)
+  _, _, _, hist = _run(c, shd.make_mesh(2, 1, devices=jax.devices()[:2]), steps=1)
+  _, _, _, hist1 = single_device_run
+  np.testing.assert_allclose(hist[0]["grad_norm"], hist1[0]["grad_norm"], rtol=1e-5)
+  assert hist1[0]["grad_norm"] > 0
 
 
 def test_bf16_and_remat_step_runs_close_to_fp32(single_device_run):
@@ -116,3 +127,38 @@ def test_bf16_and_remat_step_runs_close_to_fp32(single_device_run):
   assert np.isfinite(hist[1]["loss"])
   np.testing.assert_allclose(hist[0]["reference_err_preferred"],
                              hist32[0]["reference_err_preferred"], rtol=5e-2)
+
+
+@pytest.mark.parametrize("field", ["user_embedding", "preferred"])
+def test_a_nonfinite_batch_changes_nothing_and_is_counted(field):
+  """One NaN (a bad user embedding) or inf (an overflowed latent) in one pair: the update is
+  skipped, params and optimizer state stay bit for bit, the step is counted; the next clean
+  batch trains normally."""
+  c = _config()
+  mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
+  model = build_model(c.model)
+  tx, lr = step_lib.make_optimizer(c)
+  state, base, st_sh, base_sh = state_lib.create_train_state(model, tx, mesh, c.seed)
+  fn = step_lib.make_train_step(model, schedules.schedule_from_config(c.diffusion), c, tx, lr,
+                                mesh, st_sh, base_sh)
+  key = jax.random.key(7)
+  state, _ = fn(state, base, shd.global_batch(_batch(c, seed=0), mesh), key)   # a real update
+  before = jax.device_get(state)
+  bad = _batch(c, seed=1)
+  bad[field][3].flat[5] = np.nan if field == "user_embedding" else np.inf
+  state, m = fn(state, base, shd.global_batch(bad, mesh), key)
+  after = jax.device_get(state)
+  assert not np.isfinite(m["loss"]) or not np.isfinite(m["grad_norm"])
+  assert int(m["skipped_updates"]) == 1 and int(m["nonfinite_streak"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, after.user_params, before.user_params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
+  assert int(after.step) == int(before.step) + 1
+
+  state, m = fn(state, base, shd.global_batch(_batch(c, seed=2), mesh), key)
+  clean = jax.device_get(state)
+  assert np.isfinite(m["loss"]) and int(m["nonfinite_streak"]) == 0
+  assert int(m["skipped_updates"]) == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(clean.user_params))
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(clean.user_params),
+                                                    jax.tree.leaves(after.user_params))]
+  assert all(moved)

@@ -49,10 +49,12 @@ def test_gather_keys_shapes_dtypes(tiny):
       "text_embedding": ((4, d.text_length, c.model.cross_attention_dim), np.float32),
       "user_embedding": ((4, c.model.user_tokens, c.model.user_embed_dim), np.float32),
       "user_id": ((4,), np.int32),
+      "pair": ((4,), np.int64),        # the record: what a skipped batch is reported by
   }
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   assert batch["preferred"].min() >= -1 and batch["preferred"].max() <= 1
   np.testing.assert_array_equal(batch["user_id"], [0, 0, d.num_users - 1, 0])
+  np.testing.assert_array_equal(batch["pair"], [0, 5, len(tiny) - 1, 5])
   one = tiny[5]
   for k in expected:
     np.testing.assert_array_equal(one[k], batch[k][1], err_msg=k)

@@ -28,7 +28,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
-_TIMING = ("pairs_per_second", "eta_seconds")
+_TIMING = ("pairs_per_second", "eta_seconds", "tflops_per_device", "mfu")
 
 
 @pytest.fixture(scope="module")

@@ -98,21 +98,27 @@ UNET_KWARGS = {
 }
 
 
-def unet(kind: str, seed: int = 0):
+def unet(kind: str, seed: int = 0, unet_kwargs: dict | None = None, sample_size: int = 8):
+  """unet_kwargs: another architecture than UNET_KWARGS[kind] (block types, heads, channels)."""
   import torch
   from diffusers import UNet2DConditionModel
   torch.manual_seed(seed)
-  model = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                               norm_num_groups=8, **UNET_KWARGS[kind]).eval()
+  model = UNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4,
+                               layers_per_block=1, norm_num_groups=8,
+                               **(unet_kwargs or UNET_KWARGS[kind])).eval()
   perturb(model, seed)
   return model
 
 
-def save_pipeline(folder: str, kind: str = "sd15", variant: str | None = None) -> str:
-  """Builds the tiny `kind` pipeline and saves it (safetensors) to `folder`; returns folder."""
+def save_pipeline(folder: str, kind: str = "sd15", variant: str | None = None,
+                  unet_kwargs: dict | None = None, sample_size: int = 8) -> str:
+  """Builds the tiny `kind` pipeline and saves it (safetensors) to `folder`; returns folder.
+
+  unet_kwargs, sample_size: another UNet architecture / latent size (see `unet`)."""
   from diffusers import (DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
                          StableDiffusionXLPipeline)
   tok = tokenizer(os.path.join(folder + ".tok"))
+  net = unet(kind, unet_kwargs=unet_kwargs, sample_size=sample_size)
   schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                   steps_offset=1)
   if kind == "sdxl":
@@ -121,7 +127,7 @@ def save_pipeline(folder: str, kind: str = "sd15", variant: str | None = None) -
     for m in (enc1, enc2):
       perturb(m, 3)
     pipe = StableDiffusionXLPipeline(vae=_vae(4, 0.13025), text_encoder=enc1, text_encoder_2=enc2,
-                                     tokenizer=tok, tokenizer_2=tok, unet=unet(kind),
+                                     tokenizer=tok, tokenizer_2=tok, unet=net,
                                      scheduler=DDIMScheduler(clip_sample=False, **schedule))
   else:
     enc = _text_encoder(tok, 32, False, "quick_gelu" if kind == "sd15" else "gelu", 1)
@@ -129,7 +135,7 @@ def save_pipeline(folder: str, kind: str = "sd15", variant: str | None = None) -
     scheduler = (PNDMScheduler(skip_prk_steps=True, **schedule) if kind == "sd15" else
                  DDIMScheduler(prediction_type="v_prediction", clip_sample=False, **schedule))
     pipe = StableDiffusionPipeline(vae=_vae(4), text_encoder=enc, tokenizer=tok,
-                                   unet=unet(kind), scheduler=scheduler, safety_checker=None,
+                                   unet=net, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
   perturb(pipe.vae, 5)
   pipe.save_pretrained(folder, safe_serialization=True, variant=variant)

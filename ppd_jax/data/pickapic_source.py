@@ -5,7 +5,9 @@ conditioning from the caption store and its user embedding from the user-embeddi
 (users/store.py), so each is stored once however many pairs share it. Which records exist and
 whose they are comes from records-{split}.npz, so the join is checked before training starts: a
 pair whose user has no embedding is an error naming them, or, with
-data.missing_user_embeddings = "drop", left out (and counted).
+data.missing_user_embeddings = "drop", left out (and counted). A pair whose caption's text
+conditioning is non-finite (listed in the manifest by the precompute) is always left out and
+counted: its record is in the shards, but one NaN in a batch would spoil the whole update.
 """
 import os
 
@@ -49,7 +51,8 @@ class PickapicPairs:
       raise shards.ShardsError(f"{self.folder}: records-{split}.npz lists {len(table['pair'])} "
                                f"pairs, the shards hold {stored}; rerun the precompute")
     self.store = store_lib.UserEmbeddingStore(d.user_embeddings)
-    keep = self._join(table["user_id"], d.missing_user_embeddings, log)
+    keep = self._finite_text(table["caption_id"], log)
+    keep[keep] = self._join(table["user_id"][keep], d.missing_user_embeddings, log)
     self._records = np.flatnonzero(keep)
     self.record_user_ids = table["user_id"][self._records]
     self.record_pairs = table["pair"][self._records]
@@ -62,6 +65,17 @@ class PickapicPairs:
     self._config, self._backbone, self._data = config, backbone, None
     log(f"pickapic: {len(self)} {split} pairs of {len(np.unique(self.record_user_ids))} users "
         f"from {len(self._paths)} shards in {self.folder}")
+
+  def _finite_text(self, caption_ids: np.ndarray, log) -> np.ndarray:
+    """Records whose text conditioning is finite. A manifest from before the check lists none."""
+    bad = np.asarray(self.manifest["text"].get("nonfinite", []), np.int64)
+    ok = ~np.isin(caption_ids, bad)
+    if not ok.all():
+      used = np.unique(caption_ids[~ok])
+      log(f"pickapic: leaving out {int((~ok).sum())} {self.split} pairs whose text conditioning "
+          f"is non-finite ({len(used)} of the manifest's {len(bad)} non-finite texts: text ids "
+          f"{', '.join(str(i) for i in used[:10])}{' ...' if len(used) > 10 else ''})")
+    return ok
 
   def _join(self, user_ids: np.ndarray, policy: str, log) -> np.ndarray:
     missing = self.store.missing(np.unique(user_ids))

@@ -10,6 +10,13 @@ local devices. A rerun skips units whose done-file and checksums hold, so a kill
 where it stopped. A JPEG that does not decode, or a row group that cannot be read, drops its pairs,
 which are counted and listed in the manifest; nothing already written is touched.
 
+Non-finite values (NaN or inf, e.g. an fp16 overflow in an encoder) never reach training. A pair
+with non-finite latents is not written, skipped like a corrupt JPEG ("non-finite latents"). A
+caption's text conditioning is written before the pairs that use it may be (text and file units
+run independently, possibly in other processes), so its text unit records its non-finite rows in
+its done-file; the manifest lists them (text.nonfinite), counts the pairs using them as skipped
+("non-finite text"), and the loader (data/pickapic_source.py) leaves those pairs out.
+
 With config.data.profile_in_caption on (the caption-augmentation baseline), the text units encode
 each pair's caption joined with its user's profile text (users/profile_caption.py) instead of the
 plain captions, and each record's caption_id points at that joined text.
@@ -150,8 +157,21 @@ def make_image_encoder(backbone, batch: int):
   return encode, per
 
 
-def encode_text_chunk(output, k, captions, backbone, storage_dtype, batch: int = 64) -> dict:
-  """Text conditioning of one caption chunk -> text/{key}-{k}.npy files; their infos."""
+def nonfinite_rows(arrays) -> np.ndarray:
+  """Rows (along axis 0, common to the arrays) holding a NaN or inf in any of the arrays."""
+  bad = None
+  for a in arrays:
+    rows = ~np.isfinite(a.reshape(len(a), -1)).all(1)
+    bad = rows if bad is None else bad | rows
+  return np.flatnonzero(bad)
+
+
+def encode_text_chunk(output, k, captions, backbone, storage_dtype, batch: int = 64,
+                      first_id: int = 0) -> dict:
+  """Text conditioning of one caption chunk (text ids first_id, first_id + 1, ...) ->
+  text/{key}-{k}.npy files; their infos, and under "nonfinite" the text ids whose conditioning,
+  as stored, is not finite in some key: other units write the pairs using them, so finalize
+  leaves those out."""
   os.makedirs(os.path.join(output, "text"), exist_ok=True)
   parts = []
   for i in range(0, len(captions), batch):
@@ -160,13 +180,16 @@ def encode_text_chunk(output, k, captions, backbone, storage_dtype, batch: int =
     text = backbone.encode_captions(chunk + [""] * (batch - n))   # one compiled shape
     text.pop("time_ids", None)           # SDXL's size conditioning is per image, in the record
     parts.append({key: np.asarray(v[:n]) for key, v in text.items()})
-  files = []
+  files, stored = [], []
   for key in parts[0]:
-    array = np.concatenate([p[key] for p in parts]).astype(storage_dtype)
+    with np.errstate(over="ignore"):          # an overflow to inf is caught just below
+      array = np.concatenate([p[key] for p in parts]).astype(storage_dtype)
     path = os.path.join(output, "text", f"{key}-{k:05d}.npy")
     files.append({**shards.save_npy(path, array), "dir": "text", "key": key,
                   "shape": list(array.shape)})
-  return {"files": files, "count": len(captions)}
+    stored.append(array)
+  return {"files": files, "count": len(captions),
+          "nonfinite": (first_id + nonfinite_rows(stored)).tolist()}
 
 
 def _decode_pairs(executor, jpg0, jpg1, size):
@@ -205,15 +228,24 @@ def encode_file(output, unit, index, u, encode, per, backbone, storage_dtype, ex
                                  for g in range(pf.num_row_groups)])
   group_of = np.searchsorted(group_start, index.pairs["row"][positions], side="right") - 1
 
+  def skip(pos, reason):
+    skipped.append({"pair": int(pos), "file": index.files[u]["name"],
+                    "row": int(index.pairs["row"][pos]), "reason": reason})
+
   def write(batch, latents):
-    latents = np.asarray(jax.device_get(latents))
+    with np.errstate(over="ignore"):        # as stored: a cast can overflow, caught below
+      latents = np.asarray(jax.device_get(latents))[:2 * len(batch)].astype(storage_dtype)
+    bad = set(nonfinite_rows([latents]).tolist())
     for j, (pos, s, sizes, crops) in enumerate(batch):
+      columns = [c for c, i in zip(pickapic.IMAGE_COLUMNS, (2 * j, 2 * j + 1)) if i in bad]
+      if columns:
+        skip(pos, f"non-finite latents ({', '.join(columns)})")
+        continue
       (oh, ow), (top, left) = sizes[index.pairs["preferred"][pos]], crops[
           index.pairs["preferred"][pos]]
       win, lose = (2 * j, 2 * j + 1) if index.pairs["preferred"][pos] == 0 else (2 * j + 1, 2 * j)
       writers[s].write(records.encode({
-          "preferred": latents[win].astype(storage_dtype),
-          "dispreferred": latents[lose].astype(storage_dtype),
+          "preferred": latents[win], "dispreferred": latents[lose],
           "time_ids": np.array([oh, ow, top, left, size, size], np.float32),
           "pair": np.int64(pos), "user_id": index.pairs["user_id"][pos],
           "caption_id": np.int32(text_ids[pos])}))
@@ -235,8 +267,7 @@ def encode_file(output, unit, index, u, encode, per, backbone, storage_dtype, ex
       decoded = [f"row group {g} unreadable ({type(e).__name__}: {e})"] * len(pos_g)
     for pos, s, dec in zip(pos_g, split_g, decoded):
       if isinstance(dec, str):
-        skipped.append({"pair": int(pos), "file": index.files[u]["name"],
-                        "row": int(index.pairs["row"][pos]), "reason": dec})
+        skip(pos, dec)
         progress.add(1)
         continue
       batch.append((int(pos), int(s), [d[1] for d in dec], [d[2] for d in dec]))
@@ -253,6 +284,7 @@ def encode_file(output, unit, index, u, encode, per, backbone, storage_dtype, ex
     pending = (batch, out)
   if pending:
     write(*pending)
+  skipped.sort(key=lambda x: x["pair"])      # decode and latent skips, in one order
   files = []
   for s, w in writers.items():
     files.append({**w.close(), "dir": "pairs", "split": pickapic.SPLIT_NAMES[s], "unit": unit})
@@ -317,7 +349,12 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
         log(f"precompute: {name}: removed {removed} half-written file(s) of an interrupted run")
       if name.startswith("text-"):
         captions = texts[k * d.text_chunk:(k + 1) * d.text_chunk]
-        done = encode_text_chunk(output, k, captions, backbone, storage)
+        done = encode_text_chunk(output, k, captions, backbone, storage,
+                                 first_id=k * d.text_chunk)
+        if done["nonfinite"]:
+          log(f"precompute: {name}: non-finite text conditioning for text ids "
+              f"{done['nonfinite'][:10]}{' ...' if len(done['nonfinite']) > 10 else ''}; "
+              "their pairs are left out")
       else:
         done = encode_file(output, name, index, k, encode, per, backbone, storage, executor,
                            progress, text_ids)
@@ -335,6 +372,14 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
   return finalize(output, index, text_ids, units, settings, config, log)
 
 
+def _text_skips(index, text_ids, pairs: list[int]) -> list[dict]:
+  """Skipped-list entries of written pairs whose text conditioning is non-finite: their records
+  stay in the shards (records-{split}.npz indexes them by position), the loader leaves them out."""
+  return [{"pair": p, "file": index.files[index.pairs["file_id"][p]]["name"],
+           "row": int(index.pairs["row"][p]),
+           "reason": f"non-finite text (text id {int(text_ids[p])})"} for p in pairs]
+
+
 def finalize(output, index, text_ids, units, settings, config, log) -> dict | None:
   """Per-split record tables and the manifest, once every unit is done (text_ids: as in
   encode_file)."""
@@ -346,18 +391,24 @@ def finalize(output, index, text_ids, units, settings, config, log) -> dict | No
     return None
   text_units = [dones[n] for n, _ in units if n.startswith("text-")]
   file_units = [dones[n] for n, _ in units if n.startswith("file-")]
-  shard_list, counts, skipped = [], {}, []
+  # Done-files from before the check have no "nonfinite": nothing known to be bad there.
+  bad_text = sorted(i for unit in text_units for i in unit.get("nonfinite", []))
+  shard_list, counts, skipped, bad_pairs = [], {}, [], []
   for name in pickapic.SPLIT_NAMES:
     ids = [i for unit in file_units for i in unit["pair_ids"].get(name, [])]
     ids = np.asarray(ids, np.int64)
-    counts[f"pairs_{name}"] = len(ids)
     table = {"pair": ids, "user_id": index.pairs["user_id"][ids],
              "caption_id": text_ids[ids]}
     shards.commit_npz(os.path.join(output, f"records-{name}.npz"), table)
     shard_list += [f for unit in file_units for f in unit["files"] if f["split"] == name]
+    bad = np.isin(table["caption_id"], bad_text)
+    counts[f"pairs_{name}"] = int((~bad).sum())        # the pairs training can use
+    bad_pairs += ids[bad].tolist()
   for unit in file_units:
     skipped += unit["skipped"]
+  skipped += _text_skips(index, text_ids, sorted(bad_pairs))
   counts["pairs_skipped"] = len(skipped)
+  counts["texts_nonfinite"] = len(bad_text)
   reasons = {}
   for s in skipped:
     kind = s["reason"].split(" (")[0]
@@ -374,7 +425,8 @@ def finalize(output, index, text_ids, units, settings, config, log) -> dict | No
       "text": {"chunk": settings["data"]["text_chunk"], "num_chunks": len(text_units),
                "keys": [f["key"] for f in first],
                "shapes": {f["key"]: f["shape"][1:] for f in first},
-               "files": [f for unit in text_units for f in unit["files"]]},
+               "files": [f for unit in text_units for f in unit["files"]],
+               "nonfinite": bad_text},
       "shards": shard_list,
   }
   shards.write_json(os.path.join(output, shards.MANIFEST), manifest)

@@ -1,4 +1,4 @@
-"""Picks the preference-pair source a config names."""
+"""Picks the preference-pair source a config names, and its held-out pairs for validation."""
 from ppd_jax import metrics
 
 
@@ -12,3 +12,11 @@ def build_source(config, split: str = "train"):
     return pickapic_source.PickapicPairs(config, log=metrics.log, split=split)
   raise ValueError(f"config.data.source={config.data.source!r}: must be 'synthetic' or "
                    "'pickapic'")
+
+
+def build_held_out(config, train_source):
+  """Pairs of users never trained on, for validation while training: the synthetic source's
+  unseen users, or Pick-a-Pic's validation split (its shards and the same user store)."""
+  if config.data.source == "synthetic":
+    return train_source.held_out()
+  return build_source(config, split="validation")

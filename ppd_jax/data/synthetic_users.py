@@ -140,7 +140,10 @@ class SyntheticPreferences:
     idx = np.asarray(indices, np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= self.num_records):
       raise IndexError(f"record indices must be in [0, {self.num_records})")
-    user, k = idx // self.pairs_per_user, idx % self.pairs_per_user
+    return self._pairs(idx // self.pairs_per_user, idx % self.pairs_per_user, idx)
+
+  def _pairs(self, user: np.ndarray, k: np.ndarray, pair: np.ndarray) -> dict:
+    """Pair k of each user -> the batch dict of `gather` (pair: the ids reported with it)."""
     win, lose = self.winner_index[user, k], self.loser_index[user, k]
     caption = self.pool_caption_ids[win]
     return {
@@ -149,7 +152,12 @@ class SyntheticPreferences:
         **{k: v[caption] for k, v in self._text.items()},
         "user_embedding": self._user_embeddings[user],
         "user_id": user.astype(np.int32),
+        "pair": pair.astype(np.int64),
     }
+
+  def held_out(self) -> "HeldOutPairs":
+    """The unseen users' pairs (never in a training record), for validation while training."""
+    return HeldOutPairs(self)
 
   def _check_user(self, user_id) -> None:
     n = len(self.user_weights)
@@ -188,3 +196,23 @@ class SyntheticPreferences:
   def encode_captions(self, captions: list[str]) -> dict:
     """Text conditioning dict (backbone.py): text_embedding [N, L, D], ...; "" is unconditional."""
     return self.backbone.encode_captions(captions)
+
+
+class HeldOutPairs:
+  """A PairSource over the unseen users' pairs of a SyntheticPreferences: record i is pair
+  i % pairs_per_user of unseen user i // pairs_per_user; `pair` ids continue after the training
+  records'."""
+
+  def __init__(self, source: SyntheticPreferences):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source.unseen_user_ids) * self.source.pairs_per_user
+
+  def gather(self, indices: np.ndarray) -> dict:
+    idx = np.asarray(indices, np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+      raise IndexError(f"held-out record indices must be in [0, {len(self)})")
+    per = self.source.pairs_per_user
+    user = self.source.unseen_user_ids[idx // per].astype(np.int64)
+    return self.source._pairs(user, idx % per, self.source.num_records + idx)

@@ -34,6 +34,7 @@ def evaluate_pairs(model, schedule, config, base_params, user_params, pairs: dic
       noise = jnp.asarray(rng.standard_normal(batch["preferred"].shape), jnp.float32)
       m = jax.device_get(_metrics(loss_fn, user_params, base_params, batch, t, noise))
       for k, v in m.items():
-        totals[k] = totals.get(k, 0.0) + float(v) * b
+        if np.ndim(v) == 0:            # batch means; "z" is per pair
+          totals[k] = totals.get(k, 0.0) + float(v) * b
       count += b
   return {k: v / count for k, v in totals.items()}

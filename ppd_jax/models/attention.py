@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ppd_jax.models import attention_kernels
 from ppd_jax.models import layers
 from ppd_jax.models import resnet
 
@@ -25,9 +26,14 @@ Scale = float | jax.Array
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
                          implementation: str | None) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v per head; [B, T, N*d] x [B, S, N*d] -> [B, T, N*d]."""
+  """softmax(q k^T / sqrt(d)) v per head; [B, T, N*d] x [B, S, N*d] -> [B, T, N*d].
+
+  implementation: attention_kernels' name ("auto" when None or ""): cuDNN's fused kernel where
+  it supports the layer, Pallas flash on TPU, else query chunks that never hold the whole
+  batch's float32 logits (attention_kernels.py)."""
   split = lambda x: x.reshape(x.shape[:2] + (heads, x.shape[-1] // heads))
-  out = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=implementation)
+  out = attention_kernels.attention_in_mesh(split(q), split(k), split(v),
+                                            implementation=implementation or "auto")
   return out.reshape(q.shape)
 
 
@@ -42,7 +48,7 @@ class Attention(nn.Module):
   heads: int
   dim_head: int
   dtype: Dtype = jnp.float32
-  implementation: str | None = None   # jax.nn.dot_product_attention's: None/"xla" or "cudnn"
+  implementation: str | None = None   # attention_kernels.IMPLEMENTATIONS; None: "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None,

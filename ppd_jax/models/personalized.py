@@ -2,6 +2,9 @@
 
     eps = unet(x_t, t, text, user_tokens = user_projector(user_embedding), user_scale)
 
+The user embedding is [T, E]; the projector makes T tokens of it, or K =
+`user_tokens_per_embedding` tokens when T == 1 (one key would get no gradient: user_projector.py).
+
 With user_embedding None the projector is not called and no cross-attention builds its user branch:
 that is the frozen base, used as the DPO reference with the same weights. The trainer takes
 gradients only over `split_params(params)[1]` (see DESIGN.md, "Frozen vs trainable").
@@ -16,7 +19,7 @@ from flax import traverse_util
 
 from ppd_jax.models import attention
 from ppd_jax.models.unet import UNet2DConditionModel, UNetConfig
-from ppd_jax.models.user_projector import UserProjector
+from ppd_jax.models.user_projector import make_user_projector
 
 Params = dict[str, Any]
 
@@ -30,10 +33,10 @@ class PersonalizedUNet(nn.Module):
 
   def setup(self):
     self.unet = UNet2DConditionModel(self.config)
-    self.user_projector = UserProjector(self.config.cross_attention_dim, self.config.dtype)
+    self.user_projector = make_user_projector(self.config)
 
   def project_user(self, user_embedding: jax.Array) -> jax.Array:
-    """[B, T, user_embed_dim] -> user tokens [B, T, cross_attention_dim]."""
+    """[B, T, user_embed_dim] -> user tokens [B, T', cross_attention_dim], T' = K if T == 1."""
     return self.user_projector(user_embedding)
 
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,

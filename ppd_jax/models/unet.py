@@ -50,9 +50,10 @@ class UNetConfig:
   upcast_attention: bool = False
   user_embed_dim: int = 3584
   user_tokens: int = 1
+  user_tokens_per_embedding: int = 4          # K tokens from a one-token embedding (projector)
   dtype: Dtype = jnp.float32                  # compute dtype; params are always float32
   remat: bool = False                         # nn.remat around ResnetBlock2D, BasicTransformerBlock
-  attention_impl: str | None = None           # jax.nn.dot_product_attention implementation
+  attention_impl: str | None = None           # attention_kernels.IMPLEMENTATIONS; None: "auto"
 
   def __post_init__(self):
     n = len(self.block_out_channels)

@@ -20,12 +20,18 @@ Torch and transformers are imported lazily: the JAX side imports this package wi
 """
 import dataclasses
 import hashlib
+import re
 
 import numpy as np
 
 from ppd_jax.users import prompts
 
 LAYERS = ("all", "last")
+
+# Top-level config keys that name token ids but are not placeholders (a multimodal config may
+# carry the text model's roles too).
+_TEXT_ROLES = ("bos", "eos", "pad", "sep", "unk", "mask", "cls", "decoder_start")
+_PLACEHOLDER_KEY = re.compile(r"(\w+)_token_(?:id|index)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,29 @@ class Decoding:
       for k in ("temperature", "top_p", "top_k", "seed"):
         d.pop(k)
     return d
+
+
+def placeholder_ids(cfg, tokenizer, model_id: str) -> list[int]:
+  """The ids of the config's placeholder tokens (image_token_index, video_token_id, ...): the
+  model replaces them with vision features, so they must come only from the prompt. Each must be
+  a special token of the tokenizer, and the one the tokenizer names for that role (its
+  image_token, video_token) when it names one: a mismatch means tokenizer and model disagree."""
+  found = {}
+  for key in [*cfg.to_dict(), *getattr(cfg, "attribute_map", {})]:
+    m = _PLACEHOLDER_KEY.fullmatch(key)
+    value = getattr(cfg, key, None)
+    if m is None or m.group(1) in _TEXT_ROLES or not isinstance(value, int):
+      continue
+    found.setdefault(value, m.group(1))
+  for tid, role in found.items():
+    if tid not in tokenizer.added_tokens_decoder:
+      raise ValueError(f"{model_id}: the config's {role} token {tid} is no special token of "
+                       f"the tokenizer")
+    named = getattr(tokenizer, f"{role}_token", None)
+    if isinstance(named, str) and tokenizer.convert_tokens_to_ids(named) != tid:
+      raise ValueError(f"{model_id}: the tokenizer's {role} token {named!r} is not the config's "
+                       f"{role} token {tid}")
+  return sorted(found)
 
 
 def batch_seed(seed: int, first_key: str) -> int:
@@ -102,6 +131,7 @@ class VLM:
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
     self.num_layers = cfg.text_config.num_hidden_layers
     self.hidden_size = cfg.text_config.hidden_size
+    self.placeholder_ids = placeholder_ids(cfg, tokenizer, model_id)
 
   @classmethod
   def load(cls, model_id: str, *, dtype: str = "auto", device: str | None = None) -> "VLM":
@@ -155,7 +185,15 @@ class VLM:
            "top_k": decoding.top_k} if decoding.mode == "sample" else {"do_sample": False})
     with torch.inference_mode():
       return self.model.generate(**inputs, max_new_tokens=decoding.max_new_tokens,
-                                 eos_token_id=self.eos_id, pad_token_id=self.pad_id, **kw)
+                                 eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                                 suppress_tokens=self.suppressed_ids(), **kw)
+
+  def suppressed_ids(self) -> list[int]:
+    """Ids generate() must never emit: the placeholders, whose count the final-state forward
+    pass checks against the image features (one generated <image> too many and it raises), plus
+    whatever the checkpoint's generation config already suppresses (passing ours replaces it)."""
+    own = self.model.generation_config.suppress_tokens or []
+    return sorted(set(own) | set(self.placeholder_ids))
 
   def final_states(self, inputs: dict, sequences, layers: str) -> tuple[np.ndarray, list[str]]:
     """Hidden state(s) of each row's final generated token, from one forward pass over the

@@ -1,20 +1,34 @@
-"""Trained user branch -> diffusers IP-Adapter weights ("Full" projection), for PyTorch pipelines.
+"""Trained user branch -> diffusers IP-Adapter weights, for PyTorch pipelines.
 
-PPD's user branch is an IP-Adapter whose "image" is the user embedding, so diffusers runs it
-unchanged once the weights carry IP-Adapter names (the original IP-Adapter file layout, which
-`pipe.load_ip_adapter` reads):
+PPD's user branch is an IP-Adapter whose "image" is the user embedding [T, E], so diffusers runs
+it unchanged once the weights carry IP-Adapter names (the original IP-Adapter file layout, which
+`pipe.load_ip_adapter` reads). The projector (models/user_projector.py) decides the image_proj
+layout. One-token embeddings (T = 1), SingleTokenUserProjector, IP-Adapter's ImageProjModel:
+
+    user_projector/proj/kernel [E, K*D]  -> image_proj.proj.weight [K*D, E]   (Linear: transposed)
+    user_projector/proj/bias             -> image_proj.proj.bias
+    user_projector/norm/scale, bias      -> image_proj.norm.weight, bias      (LayerNorm)
+
+`proj.weight` makes diffusers build ImageProjection (Linear E -> K*D, reshape [K, D], LayerNorm),
+which is SingleTokenUserProjector, but diffusers 0.42's loader (loaders/unet.py,
+`_convert_ip_adapter_image_proj_to_diffusers`) hard-codes num_image_text_embeds = 4 and reads D as
+proj.weight.shape[0] // 4: any other K fails to load there (size mismatch), so export refuses it.
+Multi-token embeddings (T > 1), UserProjector, the "Full" projection:
 
     user_projector/proj_0/kernel [E, E]  -> image_proj.proj.0.weight [E, E]   (Linear: transposed)
     user_projector/proj_0/bias           -> image_proj.proj.0.bias
     user_projector/proj_2/kernel [E, D]  -> image_proj.proj.2.weight [D, E]
     user_projector/proj_2/bias           -> image_proj.proj.2.bias
     user_projector/proj_3/scale, bias    -> image_proj.proj.3.weight, bias    (LayerNorm)
+
+`proj.3.weight` makes diffusers build IPAdapterFullImageProjection (FeedForward E->E->D with exact
+GELU, then LayerNorm), which is UserProjector. Both layouts share the attention layers:
+
     unet/<attn2 k>/to_k_user/kernel [D, C] -> ip_adapter.<2k+1>.to_k_ip.weight [C, D]
     unet/<attn2 k>/to_v_user/kernel [D, C] -> ip_adapter.<2k+1>.to_v_ip.weight [C, D]
 
-`proj.3.weight` makes diffusers build IPAdapterFullImageProjection (FeedForward E->E->D with exact
-GELU, then LayerNorm), which is UserProjector; IPAdapterAttnProcessor2_0 computes
-to_out(A(q, k, v) + scale * A(q, to_k_ip(u), to_v_ip(u))), which is our attn2 with user_scale.
+IPAdapterAttnProcessor2_0 computes to_out(A(q, k, v) + scale * A(q, to_k_ip(u), to_v_ip(u))),
+which is our attn2 with user_scale.
 
 Processor numbering (diffusers 0.42, loaders/unet.py `_convert_ip_adapter_attn_to_diffusers`): it
 walks `unet.attn_processors` in order, starts a counter at 1, and gives each cross-attention
@@ -31,17 +45,21 @@ transformer_layers_per_block[-1] layers. SD 1.5 gives 16 cross-attentions (1, 3,
 70 (1, ..., 139). `cross_attention_layers` derives this list from the UNetConfig, and the export
 requires the user params to be exactly these layers plus the projector.
 
-Calling it: `ip_adapter_image_embeds=[embeds]`, embeds [batch, 1, user_tokens, user_embed_dim]
-(one "image" whose tokens the projection maps one by one). Classifier-free guidance: pipelines
-split embeds into [negative; positive] halves along the batch and run the user branch at the same
-scale on both, while PPD's sampler runs the unconditional half with the user branch off. No
-negative embedding does that exactly: its half adds scale * A(q, K(n), V(n)), a convex mix of
-to_v_ip(t) over projected tokens t = LN(h) * w + b; all layers' to_v_ip stacked generically have
-full column rank, so t would have to be 0, i.e. LN(h) = -b / w, which a zero-mean unit-variance
-LN(h) generally cannot be. Per-row masks do it exactly: cross_attention_kwargs=
-{"ip_adapter_masks": [mask]}, mask [2n, 1, 1, 1] = n zeros then n ones, multiplies each row's
-user output by its value (IPAdapterAttnProcessor2_0's masked path; a 1x1 mask stays constant
-through its bicubic resize): the negative rows get exactly 0.
+Calling it: `ip_adapter_image_embeds=[embeds]`, one "image" per row. MultiIPAdapterImageProjection
+flattens [batch, images] to batch rows, projects, and restores them: embeds [batch, 1, E] for
+ImageProjection (it reshapes its [batch, K*D] output to [batch, K, D]), [batch, 1, T, E] for the
+Full projection (which maps the T tokens one by one); both give [batch, 1, tokens, D]. Classifier-
+free guidance: pipelines split embeds into [negative; positive] halves along the batch and run the
+user branch at the same scale on both, while PPD's sampler runs the unconditional half with the
+user branch off. No negative embedding does that exactly: its half adds scale * A(q, K(n), V(n)),
+a convex mix of to_v_ip(t) over projected tokens t = LN(h) * w + b; all layers' to_v_ip stacked
+generically have full column rank, so t would have to be 0, i.e. LN(h) = -b / w, which a
+zero-mean unit-variance LN(h) generally cannot be. Per-row masks do it exactly:
+cross_attention_kwargs={"ip_adapter_masks": [mask]}, mask [2n, 1, 1, 1] = n zeros then n ones,
+multiplies each row's user output by its value (IPAdapterAttnProcessor2_0's masked path; a 1x1
+mask stays constant through its bicubic resize): the negative rows get exactly 0. The pipeline
+repeats embeds num_images_per_prompt times itself, so embeds has 2 * len(prompts) rows while the
+mask, applied to the UNet's batch, has 2n, n = len(prompts) * num_images_per_prompt.
 """
 import json
 import os
@@ -57,7 +75,17 @@ from ppd_jax.weights.convert import WeightsError
 
 Path = tuple[str, ...]
 
-_PROJECTOR = {   # our leaf -> (IP-Adapter key, transpose)
+# The ImageProjection token count diffusers' loader assumes for `image_proj.proj.weight`.
+DIFFUSERS_IMAGE_PROJ_TOKENS = 4
+
+_SINGLE_TOKEN_PROJECTOR = {   # our leaf -> (IP-Adapter key, transpose); T = 1
+    ("user_projector", "proj", "kernel"): ("image_proj.proj.weight", True),
+    ("user_projector", "proj", "bias"): ("image_proj.proj.bias", False),
+    ("user_projector", "norm", "scale"): ("image_proj.norm.weight", False),
+    ("user_projector", "norm", "bias"): ("image_proj.norm.bias", False),
+}
+
+_FULL_PROJECTOR = {   # our leaf -> (IP-Adapter key, transpose); T > 1
     ("user_projector", "proj_0", "kernel"): ("image_proj.proj.0.weight", True),
     ("user_projector", "proj_0", "bias"): ("image_proj.proj.0.bias", False),
     ("user_projector", "proj_2", "kernel"): ("image_proj.proj.2.weight", True),
@@ -95,12 +123,23 @@ def cross_attention_layers(cfg: unet_lib.UNetConfig) -> list[tuple[Path, int]]:
   return out
 
 
+def single_token_projector(cfg: unet_lib.UNetConfig) -> bool:
+  """True when the projector is ImageProjection-shaped (one-token embeddings, user_projector.py)."""
+  return cfg.user_tokens == 1
+
+
 def _expected(cfg: unet_lib.UNetConfig) -> dict[Path, tuple[str, bool, tuple[int, ...]]]:
   """Every user-branch leaf -> (IP-Adapter key, transpose, our shape), in the file's key order."""
   e, d = cfg.user_embed_dim, cfg.cross_attention_dim
-  shapes = {"proj_0": {"kernel": (e, e), "bias": (e,)}, "proj_2": {"kernel": (e, d), "bias": (d,)},
-            "proj_3": {"scale": (d,), "bias": (d,)}}
-  out = {path: (key, t, shapes[path[1]][path[2]]) for path, (key, t) in _PROJECTOR.items()}
+  if single_token_projector(cfg):
+    kd = cfg.user_tokens_per_embedding * d
+    projector = _SINGLE_TOKEN_PROJECTOR
+    shapes = {"proj": {"kernel": (e, kd), "bias": (kd,)}, "norm": {"scale": (d,), "bias": (d,)}}
+  else:
+    projector = _FULL_PROJECTOR
+    shapes = {"proj_0": {"kernel": (e, e), "bias": (e,)},
+              "proj_2": {"kernel": (e, d), "bias": (d,)}, "proj_3": {"scale": (d,), "bias": (d,)}}
+  out = {path: (key, t, shapes[path[1]][path[2]]) for path, (key, t) in projector.items()}
   for k, (attn2, channels) in enumerate(cross_attention_layers(cfg)):
     for ours, theirs in (("to_k_user", "to_k_ip"), ("to_v_user", "to_v_ip")):
       out[attn2 + (ours, "kernel")] = (f"ip_adapter.{2 * k + 1}.{theirs}.weight", True,
@@ -112,11 +151,21 @@ def ip_adapter_state_dict(user_params: Mapping[str, Any],
                           unet_config: unet_lib.UNetConfig) -> dict[str, np.ndarray]:
   """User branch (`split_params(params)[1]`) -> IP-Adapter state dict, float32, PyTorch layouts.
 
-  Keys: image_proj.proj.{0,2,3}.{weight,bias} and ip_adapter.<2k+1>.to_{k,v}_ip.weight (numbering
+  Keys: image_proj.proj.{weight,bias} + image_proj.norm.{weight,bias} (one-token embeddings) or
+  image_proj.proj.{0,2,3}.{weight,bias} (Full), and ip_adapter.<2k+1>.to_{k,v}_ip.weight (numbering
   in the module docstring). A user-branch leaf that is missing, not expected by `unet_config`, or
   of the wrong shape is a WeightsError naming it: a silently misnumbered layer would load into
-  diffusers without complaint and give wrong images.
+  diffusers without complaint and give wrong images. So is a token count K diffusers cannot load.
   """
+  k = unet_config.user_tokens_per_embedding
+  if single_token_projector(unet_config) and k != DIFFUSERS_IMAGE_PROJ_TOKENS:
+    raise WeightsError(
+        f"ip_adapter_state_dict: model.user_tokens_per_embedding={k}, but diffusers' IP-Adapter "
+        f"loader builds ImageProjection with num_image_text_embeds={DIFFUSERS_IMAGE_PROJ_TOKENS} "
+        f"for any image_proj.proj.weight (and takes cross_attention_dim as its rows // "
+        f"{DIFFUSERS_IMAGE_PROJ_TOKENS}), so a file with {k} tokens fails to load there (size "
+        f"mismatch); only runs with model.user_tokens_per_embedding="
+        f"{DIFFUSERS_IMAGE_PROJ_TOKENS} can be exported")
   flat = traverse_util.flatten_dict(flax.core.unfreeze(user_params))
   expected = _expected(unet_config)
   missing = [p for p in expected if p not in flat]
@@ -143,13 +192,23 @@ def ip_adapter_state_dict(user_params: Mapping[str, Any],
 
 
 def usage_snippet(folder: str, weight_name: str, user_scale: float = 1.0,
-                  pipeline: str = "StableDiffusionPipeline") -> str:
+                  pipeline: str = "StableDiffusionPipeline", single_token: bool = False) -> str:
   """The diffusers code that generates for one user with the exported file (README, CLI, JSON).
 
   CFG: the pipeline splits each ip_adapter_image_embeds tensor into [negative; positive] halves
   along the batch. PPD's sampler has the user branch off in the unconditional half; the per-row
   ip_adapter_masks [0; 1] reproduce that exactly (no negative embedding can; module docstring).
+  single_token: the file holds ImageProjection (embeds [2p, 1, dim]), else the Full projection
+  (embeds [2p, 1, tokens, dim]).
   """
+  if single_token:
+    shape = ("# user_embedding: [1, dim]; ImageProjection makes its tokens\n"
+             "user = torch.as_tensor(user_embedding, dtype=pipe.dtype).reshape(1, 1, -1)\n"
+             "embeds = user.expand(2 * p, -1, -1)  # [negative; positive], negative masked\n")
+  else:
+    shape = ("# user_embedding: [tokens, dim]\n"
+             "user = torch.as_tensor(user_embedding, dtype=pipe.dtype)[None, None]\n"
+             "embeds = user.expand(2 * p, -1, -1, -1)  # [negative; positive], negative masked\n")
   return (
       "import torch\n"
       f"from diffusers import {pipeline}\n"
@@ -157,11 +216,12 @@ def usage_snippet(folder: str, weight_name: str, user_scale: float = 1.0,
       f"pipe.load_ip_adapter({folder!r}, subfolder='', weight_name={weight_name!r},\n"
       "                      image_encoder_folder=None)\n"
       f"pipe.set_ip_adapter_scale({user_scale})  # ppd_jax's user_scale\n"
-      "# user_embedding: [tokens, dim]; n = number of prompts * num_images_per_prompt\n"
-      "user = torch.as_tensor(user_embedding, dtype=pipe.dtype)[None, None]\n"
-      "embeds = user.expand(2 * n, -1, -1, -1)  # [negative; positive], negative masked off\n"
+      "# p prompts; the pipeline repeats embeds per image, the mask covers all n UNet rows\n"
+      "p, per_prompt = len(prompts), 1\n"
+      "n = p * per_prompt\n"
+      + shape +
       "mask = torch.cat([torch.zeros(n), torch.ones(n)]).view(2 * n, 1, 1, 1)\n"
-      "images = pipe(prompts, ip_adapter_image_embeds=[embeds],\n"
+      "images = pipe(prompts, num_images_per_prompt=per_prompt, ip_adapter_image_embeds=[embeds],\n"
       "              cross_attention_kwargs={'ip_adapter_masks': [mask]}).images\n")
 
 
@@ -223,15 +283,25 @@ def export_metadata(unet_config: unet_lib.UNetConfig, *, step: int | None = None
   """The JSON's content: the embedding a caller must pass, where the run came from, the call."""
   sdxl = getattr(unet_config, "addition_embed_type", None) == "text_time"
   pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+  e, t = unet_config.user_embed_dim, unet_config.user_tokens
+  single = single_token_projector(unet_config)
+  if single:
+    layout = ("diffusers IP-Adapter, ImageProjection (image_proj.proj, image_proj.norm; "
+              f"{unet_config.user_tokens_per_embedding} tokens), to_k_ip/to_v_ip")
+    embeds = f"[embeds]: embeds [2p, 1, {e}], negative rows first (CFG)"
+  else:
+    layout = "diffusers IP-Adapter, Full projection (image_proj.proj.0/2/3, to_k_ip/to_v_ip)"
+    embeds = f"[embeds]: embeds [2p, 1, {t}, {e}], negative rows first (CFG)"
   return {
-      "layout": "diffusers IP-Adapter, Full projection (image_proj.proj.0/2/3, to_k_ip/to_v_ip)",
-      "user_embed_dim": unet_config.user_embed_dim,
-      "user_tokens": unet_config.user_tokens,
+      "layout": layout,
+      "user_embed_dim": e,
+      "user_tokens": t,
+      "user_tokens_per_embedding": unet_config.user_tokens_per_embedding if single else None,
       "cross_attention_dim": unet_config.cross_attention_dim,
-      "ip_adapter_image_embeds": (f"[embeds]: embeds [2n, 1, {unet_config.user_tokens}, "
-                                  f"{unet_config.user_embed_dim}], negative rows first (CFG)"),
+      "ip_adapter_image_embeds": embeds + "; p = len(prompts)",
       "step": step,
       "variant": variant,
       "base": base,
-      "usage": usage_snippet(folder, weight_name, pipeline=pipeline).splitlines(),
+      "usage": usage_snippet(folder, weight_name, pipeline=pipeline,
+                             single_token=single).splitlines(),
   }
