@@ -72,8 +72,8 @@ flags.DEFINE_enum("torch_bf16", "autocast", ["autocast", "weights"],
 flags.DEFINE_integer("steps", None, "timed calls per measurement (default 20 on GPU, 5 on CPU)")
 flags.DEFINE_integer("user_embed_dim", 3584, "user embedding width")
 flags.DEFINE_integer("user_tokens", 1, "user tokens per example")
-flags.DEFINE_enum("attention_impl", None, ["cudnn", "xla"],
-                  "ours: jax.nn.dot_product_attention implementation (default: JAX chooses)")
+flags.DEFINE_enum("attention_impl", None, ["auto", "xla", "chunked", "cudnn", "tpu_flash"],
+                  "ours: attention kernel, models/attention_kernels.py (default: auto)")
 flags.DEFINE_bool("tf32", True, "torch on GPU, float32: allow TF32 matmuls/convs as XLA does")
 flags.DEFINE_bool("skip_torch", False, "time ours only (no diffusers run, no output check)")
 flags.DEFINE_integer("seed", 0, "weights and inputs")

@@ -194,10 +194,6 @@ def _validate_training_safety(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "eval.val_pairs")
   _positive_int(c, "eval.val_batch_size", allow_zero=True)
   _positive_int(c, "eval.seed", allow_zero=True)
-  val_batch = c.eval.val_batch_size or c.batch_size // max(c.grad_accum_steps, 1)
-  _require(not c.eval_every or c.eval.val_pairs >= val_batch, "eval.val_pairs", c.eval.val_pairs,
-           f"must hold at least one validation batch ({val_batch} pairs: eval.val_batch_size, or "
-           "batch_size / grad_accum_steps when it is 0)")
 
 
 def _validate_pickapic(c: ml_collections.ConfigDict, stage: str) -> None:

@@ -75,8 +75,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   validator = None
   if config.eval_every:
-    validator = validation.Validator(config, model, schedule, mesh, state_sh, base_sh,
-                                     sources.build_held_out(config, source), metrics_lib.log)
+    held_out = sources.build_held_out(config, source)
+    if len(held_out):
+      validator = validation.Validator(config, model, schedule, mesh, state_sh, base_sh,
+                                       held_out, metrics_lib.log)
+    else:   # e.g. smoke data too small to give the validation split a user
+      metrics_lib.log("warning: no held-out pairs of validation users; validation is off")
 
   _write_run_info(workdir, config, mesh, base_params, state.user_params)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)

@@ -19,12 +19,12 @@ from ppd_jax import sharding as shd
 from ppd_jax import step as step_lib
 
 
-def _batch_size(config, devices: int) -> int:
-  size = config.eval.val_batch_size or config.batch_size // config.grad_accum_steps
-  if size % devices:
-    raise ValueError(f"config.eval.val_batch_size={size} must be divisible by the {devices} "
-                     "devices of the mesh")
-  return size
+def _batch_size(config, devices: int, available: int) -> int:
+  """eval.val_batch_size (0: the training micro-batch), at most the held-out pairs there are,
+  a multiple of the devices (each holds its rows)."""
+  size = min(config.eval.val_batch_size or config.batch_size // config.grad_accum_steps,
+             config.eval.val_pairs, available)
+  return size // devices * devices
 
 
 def aggregate(z: np.ndarray) -> dict:
@@ -42,11 +42,12 @@ class Validator:
                held_out, log=print):
     """held_out: a PairSource (data/pipeline.py) of validation users' pairs."""
     self.mesh = mesh
-    size = _batch_size(config, mesh.devices.size)
+    size = _batch_size(config, mesh.devices.size, len(held_out))
+    if size == 0:
+      from ppd_jax.config_validation import ConfigError
+      raise ConfigError(f"validation needs at least {mesh.devices.size} held-out pairs (one per "
+                       f"device), the source has {len(held_out)}; config.eval_every=0 turns validation off")
     n = min(config.eval.val_pairs, len(held_out)) // size * size
-    if n == 0:
-      raise ValueError(f"validation needs at least eval.val_batch_size={size} held-out pairs, "
-                       f"the source has {len(held_out)}; set config.eval_every=0 to turn it off")
     order = np.random.default_rng(config.eval.seed).permutation(len(held_out))[:n]
     local = size // jax.process_count()
     start = jax.process_index() * local

@@ -12,3 +12,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 # Base-model pools (data/base_pool.py) are cached per config: sampled once per checkout.
 os.environ.setdefault("PPD_JAX_CACHE", os.path.join(os.path.dirname(_CACHE), ".ppd_cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+  """PPD_TEST_ORDER=reverse runs the suite backwards: a check that no test needs another to
+  have run first (module fixtures stay grouped, so it costs no extra set-up)."""
+  del config
+  if os.environ.get("PPD_TEST_ORDER") == "reverse":
+    items.reverse()

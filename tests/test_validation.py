@@ -96,8 +96,17 @@ def test_trainer_writes_val_rows_every_eval_every_steps(tmp_path):
   assert len([r for r in rows if "loss" in r]) == 5
 
 
-def test_too_few_held_out_pairs_is_a_clear_error():
-  c = _tiny(**{"eval.val_pairs": 4})
+def test_validation_uses_whole_batches_and_refuses_fewer_pairs_than_devices(world):
+  c, _, state, base, _, held_out = world
+  model = build_model(c.model)
+  mesh = shd.make_mesh(-1, 1)
+  tx, _ = step_lib.make_optimizer(c)
+  _, _, st_sh, base_sh = state_lib.create_train_state(model, tx, mesh, c.seed)
+  sched = schedules.schedule_from_config(c.diffusion)
+  twelve = _tiny(**{"eval.val_pairs": 12})
+  v = validation.Validator(twelve, model, sched, mesh, st_sh, base_sh, held_out, lambda _: None)
+  assert v(state, base)["val/pairs"] == 8           # whole batches of 8 (the micro-batch)
   from ppd_jax import config_validation
-  with pytest.raises(config_validation.ConfigError, match=r"config\.eval\.val_pairs=4"):
-    config_validation.validate(c)
+  four = _tiny(**{"eval.val_pairs": 4})              # fewer than the 8 devices
+  with pytest.raises(config_validation.ConfigError, match=r"config\.eval_every=0"):
+    validation.Validator(four, model, sched, mesh, st_sh, base_sh, held_out, lambda _: None)

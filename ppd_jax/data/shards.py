@@ -53,7 +53,7 @@ def commit(tmp: str, path: str) -> dict:
     os.fsync(f.fileno())
   info = {"file": os.path.basename(path), "bytes": os.path.getsize(tmp), "sha256": sha256(tmp)}
   os.replace(tmp, path)
-  _fsync_dir(os.path.dirname(path))
+  _fsync_dir(os.path.dirname(os.path.abspath(path)))   # "" for a bare file name
   return info
 
 

@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# One run on a lent GPU machine (one H100 / H200) that prints the figures the README quotes:
+#   torch   the SD 1.5 PPD train step the PyTorch way (benchmarks/torch_train_step.py)
+#   jax     ours (benchmarks/jax_gpu_check.py): attention kernels chosen, the SD 1.5 train step,
+#           50-step CFG sampling, the SDXL train step at the largest batch that fits
+# and the ratio ours / PyTorch for the SD 1.5 step. Whole run: under 8 minutes (GPU_CHECK_BUDGET_S,
+# default 470 s); each piece runs under `timeout` in its own process, and one that fails or runs
+# out of time is recorded as such while the others still run.
+#
+#   bash benchmarks/gpu_check.sh            # the GPU run (needs nvidia-smi)
+#   bash benchmarks/gpu_check.sh --tiny     # tiny models on the CPU: tests this script anywhere
+#   bash benchmarks/gpu_check.sh --dry      # full-size configs traced and lowered on the CPU
+#   GPU_CHECK_MODE=tiny bash benchmarks/gpu_check.sh      # the same as --tiny
+#
+# With the device tool (the wheels of benchmarks/fetch_wheels.sh travel as the carried .whl/):
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#
+# Output: $OUT/gpu_check.json if OUT is set, else gpu_check.json in the repo root, printed at
+# the end; beside it setup.log, processes.txt and one log per process (7 files, within what the
+# device tool brings back); without OUT the logs go to a /tmp folder named on the last line.
+#
+# Environment it sets, and why:
+#   PYTHONPATH                     the repo (ppd_jax, configs) and, if the image lacks diffusers
+#                                  or ml_collections, the carried wheels installed offline
+#   XLA_PYTHON_CLIENT_MEM_FRACTION 0.92: JAX may take most of the GPU (its pieces run alone); the
+#                                  SDXL batch search plans against that bytes_limit
+#   JAX_COMPILATION_CACHE_DIR      /tmp: the SD 1.5 init compiled for the train step is reused by
+#                                  the sampler, and a rerun on the same warm machine hits it
+#   TF32                           torch_train_step.py allows TF32 matmuls / convolutions, which
+#                                  XLA's default precision already uses for float32 on the GPU
+#                                  (both sides compute the UNet in bf16; f32 is the small rest)
+#   XLA_FLAGS                      left as XLA's defaults (a caller's value is kept)
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+REPO=$PWD
+
+MODE=${GPU_CHECK_MODE:-full}
+[[ ${GPU_CHECK_TINY:-0} == 1 ]] && MODE=tiny
+for arg in "$@"; do
+  case $arg in
+    --tiny) MODE=tiny ;;
+    --dry) MODE=dry ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown option $arg (--tiny, --dry)" >&2; exit 2 ;;
+  esac
+done
+case $MODE in
+  full|tiny|dry) ;;
+  *) echo "gpu_check.sh: GPU_CHECK_MODE must be full, tiny or dry, not $MODE" >&2; exit 2 ;;
+esac
+
+if [[ $MODE == full ]] && ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "gpu_check.sh: no GPU (nvidia-smi -L failed); use --tiny or --dry here" >&2
+  exit 2
+fi
+
+T0=$(date +%s)
+if [[ -n ${OUT:-} ]]; then
+  LOGS=$OUT
+  SUMMARY=$OUT/gpu_check.json
+else
+  LOGS=$(mktemp -d /tmp/gpu_check.XXXXXX)
+  SUMMARY=$REPO/gpu_check.json
+fi
+mkdir -p "$LOGS"
+: >"$LOGS/processes.txt"
+
+PY=${GPU_CHECK_PYTHON:-}
+if [[ -z $PY ]]; then
+  if [[ -x $REPO/.venv/bin/python ]]; then PY=$REPO/.venv/bin/python; else PY=python3; fi
+fi
+
+# Set-up ---------------------------------------------------------------------------------------
+{
+  echo "mode: $MODE"
+  echo "python: $PY ($("$PY" -V 2>&1))"
+  echo "host: $(uname -srm), $(nproc) cores"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+    --format=csv 2>/dev/null || echo "nvidia-smi: none"
+} >"$LOGS/setup.log" 2>&1
+
+SITE=/tmp/ppd_gpu_check_site
+if ! "$PY" -c "import diffusers, ml_collections" >/dev/null 2>&1; then
+  # Wheels for this Python only: pip rejects the whole install if one file does not fit.
+  tag=$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+  wheels=()
+  for whl in "$REPO"/.whl/*.whl; do
+    [[ -e $whl ]] || continue
+    case ${whl##*/} in
+      *-py3-none-any.whl|*-py2.py3-none-any.whl|*-"$tag"-*) wheels+=("$whl") ;;
+    esac
+  done
+  echo "installing ${#wheels[@]} carried wheels into $SITE" >>"$LOGS/setup.log"
+  if ((${#wheels[@]})); then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "${wheels[@]}" >>"$LOGS/setup.log" 2>&1 ||
+      echo "pip install of the wheels failed" >>"$LOGS/setup.log"
+  else
+    echo "no .whl/ wheels here (benchmarks/fetch_wheels.sh; carry .whl)" >>"$LOGS/setup.log"
+  fi
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/ppd_gpu_check_jax_cache}
+"$PY" - >>"$LOGS/setup.log" 2>&1 <<'EOF'
+import importlib
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "torch", "diffusers",
+             "transformers", "ml_collections", "grain", "numpy"):
+  try:
+    print(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+  except Exception as err:  # pylint: disable=broad-except
+    print(f"{name} MISSING ({type(err).__name__}: {err})")
+EOF
+
+# Pieces ---------------------------------------------------------------------------------------
+case $MODE in
+  full) BUDGET=${GPU_CHECK_BUDGET_S:-470}; CAP_TORCH=90; CAP_SD15=150; CAP_SAMPLE=90 ;;
+  tiny) BUDGET=${GPU_CHECK_BUDGET_S:-900}; CAP_TORCH=120; CAP_SD15=300; CAP_SAMPLE=200 ;;
+  dry) BUDGET=${GPU_CHECK_BUDGET_S:-600}; CAP_TORCH=90; CAP_SD15=300; CAP_SAMPLE=200 ;;
+esac
+FLAGS=()
+[[ $MODE == tiny ]] && FLAGS=(--tiny)
+[[ $MODE == dry ]] && FLAGS=(--dry)
+
+# run_piece NAME CAP_S PIECES COMMAND...: runs COMMAND --budget_s S under timeout, where S is the
+# smaller of CAP_S and what is left of the whole budget; PIECES names the JSON lines it owes.
+run_piece() {
+  local name=$1 cap=$2 pieces=$3
+  shift 3
+  local left=$((BUDGET - ($(date +%s) - T0)))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 20)); then
+    echo "$name skipped 0 $limit $pieces" >>"$LOGS/processes.txt"
+    echo "== $name: skipped (budget spent)"
+    return
+  fi
+  echo "== $name (up to ${limit}s)"
+  local start
+  start=$(date +%s)
+  timeout -k 10 "$limit" "$@" --budget_s $((limit - 5)) >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "$name $rc $(($(date +%s) - start)) $limit $pieces" >>"$LOGS/processes.txt"
+  grep '^{"piece"' "$LOGS/$name.log" | cut -c1-400
+  if ((rc != 0)); then
+    echo "   exit $rc; last lines of $name.log:"
+    tail -n 5 "$LOGS/$name.log" | cut -c1-300 | sed 's/^/   | /'
+  fi
+}
+
+JAX=("$PY" "$REPO/benchmarks/jax_gpu_check.py" "${FLAGS[@]}")
+run_piece torch "$CAP_TORCH" torch_sd15_train "$PY" "$REPO/benchmarks/torch_train_step.py" \
+  "${FLAGS[@]}"
+run_piece jax_sd15 "$CAP_SD15" attention,sd15_train "${JAX[@]}" --pieces=attention,sd15_train
+run_piece jax_sample "$CAP_SAMPLE" sample "${JAX[@]}" --pieces=sample
+run_piece jax_sdxl 100000 sdxl_train "${JAX[@]}" --pieces=sdxl_train
+
+# Summary --------------------------------------------------------------------------------------
+"$PY" - "$LOGS" "$SUMMARY" "$MODE" "$(($(date +%s) - T0))" <<'EOF'
+"""Merges the pieces' JSON lines into one summary, with the headline figures for the README."""
+import json
+import pathlib
+import sys
+
+logs, summary_path, mode, total = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+pieces, processes = {}, {}
+for row in (logs / "processes.txt").read_text().splitlines():
+  name, rc, wall, limit, owed = row.split()
+  processes[name] = {"rc": rc, "wall_s": int(wall), "limit_s": int(limit)}
+  log = logs / f"{name}.log"
+  lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+  for line in lines:
+    if line.startswith('{"piece"'):
+      try:
+        result = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      pieces[result["piece"]] = result      # the last line of a piece wins (partial ones first)
+  for piece in owed.split(","):
+    got = pieces.get(piece)
+    if got is not None and "partial" not in got:
+      continue
+    why = {"skipped": "skipped: the budget was spent", "124": f"timed out after {limit}s",
+           "137": f"killed after {limit}s (timeout or memory)"}.get(
+               rc, f"exited {rc} without a result")
+    pieces[piece] = {**(got or {"piece": piece}), "error": why,
+                     "log_tail": "\n".join(lines[-15:])[-2000:]}
+
+def get(piece, key):
+  return pieces.get(piece, {}).get(key)
+
+head = {"mode": mode, "total_wall_s": int(total),
+        "device": get("sd15_train", "device_kind") or get("torch_sd15_train", "device")}
+ours, theirs = get("sd15_train", "pairs_per_s"), get("torch_sd15_train", "pairs_per_s")
+head["sd15_train_pairs_per_s"] = {"ours": ours, "pytorch": theirs}
+if ours and theirs:
+  head["sd15_train_ratio_ours_over_pytorch"] = ours / theirs
+head["sd15_train_mfu"] = {"ours": get("sd15_train", "mfu")}
+flops, peak = get("sd15_train", "flops_per_step"), get("sd15_train", "peak_tflops")
+if theirs and flops and peak:   # the same model FLOPs per step, at PyTorch's step rate
+  head["sd15_train_mfu"]["pytorch_same_flops"] = flops * theirs / get("sd15_train", "pairs") / (
+      peak * 1e12)
+head["sd15_train_peak_memory_gib"] = {"ours": get("sd15_train", "peak_memory_gib"),
+                                      "pytorch": get("torch_sd15_train", "peak_memory_gib")}
+head["sdxl_train"] = {k: get("sdxl_train", k) for k in ("batch", "pairs_per_s", "mfu",
+                                                          "peak_memory_gib")}
+head["sample_50_step_cfg"] = {k: get("sample", k) for k in ("images", "images_per_s", "mfu")}
+head["sample_50_step_cfg"]["vae_decode"] = "not included"
+head["attention_impls"] = {v: (get("attention", v) or {}).get("implementations")
+                           for v in ("sd15", "sdxl")}
+head["errors"] = {k: v["error"] for k, v in pieces.items() if "error" in v}
+
+summary = {"headline": head, "processes": processes, "pieces": pieces}
+pathlib.Path(summary_path).write_text(json.dumps(summary, indent=1) + "\n")
+
+def brief(value):
+  """The summary as printed: no tracebacks, log tails or per-layer attention lists."""
+  if isinstance(value, dict):
+    return {k: brief(v) for k, v in value.items() if k not in ("traceback", "log_tail", "layers")}
+  return value
+
+print("pieces:", json.dumps(brief(pieces))[:6000])
+print("headline:", json.dumps(head, indent=1))
+print(f"summary: {summary_path}; logs: {logs}")
+EOF
