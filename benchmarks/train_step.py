@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
+from ppd_jax import throughput
 from ppd_jax.data import sources
 from ppd_jax.diffusion import schedules
 from ppd_jax.models import build_model
@@ -53,9 +54,9 @@ def main(_):
     holder["state"], metrics = step(holder["state"], base, batch, key)
     return metrics
 
-  x = jnp.concatenate([batch["preferred"], batch["dispreferred"]])
+  x = step_lib.interleave_pairs(batch["preferred"], batch["dispreferred"])
   t = jnp.full((x.shape[0],), 500, jnp.int32)
-  text = jnp.concatenate([batch["text_embedding"]] * 2)
+  text = jnp.repeat(batch["text_embedding"], 2, axis=0)
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x, t, text, None))
 
   repeats = 10
@@ -67,6 +68,11 @@ def main(_):
   print(f"train step      {t_step * 1e3:8.1f} ms   {c.batch_size / t_step:8.1f} pairs/s")
   print(f"base forward 2B {t_fwd * 1e3:8.1f} ms   (reference, same run)")
   print(f"ratio step / forward: {t_step / t_fwd:.2f} (ideal about 3-4)")
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  speed = throughput.Throughput(throughput.step_flops(c, shapes), jax.device_count(),
+                                jax.devices()[0].device_kind)(1.0 / t_step)
+  mfu = f", MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else " (no peak known: no MFU)"
+  print(f"{speed['tflops_per_device']:.4g} TFLOP/s per device{mfu}")
 
 
 if __name__ == "__main__":

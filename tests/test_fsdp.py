@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_runs
 
-from configs import ppd
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
@@ -26,24 +26,11 @@ _SHAPE = re.compile(r"(?:f32|bf16|f16|s32|u32|pred|s64|u8)\[([0-9,]*)\]")
 
 
 def _config(data=1, fsdp=1, dtype="float32"):
-  c = ppd.get_config("tiny")
-  c.dpo.beta = 2000.0
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 0
-  c.mesh.data, c.mesh.fsdp = data, fsdp
-  c.model.dtype = dtype
-  return c
+  return tiny_runs.tiny_config(**{"dpo.beta": 2000.0, "optim.lr": 1e-3, "optim.warmup_steps": 0,
+                                  "mesh.data": data, "mesh.fsdp": fsdp, "model.dtype": dtype})
 
 
-def _batch(c, seed):
-  rng = np.random.default_rng(seed)
-  s, b = c.model.sample_size, c.batch_size
-  img = lambda: rng.uniform(-1, 1, size=(b, s, s, c.model.in_channels)).astype(np.float32)
-  return {"preferred": img(), "dispreferred": img(),
-          "text_embedding": rng.normal(size=(b, c.data.text_length, c.model.cross_attention_dim))
-          .astype(np.float32),
-          "user_embedding": rng.normal(size=(b, c.model.user_tokens, c.model.user_embed_dim))
-          .astype(np.float32)}
+_batch = tiny_runs.random_batch
 
 
 def _train(c, devices, steps=3):

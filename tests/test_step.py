@@ -2,8 +2,8 @@
 import jax
 import numpy as np
 import pytest
+import tiny_runs
 
-from configs import ppd
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
@@ -12,28 +12,11 @@ from ppd_jax.models import build_model, init_params, split_params
 
 
 def _config(**overrides):
-  c = ppd.get_config("tiny")
-  c.dpo.beta = 2000.0
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 0
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return tiny_runs.tiny_config(**{"dpo.beta": 2000.0, "optim.lr": 1e-3, "optim.warmup_steps": 0,
+                                  **overrides})
 
 
-def _batch(c, seed=0):
-  rng = np.random.default_rng(seed)
-  s, b = c.model.sample_size, c.batch_size
-  img = lambda: rng.uniform(-1, 1, size=(b, s, s, c.model.in_channels)).astype(np.float32)
-  return {"preferred": img(), "dispreferred": img(),
-          "text_embedding": rng.normal(size=(b, c.data.text_length, c.model.cross_attention_dim))
-          .astype(np.float32),
-          "user_embedding": rng.normal(size=(b, c.model.user_tokens, c.model.user_embed_dim))
-          .astype(np.float32)}
+_batch = tiny_runs.random_batch
 
 
 def _run(c, mesh, steps=3):

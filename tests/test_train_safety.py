@@ -12,8 +12,8 @@ import time
 import jax
 import numpy as np
 import pytest
+import tiny_runs
 
-from configs import ppd
 from ppd_jax import checkpoint as ckpt_lib
 from ppd_jax import trainer
 from ppd_jax.data import sources
@@ -22,17 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny(total_steps, **overrides):
-  c = ppd.get_config("tiny")
-  c.total_steps = total_steps
-  c.log_every = 1
-  c.checkpoint_every = 2
-  for k, v in overrides.items():
-    node, *rest = k.split(".")
-    if rest:
-      c[node][rest[0]] = v
-    else:
-      c[node] = v
-  return c
+  return tiny_runs.tiny_config(total_steps=total_steps, log_every=1, checkpoint_every=2,
+                               **overrides)
 
 
 def _rows(workdir):

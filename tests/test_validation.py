@@ -6,8 +6,8 @@ import os
 import jax
 import numpy as np
 import pytest
+import tiny_runs
 
-from configs import ppd
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
@@ -19,16 +19,7 @@ from ppd_jax.models import build_model
 
 
 def _tiny(**overrides):
-  c = ppd.get_config("tiny")
-  c.eval_every = 2
-  c.eval.val_pairs = 16
-  for k, v in overrides.items():
-    node, *rest = k.split(".")
-    if rest:
-      c[node][rest[0]] = v
-    else:
-      c[node] = v
-  return c
+  return tiny_runs.tiny_config(**{"eval_every": 2, "eval.val_pairs": 16, **overrides})
 
 
 def test_aggregate_is_the_loss_and_tie_aware_accuracy_in_numpy():
