@@ -90,7 +90,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch_keys = step_lib.batch_keys(config.model)
   finite = jax.jit(lambda s: step_lib.all_finite((s.user_params, s.opt_state)))
   recent = collections.deque(maxlen=config.optim.max_nonfinite_steps)
-  compiled, progress, pending = None, None, None
+  compiled, progress, pending = None, None, []
+
+  def check_pending() -> None:
+    while pending:
+      check(*pending.pop(0))
 
   def save(done: int, force: bool = False) -> None:
     t0 = time.perf_counter()
@@ -132,12 +136,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                         _throughput(config, batch, mesh))
       state, metrics = compiled(state, base_params, batch, step_key)
       done = step + 1
-      if pending is not None:
-        check(*pending)
-      pending = (done, metrics, ids)
+      check_pending()           # the previous step's, now that this one is queued
+      pending.append((done, metrics, ids))
       if done % config.log_every == 0 or done == config.total_steps:
-        check(*pending)
-        pending = None
+        check_pending()
         metrics = jax.device_get(metrics)
         speed = progress.update(done)
         writer.write(done, {**metrics, **speed})
@@ -151,16 +153,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         f"{val['val/implicit_accuracy']:.3f} on {int(val['val/pairs'])} pairs")
       stopping = stop.requested(done)
       if done % config.checkpoint_every == 0 or done == config.total_steps or stopping:
-        if pending is not None:
-          check(*pending)
-          pending = None
+        check_pending()
         save(done, force=stopping)
       if stopping:
         metrics_lib.log(f"stopping at step {done} ({stop.received or 'preemption'}): "
                         "checkpoint saved; run the same command to resume")
         break
-    if pending is not None:
-      check(*pending)
+    check_pending()
 
   checkpointer.wait()
   checkpointer.close()

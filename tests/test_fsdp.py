@@ -36,11 +36,7 @@ _batch = tiny_runs.random_batch
 def _train(c, devices, steps=3):
   """(compiled step's HLO text, user params after `steps`, per-step metrics, base params)."""
   mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices)
-  model = build_model(c.model)
-  tx, lr = step_lib.make_optimizer(c)
-  state, base, st_sh, base_sh = state_lib.create_train_state(model, tx, mesh, c.seed)
-  fn = step_lib.make_train_step(model, schedules.schedule_from_config(c.diffusion), c, tx, lr,
-                                mesh, st_sh, base_sh)
+  state, base, fn = tiny_runs.train_step_for(c, mesh)
   key = jax.random.key(7)
   first = shd.global_batch(_batch(c, 0), mesh)
   compiled = fn.lower(state, base, first, key).compile()

@@ -16,6 +16,7 @@ from ppd_jax.data import pickapic
 from ppd_jax.data import precompute
 from ppd_jax.data import records
 from ppd_jax.data import shards
+from ppd_jax.data import text_units
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -341,10 +342,10 @@ def test_a_text_unit_records_nonfinite_rows_of_any_key(tmp_path):
               "time_ids": np.full((n, 6), np.nan)}      # per image, not stored with the text
 
   captions = ["a", "inf", "b", "big", "c"]
-  done = precompute.encode_text_chunk(str(tmp_path), 2, captions, Encoder(), np.float32, batch=2,
+  done = text_units.encode_text_chunk(str(tmp_path), 2, captions, Encoder(), np.float32, batch=2,
                                       first_id=10)
   assert done["nonfinite"] == [11] and [f["key"] for f in done["files"]] == [
       "text_embedding", "pooled_text_embedding"]
-  done = precompute.encode_text_chunk(str(tmp_path), 2, captions, Encoder(), np.float16,
+  done = text_units.encode_text_chunk(str(tmp_path), 2, captions, Encoder(), np.float16,
                                       first_id=10)
   assert done["nonfinite"] == [11, 13]

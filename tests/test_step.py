@@ -5,7 +5,6 @@ import pytest
 import tiny_runs
 
 from ppd_jax import sharding as shd
-from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
 from ppd_jax.diffusion import schedules
 from ppd_jax.models import build_model, init_params, split_params
@@ -21,12 +20,8 @@ _batch = tiny_runs.random_batch
 
 def _run(c, mesh, steps=3):
   """Returns (base before, base after, user params, per-step metrics) after `steps` steps."""
-  model = build_model(c.model)
-  tx, lr = step_lib.make_optimizer(c)
-  state, base, st_sh, base_sh = state_lib.create_train_state(model, tx, mesh, c.seed)
+  state, base, fn = tiny_runs.train_step_for(c, mesh)
   base_before = jax.device_get(base)
-  fn = step_lib.make_train_step(model, schedules.schedule_from_config(c.diffusion), c, tx, lr,
-                                mesh, st_sh, base_sh)
   key = jax.random.key(7)
   history = []
   for i in range(steps):
@@ -119,11 +114,7 @@ def test_a_nonfinite_batch_changes_nothing_and_is_counted(field):
   batch trains normally."""
   c = _config()
   mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
-  model = build_model(c.model)
-  tx, lr = step_lib.make_optimizer(c)
-  state, base, st_sh, base_sh = state_lib.create_train_state(model, tx, mesh, c.seed)
-  fn = step_lib.make_train_step(model, schedules.schedule_from_config(c.diffusion), c, tx, lr,
-                                mesh, st_sh, base_sh)
+  state, base, fn = tiny_runs.train_step_for(c, mesh)
   key = jax.random.key(7)
   state, _ = fn(state, base, shd.global_batch(_batch(c, seed=0), mesh), key)   # a real update
   before = jax.device_get(state)

@@ -26,3 +26,17 @@ def random_batch(c, seed: int = 0) -> dict:
           .astype(np.float32),
           "user_embedding": rng.normal(size=(b, c.model.user_tokens, c.model.user_embed_dim))
           .astype(np.float32)}
+
+
+def train_step_for(c, mesh):
+  """(initial state, base params, jitted train step) of config c on mesh."""
+  from ppd_jax import state as state_lib
+  from ppd_jax import step as step_lib
+  from ppd_jax.diffusion import schedules
+  from ppd_jax.models import build_model
+  model = build_model(c.model)
+  tx, lr = step_lib.make_optimizer(c)
+  state, base, st_sh, base_sh = state_lib.create_train_state(model, tx, mesh, c.seed)
+  fn = step_lib.make_train_step(model, schedules.schedule_from_config(c.diffusion), c, tx, lr,
+                                mesh, st_sh, base_sh)
+  return state, base, fn

@@ -22,7 +22,6 @@ each pair's caption joined with its user's profile text (users/profile_caption.p
 plain captions, and each record's caption_id points at that joined text.
 """
 import concurrent.futures
-import json
 import os
 import sys
 import time
@@ -32,13 +31,12 @@ import numpy as np
 
 from ppd_jax import metrics
 from ppd_jax.data import images as images_lib
+from ppd_jax.data import manifest as manifest_lib
 from ppd_jax.data import pickapic
 from ppd_jax.data import profile_text
 from ppd_jax.data import records
 from ppd_jax.data import shards
-
-_SKIPPED_LISTED = 1000       # skipped pairs listed one by one in the manifest (all are counted)
-
+from ppd_jax.data import text_units
 
 class Progress:
   """Pairs/s and ETA over the pairs this process has left, logged at most every `every` s."""
@@ -157,41 +155,6 @@ def make_image_encoder(backbone, batch: int):
   return encode, per
 
 
-def nonfinite_rows(arrays) -> np.ndarray:
-  """Rows (along axis 0, common to the arrays) holding a NaN or inf in any of the arrays."""
-  bad = None
-  for a in arrays:
-    rows = ~np.isfinite(a.reshape(len(a), -1)).all(1)
-    bad = rows if bad is None else bad | rows
-  return np.flatnonzero(bad)
-
-
-def encode_text_chunk(output, k, captions, backbone, storage_dtype, batch: int = 64,
-                      first_id: int = 0) -> dict:
-  """Text conditioning of one caption chunk (text ids first_id, first_id + 1, ...) ->
-  text/{key}-{k}.npy files; their infos, and under "nonfinite" the text ids whose conditioning,
-  as stored, is not finite in some key: other units write the pairs using them, so finalize
-  leaves those out."""
-  os.makedirs(os.path.join(output, "text"), exist_ok=True)
-  parts = []
-  for i in range(0, len(captions), batch):
-    chunk = list(captions[i:i + batch])
-    n = len(chunk)
-    text = backbone.encode_captions(chunk + [""] * (batch - n))   # one compiled shape
-    text.pop("time_ids", None)           # SDXL's size conditioning is per image, in the record
-    parts.append({key: np.asarray(v[:n]) for key, v in text.items()})
-  files, stored = [], []
-  for key in parts[0]:
-    with np.errstate(over="ignore"):          # an overflow to inf is caught just below
-      array = np.concatenate([p[key] for p in parts]).astype(storage_dtype)
-    path = os.path.join(output, "text", f"{key}-{k:05d}.npy")
-    files.append({**shards.save_npy(path, array), "dir": "text", "key": key,
-                  "shape": list(array.shape)})
-    stored.append(array)
-  return {"files": files, "count": len(captions),
-          "nonfinite": (first_id + nonfinite_rows(stored)).tolist()}
-
-
 def _decode_pairs(executor, jpg0, jpg1, size):
   """Decodes both images of each pair in threads; per pair (imgs, sizes, crops) or an error."""
   def one(pair):
@@ -235,7 +198,7 @@ def encode_file(output, unit, index, u, encode, per, backbone, storage_dtype, ex
   def write(batch, latents):
     with np.errstate(over="ignore"):        # as stored: a cast can overflow, caught below
       latents = np.asarray(jax.device_get(latents))[:2 * len(batch)].astype(storage_dtype)
-    bad = set(nonfinite_rows([latents]).tolist())
+    bad = set(text_units.nonfinite_rows([latents]).tolist())
     for j, (pos, s, sizes, crops) in enumerate(batch):
       columns = [c for c, i in zip(pickapic.IMAGE_COLUMNS, (2 * j, 2 * j + 1)) if i in bad]
       if columns:
@@ -349,7 +312,7 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
         log(f"precompute: {name}: removed {removed} half-written file(s) of an interrupted run")
       if name.startswith("text-"):
         captions = texts[k * d.text_chunk:(k + 1) * d.text_chunk]
-        done = encode_text_chunk(output, k, captions, backbone, storage,
+        done = text_units.encode_text_chunk(output, k, captions, backbone, storage,
                                  first_id=k * d.text_chunk)
         if done["nonfinite"]:
           log(f"precompute: {name}: non-finite text conditioning for text ids "
@@ -369,70 +332,7 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
     if p != 0:
       return None
   # Otherwise whichever process finishes the last unit writes it.
-  return finalize(output, index, text_ids, units, settings, config, log)
-
-
-def _text_skips(index, text_ids, pairs: list[int]) -> list[dict]:
-  """Skipped-list entries of written pairs whose text conditioning is non-finite: their records
-  stay in the shards (records-{split}.npz indexes them by position), the loader leaves them out."""
-  return [{"pair": p, "file": index.files[index.pairs["file_id"][p]]["name"],
-           "row": int(index.pairs["row"][p]),
-           "reason": f"non-finite text (text id {int(text_ids[p])})"} for p in pairs]
-
-
-def finalize(output, index, text_ids, units, settings, config, log) -> dict | None:
-  """Per-split record tables and the manifest, once every unit is done (text_ids: as in
-  encode_file)."""
-  dones = {name: shards.unit_done(output, name, verify=False) for name, _ in units}
-  missing = [name for name, done in dones.items() if done is None]
-  if missing:
-    log(f"precompute: {len(missing)} units are not done yet ({missing[:5]}...); the manifest is "
-        "written by the run that finishes the last one")
-    return None
-  text_units = [dones[n] for n, _ in units if n.startswith("text-")]
-  file_units = [dones[n] for n, _ in units if n.startswith("file-")]
-  # Done-files from before the check have no "nonfinite": nothing known to be bad there.
-  bad_text = sorted(i for unit in text_units for i in unit.get("nonfinite", []))
-  shard_list, counts, skipped, bad_pairs = [], {}, [], []
-  for name in pickapic.SPLIT_NAMES:
-    ids = [i for unit in file_units for i in unit["pair_ids"].get(name, [])]
-    ids = np.asarray(ids, np.int64)
-    table = {"pair": ids, "user_id": index.pairs["user_id"][ids],
-             "caption_id": text_ids[ids]}
-    shards.commit_npz(os.path.join(output, f"records-{name}.npz"), table)
-    shard_list += [f for unit in file_units for f in unit["files"] if f["split"] == name]
-    bad = np.isin(table["caption_id"], bad_text)
-    counts[f"pairs_{name}"] = int((~bad).sum())        # the pairs training can use
-    bad_pairs += ids[bad].tolist()
-  for unit in file_units:
-    skipped += unit["skipped"]
-  skipped += _text_skips(index, text_ids, sorted(bad_pairs))
-  counts["pairs_skipped"] = len(skipped)
-  counts["texts_nonfinite"] = len(bad_text)
-  reasons = {}
-  for s in skipped:
-    kind = s["reason"].split(" (")[0]
-    reasons[kind] = reasons.get(kind, 0) + 1
-  first = text_units[0]["files"]
-  manifest = {
-      **settings,
-      "config": json.loads(config.to_json()),
-      "sources": index.files,
-      "index": index.report,
-      "counts": counts,
-      "skipped_reasons": reasons,
-      "skipped": skipped[:_SKIPPED_LISTED],
-      "text": {"chunk": settings["data"]["text_chunk"], "num_chunks": len(text_units),
-               "keys": [f["key"] for f in first],
-               "shapes": {f["key"]: f["shape"][1:] for f in first},
-               "files": [f for unit in text_units for f in unit["files"]],
-               "nonfinite": bad_text},
-      "shards": shard_list,
-  }
-  shards.write_json(os.path.join(output, shards.MANIFEST), manifest)
-  log("precompute: done. " + ", ".join(f"{k} {v}" for k, v in counts.items())
-      + f"; manifest {os.path.join(output, shards.MANIFEST)}")
-  return manifest
+  return manifest_lib.finalize(output, index, text_ids, units, settings, config, log)
 
 
 def main(argv):
