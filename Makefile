@@ -17,6 +17,9 @@ $(VENV)/.base: pyproject.toml
 $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	# open_clip's model code is the reference for the HPS conversion test; --no-deps because its
+	# torchvision dependency breaks transformers here (the test stubs the one name it imports).
+	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
 	touch $@
 
 demo: $(VENV)/.base

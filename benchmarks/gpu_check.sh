@@ -3,6 +3,8 @@
 #   torch   the SD 1.5 PPD train step the PyTorch way (benchmarks/torch_train_step.py)
 #   jax     ours (benchmarks/jax_gpu_check.py): attention kernels chosen, the SD 1.5 train step,
 #           50-step CFG sampling, the SDXL train step at the largest batch that fits
+#   rewards the ViT-H/14 CLIP reward (PickScore / HPS shape), ours against transformers' CLIPModel
+#           on the same random weights, bf16, batch 64 (benchmarks/rewards.py)
 # and the ratio ours / PyTorch for the SD 1.5 step. Whole run: under 8 minutes (GPU_CHECK_BUDGET_S,
 # default 470 s); each piece runs under `timeout` in its own process, and one that fails or runs
 # out of time is recorded as such while the others still run.
@@ -16,7 +18,7 @@
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
 # Output: $OUT/gpu_check.json if OUT is set, else gpu_check.json in the repo root, printed at
-# the end; beside it setup.log, processes.txt and one log per process (7 files, within what the
+# the end; beside it setup.log, processes.txt and one log per process (8 files, within what the
 # device tool brings back); without OUT the logs go to a /tmp folder named on the last line.
 #
 # Environment it sets, and why:
@@ -116,9 +118,12 @@ EOF
 
 # Pieces ---------------------------------------------------------------------------------------
 case $MODE in
-  full) BUDGET=${GPU_CHECK_BUDGET_S:-470}; CAP_TORCH=90; CAP_SD15=150; CAP_SAMPLE=90 ;;
-  tiny) BUDGET=${GPU_CHECK_BUDGET_S:-900}; CAP_TORCH=120; CAP_SD15=300; CAP_SAMPLE=200 ;;
-  dry) BUDGET=${GPU_CHECK_BUDGET_S:-600}; CAP_TORCH=90; CAP_SD15=300; CAP_SAMPLE=200 ;;
+  full) BUDGET=${GPU_CHECK_BUDGET_S:-470}; CAP_TORCH=90; CAP_SD15=150; CAP_SAMPLE=90
+        CAP_REWARDS=60 ;;
+  tiny) BUDGET=${GPU_CHECK_BUDGET_S:-900}; CAP_TORCH=120; CAP_SD15=300; CAP_SAMPLE=200
+        CAP_REWARDS=120 ;;
+  dry) BUDGET=${GPU_CHECK_BUDGET_S:-600}; CAP_TORCH=90; CAP_SD15=300; CAP_SAMPLE=200
+       CAP_REWARDS=120 ;;
 esac
 FLAGS=()
 [[ $MODE == tiny ]] && FLAGS=(--tiny)
@@ -154,6 +159,10 @@ run_piece torch "$CAP_TORCH" torch_sd15_train "$PY" "$REPO/benchmarks/torch_trai
   "${FLAGS[@]}"
 run_piece jax_sd15 "$CAP_SD15" attention,sd15_train "${JAX[@]}" --pieces=attention,sd15_train
 run_piece jax_sample "$CAP_SAMPLE" sample "${JAX[@]}" --pieces=sample
+# The reward benchmark has no meta-device mode: --dry runs it tiny, like --tiny.
+REWARD_FLAGS=(--batch=64 --dtype=bfloat16)
+[[ $MODE != full ]] && REWARD_FLAGS=(--tiny)
+run_piece rewards "$CAP_REWARDS" rewards "$PY" "$REPO/benchmarks/rewards.py" "${REWARD_FLAGS[@]}"
 run_piece jax_sdxl 100000 sdxl_train "${JAX[@]}" --pieces=sdxl_train
 
 # Summary --------------------------------------------------------------------------------------
@@ -207,6 +216,9 @@ head["sdxl_train"] = {k: get("sdxl_train", k) for k in ("batch", "pairs_per_s", 
                                                           "peak_memory_gib")}
 head["sample_50_step_cfg"] = {k: get("sample", k) for k in ("images", "images_per_s", "mfu")}
 head["sample_50_step_cfg"]["vae_decode"] = "not included"
+head["rewards_vit_h14"] = {k: get("rewards", k) for k in (
+    "batch", "dtype", "ours_images_per_s", "pytorch_images_per_s", "ratio_ours_over_pytorch",
+    "max_abs_cos_difference")}
 head["attention_impls"] = {v: (get("attention", v) or {}).get("implementations")
                            for v in ("sd15", "sdxl")}
 head["errors"] = {k: v["error"] for k, v in pieces.items() if "error" in v}

@@ -8,8 +8,11 @@
 (users/new_user.py). --profile_in_caption (default: the run's data.profile_in_caption) appends the
 user's profile text to each prompt: the caption-augmentation baseline.
 
-Writes DIR/<prompt>_<users>_s<seed>_<i>.png, one per prompt and image index.
+Writes DIR/<prompt>_<users>_s<seed>_<i>.png, one per prompt and image index, and lists them in
+DIR/prompts.jsonl ({"image", "prompt", "users", "seed"} per PNG, merged with earlier runs into the
+same folder), which `python -m ppd_jax.evals.score --images=DIR` reads.
 """
+import json
 import os
 import re
 import sys
@@ -84,6 +87,23 @@ def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "empty"
 
 
+def update_listing(out_dir: str, entries: list[dict]) -> None:
+  """Merges `entries` into out_dir/prompts.jsonl by image name (a rerun overwrites its PNGs, so
+  its lines replace theirs), written atomically."""
+  path = os.path.join(out_dir, "prompts.jsonl")
+  rows = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          row = json.loads(line)
+          rows[row["image"]] = row
+  rows.update({e["image"]: e for e in entries})
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows.values())
+  os.replace(path + ".tmp", path)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -111,7 +131,7 @@ def main(argv):
 
   os.makedirs(f.out, exist_ok=True)
   tag = "+".join(f"{uid}x{w:g}" for uid, w in mix)
-  written = []
+  written, listing = [], []
   for i in range(f.num_images):
     seed = f.seed + i
     batch = inference.generate(run, prompts, embedding, user_scale=f.user_scale, seed=seed,
@@ -121,6 +141,9 @@ def main(argv):
       path = os.path.join(f.out, f"{_slug(prompt)}_{tag}_s{seed}_{i}.png")
       images.save_png(image, path)
       written.append(path)
+      listing.append({"image": os.path.basename(path), "prompt": prompt, "users": tag,
+                      "seed": seed})
+  update_listing(f.out, listing)
   side = batch.shape[1] if len(written) else run.config.model.sample_size
   print(f"wrote {len(written)} image(s) of {side}px from step {run.step} "
         f"to {f.out}")

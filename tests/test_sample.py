@@ -64,12 +64,26 @@ def test_sample_cli_writes_images_of_the_configured_size(run, tmp_path):
          "--num_images=2", "--num_steps=3", "--guidance_scale=2"]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  files = sorted(os.listdir(out))
+  files = sorted(f for f in os.listdir(out) if f != "prompts.jsonl")
   assert len(files) == 4 and all(f.endswith(".png") for f in files)
   size = trained.config.model.sample_size
   for f in files:
     with Image.open(out / f) as im:
       assert im.size == (size, size) and im.mode == "RGB"
+  # The listing the scoring CLI reads: each PNG with its prompt.
+  from ppd_jax.evals import score_files
+  items = score_files.read_items(str(out))
+  assert sorted(it.key for it in items) == files
+  assert {it.prompt for it in items if "yellow" in it.key} == {"a yellow square"}
+
+
+def test_the_listing_merges_reruns(tmp_path):
+  sample.update_listing(str(tmp_path), [{"image": "a.png", "prompt": "x"},
+                                        {"image": "b.png", "prompt": "y"}])
+  sample.update_listing(str(tmp_path), [{"image": "b.png", "prompt": "z"}])
+  with open(tmp_path / "prompts.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert rows == [{"image": "a.png", "prompt": "x"}, {"image": "b.png", "prompt": "z"}]
 
 
 def test_sample_cli_names_an_unknown_user(run, tmp_path):
@@ -128,7 +142,7 @@ def test_sample_cli_generates_for_a_new_users_pairs(run, tmp_path):
          "--prompt=a red circle", f"--pairs={path}", "--num_steps=2"]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert os.listdir(out) == ["a-red-circle_new_userx1_s0_0.png"]
+  assert sorted(os.listdir(out)) == ["a-red-circle_new_userx1_s0_0.png", "prompts.jsonl"]
 
 
 def test_users_pairs_and_mixes_are_exclusive():

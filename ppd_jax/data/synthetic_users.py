@@ -159,7 +159,7 @@ class SyntheticPreferences:
     """The unseen users' pairs (never in a training record), for validation while training."""
     return HeldOutPairs(self)
 
-  def _check_user(self, user_id) -> None:
+  def check_user(self, user_id) -> None:
     n = len(self.user_weights)
     if not isinstance(user_id, (int, np.integer)) or not 0 <= user_id < n:
       raise KeyError(f"unknown user {user_id!r}: this synthetic data set has users 0..{n - 1} "
@@ -167,12 +167,12 @@ class SyntheticPreferences:
 
   def user_embedding(self, user_id: int) -> np.ndarray:
     """[user_tokens, user_embed_dim] float32, from the user's first `fewshot` pairs."""
-    self._check_user(user_id)
+    self.check_user(user_id)
     return np.array(self._user_embeddings[user_id])
 
   def user_reward(self, user_id: int, images: np.ndarray) -> np.ndarray:
     """[N] float32 hidden reward of images [N, S, S, 3] (evaluation and labelling only)."""
-    self._check_user(user_id)
+    self.check_user(user_id)
     return self.features(images) @ self.user_weights[user_id]
 
   def features(self, images: np.ndarray) -> np.ndarray:
@@ -181,7 +181,7 @@ class SyntheticPreferences:
 
   def user_pairs(self, user_id: int) -> dict:
     """All pairs of one user (training or unseen): images, captions and pool indices."""
-    self._check_user(user_id)
+    self.check_user(user_id)
     win, lose = self.winner_index[user_id], self.loser_index[user_id]
     return {"winners": self.pool_images[win], "losers": self.pool_images[lose],
             "captions": [self.captions[c] for c in self.pool_caption_ids[win]],

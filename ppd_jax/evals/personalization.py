@@ -26,6 +26,7 @@ import numpy as np
 from ppd_jax.data import synthetic
 from ppd_jax.diffusion import generation
 from ppd_jax.evals import plots
+from ppd_jax.evals.rewards import hidden
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RESULT_KEYS = ("unseen_user_win_rate", "train_user_win_rate", "dpo_baseline_win_rate",
@@ -67,10 +68,13 @@ class _Sampler:
     return images.reshape((u, k) + images.shape[1:])
 
 
-def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print) -> dict:
+def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print,
+             user_reward=None) -> dict:
   """Runs the protocol; writes out_dir/results.json, win_rates.png, samples.png; returns results.
 
   eval_config: a `config.eval` section; default: the one the PPD run was trained with.
+  user_reward: user id -> the Reward (evals/rewards/base.py) that plays that user; default: the
+    demo's hidden rewards (evals/rewards/hidden.py). Each item's image is scored under its prompt.
   """
   start = time.perf_counter()
   source = ppd_run.source
@@ -92,7 +96,8 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print) -
   baseline = _Sampler(baseline_run, caption_ids, noise, log)(
       baseline_run.source.user_embedding(0)[None])[0]
 
-  reward = source.user_reward
+  reward = _scorer(user_reward or (lambda u: hidden.HiddenPropertyReward(source, u)),
+                   [synthetic.captions_list()[c] for c in caption_ids])
   per_unseen = {u: win_rate(reward(u, ppd[u]), reward(u, base)) for u in unseen.tolist()}
   per_train = {u: win_rate(reward(u, ppd[u]), reward(u, base)) for u in train.tolist()}
   per_baseline = {u: win_rate(reward(u, baseline), reward(u, base)) for u in unseen.tolist()}
@@ -123,6 +128,17 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print) -
   plots.sample_grid(rows, [synthetic.captions_list()[c] for c in caption_ids],
                     os.path.join(out_dir, "samples.png"))
   return results
+
+
+def _scorer(user_reward, prompts):
+  """(user, images [items, ...]) -> [items] rewards, one Reward object per user."""
+  rewards = {}
+
+  def score(u, images):
+    if u not in rewards:
+      rewards[u] = user_reward(u)
+    return rewards[u].score(images, prompts)
+  return score
 
 
 def opposed_pairs(user_ids, weights: np.ndarray, pairs: int) -> list[tuple[int, int]]:

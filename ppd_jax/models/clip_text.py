@@ -7,9 +7,12 @@ first encoder) and CLIPTextModelWithProjection (SDXL's second encoder), in Flax.
     pooler_output = last_hidden_state[b, eos position of ids[b]]
     text_embeds = text_projection(pooler_output)                                (with projection)
 
-attn is causal multi-head self-attention with no padding mask: Stable Diffusion pads every prompt
-to 77 tokens and lets the padding attend (causally), so the padded positions are part of the
-conditioning and must be computed the same way.
+attn is causal multi-head self-attention. Stable Diffusion passes no padding mask: it pads every
+prompt to 77 tokens and lets the padding attend (causally), so the padded positions are part of
+the conditioning and must be computed the same way. A reward model may pass `attention_mask`
+([B, L], 1 = token, 0 = padding), which hides padded keys as transformers does; the EOS-pooled
+output never sees later positions (causal), so only padded rows of last_hidden_state change.
+The vision tower (clip_vision.py) reuses the encoder with causal=False.
 
 Param paths are transformers' state-dict keys under the naming rule of ppd_jax.weights.convert,
 always with the `text_model.` prefix (text_model/encoder/layers_0/self_attn/q_proj/kernel, ...),
@@ -47,12 +50,8 @@ class CLIPTextConfig:
   eos_token_id: int = 49407
 
   def __post_init__(self):
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"CLIPTextConfig.hidden_act: unsupported value {self.hidden_act!r} "
-                       f"(supported: {', '.join(ACTIVATIONS)})")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"CLIPTextConfig.hidden_size: {self.hidden_size} is not divisible by "
-                       f"num_attention_heads={self.num_attention_heads}")
+    check_architecture("CLIPTextConfig", self.hidden_act, self.hidden_size,
+                       self.num_attention_heads)
 
   @classmethod
   def from_transformers(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
@@ -60,12 +59,27 @@ class CLIPTextConfig:
     (architectures, dtype/torch_dtype, _name_or_path, transformers_version, dropout rates,
     initializer ranges, ...) are ignored; a config of another model type is refused rather than
     silently read with defaults (a full CLIPModel config keeps these fields under text_config)."""
-    model_type = config.get("model_type", "clip_text_model")
-    if model_type != "clip_text_model":
-      raise ValueError(f"CLIPTextConfig.model_type: unsupported value {model_type!r} "
-                       "(expected 'clip_text_model')")
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in names})
+    return config_from_dict(cls, config, "clip_text_model")
+
+
+def config_from_dict(cls, config: Mapping[str, Any], model_type: str):
+  """A config dataclass from a transformers config dict: its own fields only, and only for its
+  model type (a missing model_type is taken as that type)."""
+  found = config.get("model_type", model_type)
+  if found != model_type:
+    raise ValueError(f"{cls.__name__}.model_type: unsupported value {found!r} "
+                     f"(expected {model_type!r})")
+  names = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in config.items() if k in names})
+
+
+def check_architecture(cls_name: str, hidden_act: str, hidden_size: int, heads: int) -> None:
+  if hidden_act not in ACTIVATIONS:
+    raise ValueError(f"{cls_name}.hidden_act: unsupported value {hidden_act!r} "
+                     f"(supported: {', '.join(ACTIVATIONS)})")
+  if hidden_size % heads:
+    raise ValueError(f"{cls_name}.hidden_size: {hidden_size} is not divisible by "
+                     f"num_attention_heads={heads}")
 
 
 def rename_clip_key(key: str) -> str | None:
@@ -106,22 +120,26 @@ def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
 
 
 class CLIPAttention(nn.Module):
-  """Causal self-attention; q/k/v/out projections all with bias.
+  """Self-attention (causal for text, not for vision); q/k/v/out projections all with bias.
 
-      A = softmax(q k^T / sqrt(d) + causal mask) v        per head, d = hidden / heads
+      A = softmax(q k^T / sqrt(d) + causal mask + padding mask) v     per head, d = hidden / heads
   jax.nn.dot_product_attention keeps the logits and the softmax in float32 for bf16 inputs.
   """
   heads: int
   dtype: Dtype = jnp.float32
   implementation: str | None = None   # jax.nn.dot_product_attention's: None/"xla" or "cudnn"
+  causal: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    """key_mask: [B, L] bool, False for padding keys (None: every key is visible)."""
     c = x.shape[-1]
     split = lambda t: t.reshape(t.shape[:2] + (self.heads, c // self.heads))
     proj = lambda name: split(nn.Dense(c, dtype=self.dtype, name=name)(x))
+    mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
     out = jax.nn.dot_product_attention(proj("q_proj"), proj("k_proj"), proj("v_proj"),
-                                       is_causal=True, implementation=self.implementation)
+                                       mask=mask, is_causal=self.causal,
+                                       implementation=self.implementation)
     return nn.Dense(c, dtype=self.dtype, name="out_proj")(out.reshape(x.shape))
 
 
@@ -138,17 +156,20 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-  """Pre-LayerNorm block: x += attn(layer_norm1(x)); x += mlp(layer_norm2(x))."""
-  config: CLIPTextConfig
+  """Pre-LayerNorm block: x += attn(layer_norm1(x)); x += mlp(layer_norm2(x)).
+
+  config: a CLIPTextConfig or clip_vision.CLIPVisionConfig (the fields used are the same)."""
+  config: Any
   dtype: Dtype = jnp.float32
   implementation: str | None = None
+  causal: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     h = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm1")(x)
-    x = x + CLIPAttention(cfg.num_attention_heads, self.dtype, self.implementation,
-                          name="self_attn")(h)
+    x = x + CLIPAttention(cfg.num_attention_heads, self.dtype, self.implementation, self.causal,
+                          name="self_attn")(h, key_mask)
     h = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm2")(x)
     return x + CLIPMLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")(h)
 
@@ -173,15 +194,17 @@ class CLIPTextEmbeddings(nn.Module):
 
 class CLIPEncoder(nn.Module):
   """num_hidden_layers CLIPEncoderLayers; returns every layer's output."""
-  config: CLIPTextConfig
+  config: Any
   dtype: Dtype = jnp.float32
   implementation: str | None = None
+  causal: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
     outs = []
     for i in range(self.config.num_hidden_layers):
-      x = CLIPEncoderLayer(self.config, self.dtype, self.implementation, name=f"layers_{i}")(x)
+      x = CLIPEncoderLayer(self.config, self.dtype, self.implementation, self.causal,
+                           name=f"layers_{i}")(x, key_mask)
       outs.append(x)
     return tuple(outs)
 
@@ -208,10 +231,11 @@ class CLIPTextTransformer(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array) -> dict[str, Any]:
+  def __call__(self, input_ids: jax.Array,
+               attention_mask: jax.Array | None = None) -> dict[str, Any]:
     cfg = self.config
     x = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
-    layers = CLIPEncoder(cfg, self.dtype, self.implementation, name="encoder")(x)
+    layers = CLIPEncoder(cfg, self.dtype, self.implementation, name="encoder")(x, attention_mask)
     hidden_states = (x,) + layers
     last = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(hidden_states[-1])
     pooled = last[jnp.arange(last.shape[0]), eos_positions(input_ids, cfg.eos_token_id)]
@@ -221,7 +245,7 @@ class CLIPTextTransformer(nn.Module):
 class CLIPTextModel(nn.Module):
   """transformers' CLIPTextModel, or CLIPTextModelWithProjection when with_projection.
 
-  __call__(input_ids [B, L] int) -> dict:
+  __call__(input_ids [B, L] int, attention_mask [B, L] (1 token, 0 padding) or None) -> dict:
     last_hidden_state [B, L, C]   after final_layer_norm (SD 1.x conditioning)
     hidden_states     N + 1 arrays [B, L, C]: the embeddings, then each layer's output (no final
                       norm), as transformers' output_hidden_states=True gives them
@@ -236,9 +260,10 @@ class CLIPTextModel(nn.Module):
   implementation: str | None = None   # jax.nn.dot_product_attention's: None/"xla" or "cudnn"
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array) -> dict[str, Any]:
+  def __call__(self, input_ids: jax.Array,
+               attention_mask: jax.Array | None = None) -> dict[str, Any]:
     out = CLIPTextTransformer(self.config, self.dtype, self.implementation,
-                              name="text_model")(input_ids)
+                              name="text_model")(input_ids, attention_mask)
     if self.with_projection:
       out["text_embeds"] = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
                                     name="text_projection")(out["pooler_output"])

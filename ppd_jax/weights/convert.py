@@ -65,6 +65,8 @@ def to_flax(state_dict: Mapping[str, np.ndarray], target: Any, *, what: str = "w
   rename: maps a source key to its canonical PyTorch key (older layouts), or None to drop it
     (buffers such as position_ids).
   what: names the source in errors (a file or folder).
+  dtype: the leaves' dtype (a copy); None keeps each source dtype and copies nothing (the leaves
+    are views, transposed where the layout says so): the converters' check before writing.
   """
   by_path: dict[tuple[str, ...], tuple[str, np.ndarray]] = {}
   for key, value in state_dict.items():
@@ -85,7 +87,7 @@ def to_flax(state_dict: Mapping[str, np.ndarray], target: Any, *, what: str = "w
     if tuple(value.shape) != tuple(leaf_shape.shape):
       wrong.append(f"{key} {tuple(value.shape)} != {tuple(leaf_shape.shape)}")
       continue
-    out[path] = value.astype(dtype)
+    out[path] = value if dtype is None else value.astype(dtype)
   unexpected = sorted(by_path[p][0] for p in set(by_path) - used)
   problems = []
   if missing:

@@ -1,7 +1,9 @@
-"""Reading a diffusers-format model folder (or hub snapshot): JSON configs and safetensors as numpy.
+"""Reading a diffusers-format pipeline folder or a transformers-format model folder (or hub
+snapshot): JSON configs and safetensors as numpy.
 
-A folder holds model_index.json and one subfolder per component (unet/, vae/, text_encoder/,
-tokenizer/, scheduler/, ...). Weights are `<stem>.safetensors`, an fp16 variant
+A pipeline folder holds model_index.json and one subfolder per component (unet/, vae/,
+text_encoder/, tokenizer/, scheduler/, ...); a model folder (a CLIP reward model) holds config.json,
+its weights and tokenizer files at the root (component ""). Weights are `<stem>.safetensors`, an fp16 variant
 `<stem>.fp16.safetensors`, or shards listed in `<stem>.safetensors.index.json` (variant:
 `<stem>.safetensors.index.fp16.json` or `<stem>.fp16.safetensors.index.json`). They are read with
 safetensors' numpy API: no torch at run time.
@@ -16,6 +18,7 @@ WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
                 "text_encoder": "model", "text_encoder_2": "model"}
 # What a snapshot download fetches: configs, tokenizer files and safetensors (never .bin / .ckpt).
 _HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model"]
+_MODEL_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 
 
 class FolderError(ValueError):
@@ -23,27 +26,42 @@ class FolderError(ValueError):
 
 
 def resolve(name_or_path: str, variant: str = "") -> str:
-  """A local folder as is; else a hub id, downloaded (configs + safetensors) to the HF cache."""
+  """A local pipeline folder (model_index.json at its root) as is; else a hub id, downloaded
+  (configs + safetensors) to the HF cache."""
+  suffix = f".{variant}.safetensors" if variant else ".safetensors"
+  return _resolve(name_or_path, "model_index.json", "a diffusers-format pipeline folder",
+                  _HUB_PATTERNS + [f"*/*{suffix}", "*/*.index*.json"], "model.pretrained")
+
+
+def resolve_model(name_or_path: str, flag: str = "--model") -> str:
+  """A transformers model folder (config.json at its root) as is; else a hub id, downloaded
+  (configs, tokenizer files, safetensors; never .bin) to the HF cache. `flag` names the setting
+  in errors."""
+  return _resolve(name_or_path, "config.json", "a transformers model folder",
+                  _MODEL_HUB_PATTERNS, flag)
+
+
+def _resolve(name_or_path: str, marker: str, kind: str, patterns: list[str], flag: str) -> str:
   path = os.path.abspath(os.path.expanduser(name_or_path))
   if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, "model_index.json")):
-      raise FolderError(f"model.pretrained={name_or_path!r}: {path} has no model_index.json "
-                        "(expected a diffusers-format pipeline folder)")
+    if not os.path.exists(os.path.join(path, marker)):
+      raise FolderError(f"{flag}={name_or_path!r}: {path} has no {marker} (expected {kind})")
     return path
   if name_or_path.count("/") != 1 or os.path.exists(path):
-    raise FolderError(f"model.pretrained={name_or_path!r}: not a folder here, nor a hub id "
-                      "(owner/name)")
+    raise FolderError(f"{flag}={name_or_path!r}: not a folder here, nor a hub id (owner/name)")
+  return _download(name_or_path, patterns, flag)
+
+
+def _download(repo_id: str, patterns: list[str], flag: str) -> str:
   try:
     from huggingface_hub import snapshot_download
   except ImportError as e:
-    raise FolderError(f"model.pretrained={name_or_path!r} is a hub id: pip install "
-                      "'ppd_jax[hf]' to download it, or pass a local folder") from e
-  suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    raise FolderError(f"{flag}={repo_id!r} is a hub id: pip install 'ppd_jax[hf]' to download "
+                      "it, or pass a local folder") from e
   try:
-    return snapshot_download(name_or_path, allow_patterns=_HUB_PATTERNS + [f"*/*{suffix}",
-                                                                            "*/*.index*.json"])
+    return snapshot_download(repo_id, allow_patterns=patterns)
   except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors alike
-    raise FolderError(f"model.pretrained={name_or_path!r}: download failed ({e})") from e
+    raise FolderError(f"{flag}={repo_id!r}: download failed ({e})") from e
 
 
 def read_json(folder: str, *parts: str) -> dict:
@@ -80,8 +98,9 @@ def _weight_files(sub: str, stem: str, variant: str) -> list[str]:
 
 
 def read_weights(folder: str, component: str, variant: str = "") -> dict[str, np.ndarray]:
-  """All tensors of one component as numpy arrays (fp16 files stay fp16 until converted)."""
-  sub = os.path.join(folder, component)
+  """All tensors of one component ("" for a model folder's root) as numpy arrays (fp16 files
+  stay fp16 until converted)."""
+  sub = os.path.join(folder, component) if component else folder
   if not os.path.isdir(sub):
     raise FolderError(f"{sub} is missing (model_index.json lists the components)")
   out = {}

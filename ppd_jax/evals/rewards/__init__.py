@@ -1,0 +1,1 @@
+"""Reward models behind one interface: score(images, prompts) -> [N] (see base.py)."""

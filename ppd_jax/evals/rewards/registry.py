@@ -1,0 +1,95 @@
+"""The reward models by name: their weights, tokenizer and formula, and `load(name, ...)`.
+
+| name      | model (default weights)                         | score                       | scale      |
+|-----------|-------------------------------------------------|-----------------------------|------------|
+| pickscore | yuvalkirstain/PickScore_v1 (CLIP ViT-H/14)      | exp(logit_scale) * cos      | ~18-23     |
+| hps_v2    | HPS_v2_compressed.pt (open_clip ViT-H-14)       | cos                         | ~0.25-0.33 |
+| hps_v21   | HPS_v2.1_compressed.pt (open_clip ViT-H-14)     | cos                         | ~0.25-0.33 |
+| clip_l14  | openai/clip-vit-large-patch14                   | 100 * max(cos, 0)           | 0-100      |
+| clip_h14  | laion/CLIP-ViT-H-14-laion2B-s32B-b79K           | cos                         | ~0.3-0.4   |
+| aesthetic | openai/clip-vit-large-patch14 + LAION v2 head   | head(v / |v|)               | ~1-10      |
+
+HPS is reported as the bare cosine; the HPSv2 paper and PPD's tables print it x 100. clip_l14 is
+torchmetrics' CLIP score; clip_h14 is the CLIP reward of Diffusion-DPO (and so of PPD's synthetic
+"CLIP" user). The HPS checkpoints ship only as open_clip pickles: convert once with
+`python -m ppd_jax.weights.convert_open_clip` and pass the folder as `model`. Where a folder has no
+tokenizer (a converted checkpoint), the LAION ViT-H/14 tokenizer is used: open_clip's BPE is
+CLIP's, and its zero padding sits after the EOS, which causal attention never lets the pooled
+EOS token see.
+"""
+import dataclasses
+from typing import Callable
+
+from ppd_jax.evals.rewards import aesthetic
+from ppd_jax.evals.rewards import clip_similarity
+from ppd_jax.weights import aesthetic_head as aesthetic_weights
+from ppd_jax.weights import clip_folder
+from ppd_jax.weights import hf_folder
+
+LAION_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+OPENAI_L14 = "openai/clip-vit-large-patch14"
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+  model: str | None            # default weights (hub id); None: the user must convert and pass them
+  formula: Callable | None     # clip_similarity formula; None for the aesthetic reward
+  tokenizer: str = LAION_H14   # used when the model folder has no tokenizer
+  source: str = ""             # where the weights come from and their licence (README table)
+
+
+SPECS = {
+    "pickscore": RewardSpec("yuvalkirstain/PickScore_v1", clip_similarity.scaled_cosine,
+                            source="hub yuvalkirstain/PickScore_v1 (model.safetensors); code MIT, "
+                                   "no licence tag on the weights"),
+    "hps_v2": RewardSpec(None, clip_similarity.cosine,
+                         source="hub xswu/HPSv2 HPS_v2_compressed.pt (Apache-2.0), converted"),
+    "hps_v21": RewardSpec(None, clip_similarity.cosine,
+                          source="hub xswu/HPSv2 HPS_v2.1_compressed.pt (Apache-2.0), converted"),
+    "clip_l14": RewardSpec(OPENAI_L14, clip_similarity.clip_score, tokenizer=OPENAI_L14,
+                           source=f"hub {OPENAI_L14} (MIT code; OpenAI model card: research use)"),
+    "clip_h14": RewardSpec(LAION_H14, clip_similarity.cosine,
+                           source=f"hub {LAION_H14} (MIT)"),
+    "aesthetic": RewardSpec(OPENAI_L14, None, tokenizer=OPENAI_L14,
+                            source="christophschuhmann/improved-aesthetic-predictor "
+                                   "sac+logos+ava1-l14-linearMSE.pth (Apache-2.0) on the "
+                                   f"{OPENAI_L14} image tower"),
+}
+NAMES = tuple(SPECS)
+
+
+class RewardConfigError(ValueError):
+  """A reward name or weight setting that cannot work; the message names the flag."""
+
+
+def load(name: str, model: str | None = None, aesthetic_head: str | None = None,
+         tokenizer: str | None = None, batch_size: int = 32, workers: int | None = None):
+  """The reward `name` with weights from `model` (a transformers CLIP folder, a converted
+  open_clip folder or a hub id; default: the reward's own) and, for `aesthetic`, the head file
+  `aesthetic_head` (.pth or converted .safetensors)."""
+  if name not in SPECS:
+    raise RewardConfigError(f"--reward={name!r}: unknown reward (one of {', '.join(NAMES)})")
+  spec = SPECS[name]
+  model = model or spec.model
+  if model is None:
+    raise RewardConfigError(
+        f"--reward={name}: pass --model=FOLDER, the checkpoint converted with `python -m "
+        f"ppd_jax.weights.convert_open_clip IN.pt FOLDER` (weights: {spec.source})")
+  if model.endswith((".pt", ".pth", ".bin", ".ckpt")):
+    raise RewardConfigError(f"--model={model}: a pickle-format file; convert it once with "
+                            "`python -m ppd_jax.weights.convert_open_clip IN.pt OUT_DIR` and "
+                            "pass OUT_DIR")
+  if name == "aesthetic":
+    if not aesthetic_head:
+      raise RewardConfigError("--reward=aesthetic needs --aesthetic_head=PATH "
+                              f"({spec.source})")
+    vision, vision_params = clip_folder.load_vision(model)
+    head = aesthetic_weights.load(aesthetic_head, input_dim=vision.config.projection_dim)
+    return aesthetic.AestheticReward(vision, vision_params, head, batch_size, workers)
+  if aesthetic_head:
+    raise RewardConfigError(f"--aesthetic_head is only for --reward=aesthetic, not {name}")
+  folder = hf_folder.resolve_model(model)
+  module, params = clip_folder.load_clip(folder)
+  tok = clip_folder.load_tokenizer(folder, fallback=spec.tokenizer, override=tokenizer)
+  return clip_similarity.ClipSimilarityReward(name, module, params, tok, spec.formula,
+                                              batch_size, workers)
