@@ -223,6 +223,13 @@ def _validate_pickapic(c: ml_collections.ConfigDict, stage: str) -> None:
     manifest = shards.read_manifest(d.shards)
   except shards.ShardsError as e:
     raise ConfigError(f"config.data.shards={d.shards!r}: {e}") from e
+  if d.get("relabel"):
+    import os
+    from ppd_jax.data import reward_users
+    labels = os.path.join(d.relabel, reward_users.LABELS)
+    _require(os.path.exists(labels), "data.relabel", d.relabel,
+             f"has no {reward_users.LABELS}: run python -m ppd_jax.data.relabel "
+             f"--shards={d.shards} --out={d.relabel} to the end")
   m = c.model
   made = manifest["model"]
   want = [m.sample_size, m.sample_size, m.in_channels]

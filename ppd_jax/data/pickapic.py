@@ -97,7 +97,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _seeded(values: np.ndarray, seed: int, salt: int) -> np.ndarray:
+def seeded_hash(values: np.ndarray, seed: int, salt: int) -> np.ndarray:
   with np.errstate(over="ignore"):
     base = _mix64(np.uint64(seed) * np.uint64(2) + np.uint64(salt))
     return _mix64(np.asarray(values).astype(np.int64).view(np.uint64) ^ base)
@@ -247,7 +247,7 @@ def build_index(input_path: str, *, fewshot: int = 4, validation_fraction: float
            "caption_id": np.array([caption_id[c] for c in all_captions], np.int32),
            "preferred": cat["preferred"].astype(np.int8),
            "ranking_id": cat["ranking_id"].astype(np.int64),
-           "key": _seeded(identity.view(np.int64), seed, salt=1)}
+           "key": seeded_hash(identity.view(np.int64), seed, salt=1)}
 
   ids, per_user = np.unique(pairs["user_id"], return_counts=True)
   counts["users_with_valid_pairs"] = len(ids)
@@ -313,7 +313,7 @@ def _filter_rows(table, counts: dict):
 def _split_users(user_ids, num_pairs, validation_fraction, test_fraction, seed) -> dict:
   """Exact fractions of users, chosen by a seeded hash of the id: test first, then validation."""
   n = len(user_ids)
-  order = np.argsort(_seeded(user_ids, seed, salt=2), kind="stable")
+  order = np.argsort(seeded_hash(user_ids, seed, salt=2), kind="stable")
   n_test = int(round(test_fraction * n))
   n_val = int(round(validation_fraction * n))
   split = np.full(n, TRAIN, np.int8)

@@ -8,6 +8,11 @@ pair whose user has no embedding is an error naming them, or, with
 data.missing_user_embeddings = "drop", left out (and counted). A pair whose caption's text
 conditioning is non-finite (listed in the manifest by the precompute) is always left out and
 counted: its record is in the shards, but one NaN in a batch would spoil the whole update.
+
+With data.relabel = RELABEL_DIR (data/relabel.py, data/reward_users.py) the pairs are the reward
+users' instead: labels-{split}.npz lists records (one per reward user that labels it) with that
+user's id and whether its stored (preferred, dispreferred) latents swap. The records themselves,
+and so the latents, are the shard folder's: nothing is recomputed or copied.
 """
 import os
 
@@ -35,6 +40,18 @@ def check_profile_in_caption(folder: str, manifest: dict, wanted: bool) -> None:
         "the same setting (python -m ppd_jax.data.precompute), or change the config.")
 
 
+def _relabelled(folder: str, split: str, num_records: int) -> dict:
+  path = os.path.join(folder, f"labels-{split}.npz")
+  if not os.path.exists(path):
+    raise shards.ShardsError(f"data.relabel={folder}: no {os.path.basename(path)} (python -m "
+                             "ppd_jax.data.relabel writes it once every pair is scored)")
+  labels = dict(np.load(path))
+  if len(labels["record"]) and labels["record"].max() >= num_records:
+    raise shards.ShardsError(f"{path} lists records beyond the {num_records} of this shard "
+                             "folder's {split} split: it was made from other shards")
+  return labels
+
+
 class PickapicPairs:
   """A PairSource (data/pipeline.py) over one split of a shard folder."""
 
@@ -50,12 +67,20 @@ class PickapicPairs:
     if stored != len(table["pair"]):
       raise shards.ShardsError(f"{self.folder}: records-{split}.npz lists {len(table['pair'])} "
                                f"pairs, the shards hold {stored}; rerun the precompute")
+    rows, flip = np.arange(len(table["pair"])), np.zeros(len(table["pair"]), bool)
+    if d.get("relabel"):
+      labels = _relabelled(d.relabel, split, len(table["pair"]))
+      rows, flip = labels["record"], labels["flip"]
+      table = {**{k: v[rows] for k, v in table.items()}, "user_id": labels["user_id"]}
+      log(f"pickapic: {split} labels of {len(np.unique(labels['user_id']))} reward users from "
+          f"{d.relabel} ({int(flip.sum())} of {len(rows)} pairs swapped)")
     self.store = store_lib.UserEmbeddingStore(d.user_embeddings)
     keep = self._finite_text(table["caption_id"], log)
     keep[keep] = self._join(table["user_id"][keep], d.missing_user_embeddings, log)
-    self._records = np.flatnonzero(keep)
-    self.record_user_ids = table["user_id"][self._records]
-    self.record_pairs = table["pair"][self._records]
+    kept = np.flatnonzero(keep)
+    self._records, self._flip = rows[kept], flip[kept]
+    self.record_user_ids = table["user_id"][kept]
+    self.record_pairs = table["pair"][kept]
     self.with_time_ids = config.model.addition_embed_type == "text_time"
     self.text = shards.TextStore(self.folder, self.manifest)
     users = dict(np.load(os.path.join(self.folder, "index", "users.npz")))
@@ -112,11 +137,15 @@ class PickapicPairs:
       raise IndexError(f"record indices must be in [0, {len(self)})")
     raw = self._source.__getitems__(self._records[idx].tolist())
     batch = records_lib.stack([records_lib.decode(r) for r in raw])
-    out = {"preferred": batch["preferred"].astype(np.float32),
-           "dispreferred": batch["dispreferred"].astype(np.float32),
+    swap = self._flip[idx][:, None, None, None]
+    user_ids = self.record_user_ids[idx].astype(np.int64)   # the record's, or its reward user's
+    out = {"preferred": np.where(swap, batch["dispreferred"], batch["preferred"]).astype(
+               np.float32),
+           "dispreferred": np.where(swap, batch["preferred"], batch["dispreferred"]).astype(
+               np.float32),
            **self.text.get(batch["caption_id"]),
-           "user_embedding": self.store.get_many(batch["user_id"]),
-           "user_id": batch["user_id"].astype(np.int64),
+           "user_embedding": self.store.get_many(user_ids),
+           "user_id": user_ids,
            "pair": batch["pair"].astype(np.int64)}     # position in the index: provenance
     if self.with_time_ids:
       out["time_ids"] = batch["time_ids"].astype(np.float32)

@@ -41,8 +41,8 @@ from ppd_jax.data import text_units
 class Progress:
   """Pairs/s and ETA over the pairs this process has left, logged at most every `every` s."""
 
-  def __init__(self, total: int, log, every: float = 10.0):
-    self.total, self.done, self.log, self.every = total, 0, log, every
+  def __init__(self, total: int, log, every: float = 10.0, what: str = "precompute"):
+    self.total, self.done, self.log, self.every, self.what = total, 0, log, every, what
     self._start = self._last = time.perf_counter()
 
   def add(self, n: int, force: bool = False) -> None:
@@ -52,7 +52,7 @@ class Progress:
       self._last = now
       rate = self.done / max(now - self._start, 1e-9)
       eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-      self.log(f"precompute: {self.done}/{self.total} pairs  {rate:.1f} pairs/s  "
+      self.log(f"{self.what}: {self.done}/{self.total} pairs  {rate:.1f} pairs/s  "
                f"ETA {metrics.format_duration(eta)}")
 
 

@@ -1,0 +1,253 @@
+"""Reward users from Pick-a-Pic pairs: relabel scores, counts against an independent count from the
+parquet JPEGs, kill + resume, and the loader training on the reward users' labels from the same
+records (no latent recomputed)."""
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import pickapic_fixtures
+from ppd_jax import config_validation
+from ppd_jax.data import pickapic
+from ppd_jax.data import pickapic_source
+from ppd_jax.data import precompute
+from ppd_jax.data import relabel
+from ppd_jax.data import reward_users
+from ppd_jax.data import shards
+from ppd_jax.evals.rewards import preprocess
+from ppd_jax.users import store as store_lib
+
+
+class ChannelReward:
+  """A stand-in reward: mean of one colour channel, quantised to `step` (so ties happen)."""
+
+  def __init__(self, channel: int, step: float = 1.0, nan_every: int = 0):
+    self.channel, self.step, self.nan_every, self.calls = channel, step, nan_every, 0
+
+  def score(self, images, prompts):
+    assert len(prompts) == len(images)
+    self.calls += len(images)
+    u8 = preprocess.to_uint8_images(images)
+    s = np.array([np.floor(x[..., self.channel].mean() / self.step) for x in u8], np.float32)
+    if self.nan_every:
+      s[::self.nan_every] = np.nan
+    return s
+
+
+REWARDS = ("clip_h14", "aesthetic", "hps_v2")
+
+
+def make_rewards():
+  return {"clip_h14": ChannelReward(0, step=8.0), "aesthetic": ChannelReward(1, step=8.0),
+          "hps_v2": ChannelReward(2, step=8.0, nan_every=7)}
+
+
+SETTINGS = {n: {"model": f"fake-{n}"} for n in REWARDS}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("relabel"))
+  inputs = pickapic_fixtures.make_inputs(root, num_users=12, corrupt_jpegs=1)
+  c = pickapic_fixtures.config(inputs["pretrained"])
+  out = os.path.join(root, "shards")
+  precompute.run(c, inputs["parquet"], out, log=lambda m: None)
+  scored = os.path.join(root, "relabel")
+  relabel.run(out, scored, make_rewards(), SETTINGS, log=lambda m: None)
+  return {**inputs, "shards": out, "relabel": scored, "root": root}
+
+
+def jpeg_scores(folders, pair_ids):
+  """Independent: each pair's two images' stand-in scores, straight from the parquet files."""
+  index = pickapic.PickapicIndex.load(os.path.join(folders["shards"], "index"))
+  out = {}
+  for p in pair_ids:
+    f, row = index.pairs["file_id"][p], index.pairs["row"][p]
+    table = pq.read_table(index.paths[f], columns=["jpg_0", "jpg_1"]).slice(int(row), 1)
+    ims = [np.asarray(Image.open(io.BytesIO(table.column(c)[0].as_py())).convert("RGB"))
+           for c in ("jpg_0", "jpg_1")]
+    out[p] = {n: [np.floor(im[..., ch].mean() / 8.0) for im in ims]
+              for n, ch in zip(REWARDS, (0, 1, 2))}
+  return index, out
+
+
+def test_scores_match_the_jpegs(folders):
+  pairs = relabel.record_pairs(folders["shards"])
+  _, expected = jpeg_scores(folders, pairs[:12])
+  for n in ("clip_h14", "aesthetic"):
+    got_pairs, got = relabel.read_scores(folders["relabel"], n)
+    table = dict(zip(got_pairs.tolist(), got))
+    assert sorted(table) == sorted(pairs.tolist())
+    for p in pairs[:12]:
+      np.testing.assert_array_equal(table[int(p)], expected[int(p)][n])
+
+
+@pytest.mark.parametrize("assign,min_margin", [("all", 0.0), ("all", 2.0), ("hash", 1.0)])
+def test_label_counts_match_an_independent_count(folders, assign, min_margin):
+  summary = reward_users.build(folders["shards"], folders["relabel"], list(REWARDS), min_margin,
+                               assign, seed=3, log=lambda m: None)
+  index = pickapic.PickapicIndex.load(os.path.join(folders["shards"], "index"))
+  for split in relabel.SPLITS:
+    records = np.load(os.path.join(folders["shards"], f"records-{split}.npz"))["pair"]
+    labels = dict(np.load(os.path.join(folders["relabel"], f"labels-{split}.npz")))
+    scores = {n: dict(zip(*[a.tolist() for a in relabel.read_scores(folders["relabel"], n)]))
+              for n in REWARDS}
+    owners = {}
+    expected_rows = []
+    for k, n in enumerate(REWARDS):
+      counts = {"assigned": 0, "kept": 0, "failed": 0, "ties": 0, "under_margin": 0,
+                "flipped": 0}
+      for row, p in enumerate(records.tolist()):
+        if assign == "hash":
+          owner = int(pickapic.seeded_hash(index.pairs["key"][[p]], 3, 0x5EED)[0] % 3)
+          owners.setdefault(p, owner)
+          if owner != k:
+            continue
+        counts["assigned"] += 1
+        s0, s1 = scores[n][p]
+        if not (np.isfinite(s0) and np.isfinite(s1)):
+          counts["failed"] += 1
+        elif s0 == s1:
+          counts["ties"] += 1
+        elif abs(s1 - s0) < min_margin:
+          counts["under_margin"] += 1
+        else:
+          counts["kept"] += 1
+          flip = int(s1 > s0) != int(index.pairs["preferred"][p])
+          counts["flipped"] += flip
+          expected_rows.append((row, -(k + 1), flip))
+      assert summary["counts"][split][n] == counts, (split, n)
+    got_rows = sorted(zip(labels["record"].tolist(), labels["user_id"].tolist(),
+                          labels["flip"].tolist()))
+    assert got_rows == sorted(expected_rows)
+  # The stand-ins really produce every case the counts distinguish.
+  every = {k: sum(summary["counts"]["train"][n][k] for n in REWARDS)
+           for k in ("ties", "failed", "flipped")}
+  assert all(v > 0 for v in every.values()), every
+
+
+def test_hash_assignment_uses_each_pair_once(folders):
+  reward_users.build(folders["shards"], folders["relabel"], list(REWARDS), 0.0, "hash", seed=0,
+                     log=lambda m: None)
+  labels = np.load(os.path.join(folders["relabel"], "labels-train.npz"))
+  assert len(np.unique(labels["record"])) == len(labels["record"])
+  reward_users.build(folders["shards"], folders["relabel"], list(REWARDS), 0.0, "all", seed=0,
+                     log=lambda m: None)
+  everything = np.load(os.path.join(folders["relabel"], "labels-train.npz"))
+  assert len(everything["record"]) > len(labels["record"])
+
+
+def test_a_killed_relabel_resumes_without_rescoring(folders, tmp_path):
+  out = str(tmp_path / "relabel")
+  first = make_rewards()
+
+  def stop(unit):
+    raise KeyboardInterrupt(unit)
+  with pytest.raises(KeyboardInterrupt):
+    relabel.run(folders["shards"], out, first, SETTINGS, log=lambda m: None, after_unit=stop)
+  done_units = [n for n in os.listdir(os.path.join(out, "done"))]
+  assert len(done_units) == 1
+  second = make_rewards()
+  relabel.run(folders["shards"], out, second, SETTINGS, log=lambda m: None)
+  total_images = 2 * len(relabel.record_pairs(folders["shards"]))
+  assert sum(r.calls for r in first.values()) + sum(r.calls for r in second.values()) < (
+      total_images * len(REWARDS) + total_images)   # the finished unit was not scored again
+  for n in REWARDS:
+    a, b = relabel.read_scores(out, n), relabel.read_scores(folders["relabel"], n)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+  third = make_rewards()
+  relabel.run(folders["shards"], out, third, SETTINGS, log=lambda m: None)
+  assert sum(r.calls for r in third.values()) == 0
+  with pytest.raises(shards.ShardsError, match="scored reward 'aesthetic' with"):
+    relabel.run(folders["shards"], out, third, {**SETTINGS, "aesthetic": {"model": "other"}},
+                log=lambda m: None)
+
+
+def test_the_loader_trains_on_reward_users_from_the_same_records(folders):
+  summary = reward_users.build(folders["shards"], folders["relabel"], list(REWARDS), 0.0, "all",
+                               seed=0, log=lambda m: None)
+  store = os.path.join(folders["root"], "reward_users.safetensors")
+  ids = np.array(sorted(summary["user_ids"].values()))
+  store_lib.write_store(store, ids, np.random.default_rng(0).standard_normal(
+      (len(ids), 1, 16)).astype(np.float32), source={"embedder": "random (test)"})
+  c = pickapic_fixtures.config(folders["pretrained"], shards=folders["shards"],
+                               user_embeddings=store, relabel=folders["relabel"])
+  config_validation.prepare(c)
+  source = pickapic_source.PickapicPairs(c, log=lambda m: None)
+  labels = np.load(os.path.join(folders["relabel"], "labels-train.npz"))
+  assert len(source) == len(labels["record"])
+  batch = source.gather(np.arange(len(source)))
+  assert set(batch["user_id"].tolist()) == set(ids.tolist())
+  index, truth = jpeg_scores(folders, batch["pair"][:10])
+  raw = {int(r["pair"]): r for r in _records(folders["shards"])}
+  swapped = 0
+  for i in range(10):
+    p, u = int(batch["pair"][i]), int(batch["user_id"][i])
+    s0, s1 = truth[p][REWARDS[-u - 1]]
+    stored = raw[p]                    # (preferred, dispreferred) by the person's label
+    same = int(s1 > s0) == int(index.pairs["preferred"][p])
+    swapped += not same
+    np.testing.assert_array_equal(batch["preferred"][i],
+                                  stored["preferred"] if same else stored["dispreferred"])
+  assert 0 < swapped < 10
+  with open(os.path.join(folders["relabel"], reward_users.LABELS)) as f:
+    assert json.load(f)["user_ids"] == {"clip_h14": -1, "aesthetic": -2, "hps_v2": -3}
+
+
+def _records(folder):
+  from array_record.python import array_record_module
+  from ppd_jax.data import records
+  for s in shards.read_manifest(folder)["shards"]:
+    reader = array_record_module.ArrayRecordReader(os.path.join(folder, "pairs", s["file"]))
+    for _ in range(reader.num_records()):
+      yield records.decode(reader.read())
+    reader.close()
+
+
+def test_bad_settings_are_named(folders, tmp_path):
+  with pytest.raises(ValueError, match="--assign='some'"):
+    reward_users.build(folders["shards"], folders["relabel"], list(REWARDS), 0.0, "some")
+  with pytest.raises(shards.ShardsError, match="no scores for reward 'pickscore'"):
+    reward_users.build(folders["shards"], folders["relabel"], ["pickscore"], 0.0, "all")
+  with pytest.raises(shards.ShardsError, match="no records-train.npz"):
+    relabel.run(str(tmp_path), str(tmp_path / "o"), make_rewards(), SETTINGS, log=lambda m: None)
+  store = str(tmp_path / "users.safetensors")
+  store_lib.write_store(store, np.array([-3, -2, -1]), np.zeros((3, 1, 16), np.float32),
+                        source={"embedder": "zeros (test)"})
+  c = pickapic_fixtures.config(folders["pretrained"], shards=folders["shards"],
+                               user_embeddings=store, relabel=str(tmp_path / "nowhere"))
+  with pytest.raises(config_validation.ConfigError, match="data.relabel"):
+    config_validation.prepare(c)
+
+
+def test_the_command_line_with_a_real_clip_reward(folders, tmp_path):
+  """python -m ppd_jax.data.relabel end to end with a (tiny) CLIP reward: its scores equal the
+  reward called on the decoded JPEGs and their captions; an unknown reward is named."""
+  import subprocess
+  import sys
+  import tiny_clip
+  from ppd_jax.evals.rewards import registry
+  model = str(tmp_path / "clip")
+  tiny_clip.save_clip(model)
+  out = str(tmp_path / "relabel")
+  cmd = [sys.executable, "-m", "ppd_jax.data.relabel", f"--shards={folders['shards']}",
+         f"--out={out}", "--rewards=clip_h14", f"--model=clip_h14={model}", "--assign=all"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "reward users: train clip_h14 (user -1)" in done.stdout
+  pairs, scores = relabel.read_scores(out, "clip_h14")
+  index = pickapic.PickapicIndex.load(os.path.join(folders["shards"], "index"))
+  rows = pickapic.read_pairs(index, pairs[:4])
+  images = [Image.open(io.BytesIO(r[c])) for r in rows for c in ("jpg_0", "jpg_1")]
+  prompts = [r["caption"] for r in rows for _ in range(2)]
+  expected = registry.load("clip_h14", model=model).score(images, prompts).reshape(-1, 2)
+  np.testing.assert_allclose(scores[:4], expected, atol=1e-5)
+  bad = subprocess.run(cmd[:5] + ["--rewards=clip_h14,imagereward"], capture_output=True,
+                       text=True, env=env, timeout=300)
+  assert bad.returncode != 0 and "imagereward" in bad.stderr and "Traceback" not in bad.stderr
