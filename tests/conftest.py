@@ -5,6 +5,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
@@ -20,3 +21,16 @@ def pytest_collection_modifyitems(config, items):
   del config
   if os.environ.get("PPD_TEST_ORDER") == "reverse":
     items.reverse()
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory) -> str:
+  """A tiny demo-world run trained 4 big steps (checkpoints at steps 2 and 4), so that users'
+  samples differ visibly; shared by the sampling and Table 1 tests, which only read it."""
+  from configs import ppd
+  from ppd_jax import trainer
+  workdir = str(tmp_path_factory.mktemp("tiny_trained_run"))
+  c = ppd.get_config("tiny")
+  c.optim.lr = 3e-2
+  trainer.train_and_evaluate(c, workdir)
+  return workdir

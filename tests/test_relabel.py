@@ -251,3 +251,18 @@ def test_the_command_line_with_a_real_clip_reward(folders, tmp_path):
   bad = subprocess.run(cmd[:5] + ["--rewards=clip_h14,imagereward"], capture_output=True,
                        text=True, env=env, timeout=300)
   assert bad.returncode != 0 and "imagereward" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_pickapic_prompt_set_is_the_splits_unique_captions(folders):
+  """evals/prompt_sets' pickapic:SHARD_DIR[:split]: each caption of the split's records once,
+  counted here straight from the index (the paper picks beta on validation captions)."""
+  from ppd_jax.evals import prompt_sets
+  index = pickapic.PickapicIndex.load(os.path.join(folders["shards"], "index"))
+  for split in relabel.SPLITS:
+    pairs = np.load(os.path.join(folders["shards"], f"records-{split}.npz"))["pair"]
+    expected = {index.captions[c] for c in index.pairs["caption_id"][pairs]}
+    spec = f"pickapic:{folders['shards']}" + ("" if split == "validation" else f":{split}")
+    got = [p.text for p in prompt_sets.read(spec)]
+    assert len(got) == len(set(got)) and set(got) == expected
+  with pytest.raises(prompt_sets.PromptSetError, match="no .*records-dev.npz"):
+    prompt_sets.read(f"pickapic:{folders['shards']}:dev")

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import ppd
 from ppd_jax import inference
 from ppd_jax import sample
-from ppd_jax import trainer
 from ppd_jax.users import new_user
 from ppd_jax.users import shots
 
@@ -19,13 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("sample_run"))
-  c = ppd.get_config("tiny")
-  c.total_steps = 3
-  c.optim.lr = 3e-2    # a few big steps, so that users' samples differ visibly
-  trainer.train_and_evaluate(c, workdir)
-  return workdir, inference.load_trained(workdir)
+def run(tiny_trained_run):
+  return tiny_trained_run, inference.load_trained(tiny_trained_run)
 
 
 def test_mix_of_one_user_with_weight_one_equals_that_user(run):

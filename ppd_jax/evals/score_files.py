@@ -26,26 +26,32 @@ class Item:
   prompt: str
 
 
-def _read_jsonl(path: str, base_dir: str) -> list[Item]:
-  items, seen = [], set()
+def json_objects(path: str, error=ScoreInputError, fields=()):
+  """(line number, object) of each non-blank line of a JSONL file; a line that is not a JSON
+  object, or lacks one of the string `fields`, raises `error` naming path:line."""
   with open(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
-      where = f"{path}:{number}"
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ScoreInputError(f"{where}: not a JSON line ({e})") from None
+        raise error(f"{path}:{number}: not a JSON line ({e})") from None
       if not isinstance(row, dict):
-        raise ScoreInputError(f"{where}: expected an object with 'image' and 'prompt'")
-      for field in ("image", "prompt"):
+        raise error(f"{path}:{number}: expected an object with {', '.join(fields)}")
+      for field in fields:
         if not isinstance(row.get(field), str):
-          raise ScoreInputError(f"{where}: field {field!r} is missing or not a string")
-      if row["image"] in seen:
-        raise ScoreInputError(f"{where}: image {row['image']!r} is listed twice")
-      seen.add(row["image"])
-      items.append(Item(row["image"], os.path.join(base_dir, row["image"]), row["prompt"]))
+          raise error(f"{path}:{number}: field {field!r} is missing or not a string")
+      yield number, row
+
+
+def _read_jsonl(path: str, base_dir: str) -> list[Item]:
+  items, seen = [], set()
+  for number, row in json_objects(path, ScoreInputError, ("image", "prompt")):
+    if row["image"] in seen:
+      raise ScoreInputError(f"{path}:{number}: image {row['image']!r} is listed twice")
+    seen.add(row["image"])
+    items.append(Item(row["image"], os.path.join(base_dir, row["image"]), row["prompt"]))
   return items
 
 

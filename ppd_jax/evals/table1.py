@@ -1,0 +1,253 @@
+"""Table 1 of the paper: each reward's mean score, per model, on a prompt set.
+
+  python -m ppd_jax.evals.table1 --out=DIR --prompts=PartiPrompts.tsv \
+      --run=base=W_PPD --run=diffusion_dpo=W_DPO --run=sft=W_SFT --run=ppd=W1 --run=ppd=W2 \
+      --run=dpo_clip_h14=W_C [--val_prompts=pickapic:SHARD_DIR] \
+      [--rewards=clip_h14,aesthetic,hps_v2] [--model=hps_v2=FOLDER] [--aesthetic_head=PATH]
+
+Rows: `base` (the run's frozen base: user branch off), `diffusion_dpo`, `sft`, `dpo_<reward>` (one
+image per prompt, scored by every reward; these runs are trained without user information, so
+their one shared embedding is used) and `ppd` (per reward, the images made for that reward's
+user, scored by that reward; reward k's user id is -(k + 1), as data/reward_users.py numbers them,
+or --reward_user=NAME=ID). Every row draws the same x_T for a prompt: prompts go in fixed chunks,
+chunk c with seed + c. A row given several runs (e.g. betas) keeps the one with the best
+validation score (--val_prompts; the mean over rewards of each reward's mean in units of its
+standard deviation, so rewards of different scales weigh alike; a dpo_<reward> row by its own
+reward) and reports it on --prompts: the paper's beta selection.
+
+Writes DIR/table1.json {"rows": {ROW: {REWARD: {"mean", "ci95": [lo, hi], "n"}}}, "selected",
+"validation", ...} and DIR/table1.md. Images (PNG + prompts.jsonl) and scores (JSONL) are kept
+under DIR/images/<run>/<user>/<set>/, so a killed run redoes nothing it finished.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+
+from ppd_jax import images as image_io
+from ppd_jax.evals import prompt_sets
+from ppd_jax.evals import score_files
+from ppd_jax.evals import stats
+
+FIXED_ROWS = ("base", "diffusion_dpo", "sft")
+
+
+class Table1Error(ValueError):
+  """A run, reward or prompt setting that cannot work; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  row: str
+  workdir: str
+  step: int | None = None
+
+  @property
+  def tag(self) -> str:
+    name = os.path.basename(os.path.normpath(self.workdir))
+    return f"{self.row}-{name}-{self.step if self.step is not None else 'latest'}"
+
+
+def parse_runs(values, rewards) -> list[RunSpec]:
+  """--run=ROW=WORKDIR[@STEP] values -> specs; rows and folders are checked here."""
+  rows = set(FIXED_ROWS) | {"ppd"} | {f"dpo_{r}" for r in rewards}
+  out = []
+  for value in values or ():
+    row, sep, where = value.partition("=")
+    if not sep or row not in rows:
+      raise Table1Error(f"--run={value!r}: expected ROW=WORKDIR[@STEP] with ROW one of "
+                        f"{', '.join(sorted(rows))}")
+    workdir, _, step = where.partition("@")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+      raise Table1Error(f"--run={value!r}: {workdir} holds no checkpoints/ (not a training run)")
+    out.append(RunSpec(row, workdir, int(step) if step else None))
+  if not out:
+    raise Table1Error("give at least one --run=ROW=WORKDIR")
+  tags = [s.tag for s in out]
+  if len(set(tags)) != len(tags):
+    raise Table1Error(f"--run: the same run twice ({tags})")
+  return out
+
+
+def generate_set(run, embedding, user_scale: float, prompts, folder: str, seed: int, chunk: int,
+                 log=print) -> list[str]:
+  """PNG paths, one per prompt, made chunk by chunk (chunk c with seed + c); chunks whose files
+  all exist are not redone. folder/prompts.jsonl lists them (evals/score.py reads it)."""
+  from ppd_jax import inference
+  from ppd_jax import sample
+  os.makedirs(folder, exist_ok=True)
+  paths = [os.path.join(folder, f"{i:05d}.png") for i in range(len(prompts))]
+  for c in range(0, len(prompts), chunk):
+    if all(os.path.exists(p) for p in paths[c:c + chunk]):
+      continue
+    texts = [p.text for p in prompts[c:c + chunk]]
+    batch = inference.generate(run, texts, embedding, user_scale=user_scale, seed=seed + c // chunk)
+    for path, image in zip(paths[c:c + chunk], batch):
+      image_io.save_png(image, path)
+    sample.update_listing(folder, [{"image": os.path.basename(p), "prompt": t}
+                                   for p, t in zip(paths[c:c + chunk], texts)])
+    log(f"table1: {folder}: {min(c + chunk, len(prompts))}/{len(prompts)} images")
+  return paths
+
+
+def score_set(paths, prompts, name: str, reward, folder: str) -> np.ndarray:
+  """[P] scores of one reward, kept in folder/scores-<name>.jsonl (resumable)."""
+  log_file = score_files.ScoreLog(os.path.join(folder, f"scores-{name}.jsonl"), name)
+  items = [score_files.Item(os.path.basename(p), p, q.text) for p, q in zip(paths, prompts)]
+  todo = [it for it in items if it.key not in log_file.scores]
+  for c in range(0, len(todo), 64):
+    part = todo[c:c + 64]
+    log_file.append(part, reward.score([it.path for it in part], [it.prompt for it in part]))
+  return np.array([log_file.scores[it.key] for it in items], np.float64)
+
+
+def _fixed_embedding(run, spec: RunSpec) -> np.ndarray:
+  if run.config.data.get("user_conditioning", True):
+    raise Table1Error(f"--run={spec.row}={spec.workdir}: a {spec.row} row is a model trained "
+                      "without user information (data.user_conditioning=False); this run "
+                      "conditions on users")
+  return run.source.user_embedding(run.source.train_user_ids[0])
+
+
+def evaluate_run(spec: RunSpec, set_name: str, prompts, rewards: dict, reward_users: dict,
+                 out: str, seed: int, chunk: int, log=print) -> dict:
+  """{reward: [P] scores} of one run on one prompt set."""
+  from ppd_jax import inference
+  run = inference.load_trained(spec.workdir, spec.step)
+  where = lambda user: os.path.join(out, "images", spec.tag, user, set_name)
+  scores = {}
+  if spec.row == "ppd":
+    for name, reward in rewards.items():
+      folder = where(f"user{reward_users[name]}")
+      paths = generate_set(run, run.source.user_embedding(reward_users[name]), 1.0, prompts,
+                           folder, seed, chunk, log)
+      scores[name] = score_set(paths, prompts, name, reward, folder)
+    return scores
+  if spec.row == "base":
+    embedding = np.zeros((run.config.model.user_tokens, run.config.model.user_embed_dim),
+                         np.float32)
+    paths = generate_set(run, embedding, 0.0, prompts, where("none"), seed, chunk, log)
+  else:
+    paths = generate_set(run, _fixed_embedding(run, spec), 1.0, prompts, where("shared"), seed,
+                         chunk, log)
+  for name, reward in rewards.items():
+    scores[name] = score_set(paths, prompts, name, reward, where("none" if spec.row == "base"
+                                                                 else "shared"))
+  return scores
+
+
+def selection_score(row: str, candidates: list[dict]) -> list[float]:
+  """Per candidate run: its validation score (module docstring)."""
+  rewards = list(candidates[0])
+  if row.startswith("dpo_"):
+    rewards = [row[len("dpo_"):]]
+  out = np.zeros(len(candidates))
+  for name in rewards:
+    pooled = np.concatenate([c[name] for c in candidates])
+    scale = pooled.std() or 1.0
+    out += np.array([c[name].mean() for c in candidates]) / scale
+  return (out / len(rewards)).tolist()
+
+
+def cell(scores: np.ndarray) -> dict:
+  s = stats.mean_ci(scores)
+  return {"mean": s["mean"], "ci95": [s["ci_low"], s["ci_high"]], "n": s["n"]}
+
+
+def build_table(specs, prompts, val_prompts, rewards: dict, reward_users: dict, out: str,
+                seed: int = 0, chunk: int = 16, log=print) -> dict:
+  """Runs the whole table (module docstring); returns what table1.json holds."""
+  by_row: dict[str, list[RunSpec]] = {}
+  for s in specs:
+    by_row.setdefault(s.row, []).append(s)
+  several = [r for r, runs in by_row.items() if len(runs) > 1]
+  if several and not val_prompts:
+    raise Table1Error(f"rows {several} have several runs: give --val_prompts to choose")
+  selected, validation = {}, {}
+  for row, runs in by_row.items():
+    if len(runs) == 1:
+      selected[row] = runs[0]
+      continue
+    cands = [evaluate_run(s, "val", val_prompts, rewards, reward_users, out, seed, chunk, log)
+             for s in runs]
+    scores = selection_score(row, cands)
+    selected[row] = runs[int(np.argmax(scores))]
+    validation[row] = {s.tag: round(v, 6) for s, v in zip(runs, scores)}
+  table = {"rows": {}, "selected": {r: s.tag for r, s in selected.items()},
+           "validation": validation, "rewards": list(rewards), "reward_users": reward_users,
+           "prompts": len(prompts), "seed": seed, "chunk": chunk}
+  for row, spec in selected.items():
+    scores = evaluate_run(spec, "test", prompts, rewards, reward_users, out, seed, chunk, log)
+    table["rows"][row] = {name: cell(v) for name, v in scores.items()}
+  score_files.write_json_atomic(os.path.join(out, "table1.json"), table)
+  with open(os.path.join(out, "table1.md"), "w") as f:
+    f.write(markdown(table))
+  return table
+
+
+def markdown(table: dict) -> str:
+  rewards = table["rewards"]
+  lines = ["| row | " + " | ".join(rewards) + " |", "| --- |" + " --- |" * len(rewards)]
+  for row, cells in table["rows"].items():
+    text = [f"{c['mean']:.4f} [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}]"
+            if c["ci95"][0] is not None else f"{c['mean']:.4f}" for c in cells.values()]
+    lines.append(f"| {row} ({table['selected'][row]}) | " + " | ".join(text) + " |")
+  return "\n".join(lines) + f"\n\nmean [95% CI] over {table['prompts']} prompts\n"
+
+
+def main(argv):
+  from absl import flags
+  from ppd_jax import checkpoint
+  from ppd_jax.evals.rewards import registry
+  from ppd_jax.weights import hf_folder
+  del argv
+  f = flags.FLAGS
+  try:
+    names = [n.strip() for n in f.rewards.split(",") if n.strip()]
+    unknown = [n for n in names if n not in registry.SPECS]
+    if unknown or not names:
+      raise Table1Error(f"--rewards: unknown reward(s) {unknown} (one of "
+                        f"{', '.join(registry.NAMES)})")
+    specs = parse_runs(f.run, names)
+    users = {n: -(k + 1) for k, n in enumerate(names)}
+    for value in f.reward_user or ():
+      name, _, uid = value.partition("=")
+      if name not in users or not uid.lstrip("-").isdigit():
+        raise Table1Error(f"--reward_user={value!r}: expected NAME=ID with NAME in {names}")
+      users[name] = int(uid)
+    prompts = prompt_sets.read(f.prompts, f.num_prompts)
+    val = prompt_sets.read(f.val_prompts, f.num_prompts) if f.val_prompts else None
+    models = dict(v.partition("=")[::2] for v in f.model or ())
+    rewards = {n: registry.load(n, models.get(n) or None,
+                                f.aesthetic_head if n == "aesthetic" else None) for n in names}
+    table = build_table(specs, prompts, val, rewards, users, f.out, f.seed, f.chunk)
+  except (Table1Error, prompt_sets.PromptSetError, registry.RewardConfigError,
+          hf_folder.FolderError, checkpoint.CheckpointError, score_files.ScoreInputError) as e:
+    sys.exit(f"ppd_jax.evals.table1: {e}")
+  print(markdown(table))
+  print(json.dumps({"selected": table["selected"]}))
+
+
+if __name__ == "__main__":
+  from absl import app
+  from absl import flags
+  flags.DEFINE_string("out", None, "output folder (images, scores, table1.json, table1.md)")
+  flags.DEFINE_multi_string("run", None, "ROW=WORKDIR[@STEP]; rows base, diffusion_dpo, sft, "
+                            "ppd, dpo_<reward>; a row given several runs is chosen on "
+                            "--val_prompts")
+  flags.DEFINE_string("prompts", None, "the test prompt set (PartiPrompts TSV, .txt, .jsonl, "
+                      "pickapic:SHARD_DIR[:split])")
+  flags.DEFINE_string("val_prompts", None, "the selection prompt set (the paper: Pick-a-Pic's "
+                      "validation captions, pickapic:SHARD_DIR)")
+  flags.DEFINE_integer("num_prompts", None, "use the first N prompts of each set")
+  flags.DEFINE_string("rewards", "clip_h14,aesthetic,hps_v2", "comma-separated reward names")
+  flags.DEFINE_multi_string("model", None, "REWARD=FOLDER: a reward's weights")
+  flags.DEFINE_string("aesthetic_head", None, "the aesthetic reward's head file")
+  flags.DEFINE_multi_string("reward_user", None, "NAME=ID: the user id of a reward's user "
+                            "(default -(k + 1))")
+  flags.DEFINE_integer("seed", 0, "noise seed of the first prompt chunk")
+  flags.DEFINE_integer("chunk", 16, "prompts generated together (one seed per chunk)")
+  flags.mark_flags_as_required(["out", "prompts"])
+  app.run(main)

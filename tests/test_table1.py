@@ -1,0 +1,187 @@
+"""evals/table1.py on a tiny trained run with the demo's users as the reward users: the cells
+against a direct computation, shared noise across rows, the beta selection, resuming, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ppd_jax import images as image_io
+from ppd_jax import inference
+from ppd_jax.evals import prompt_sets
+from ppd_jax.evals import table1
+from ppd_jax.evals.rewards import hidden
+
+PROMPTS = [prompt_sets.Prompt(t) for t in ("a red circle", "a blue square", "a big triangle",
+                                           "a small green circle", "a dark square")]
+VAL = [prompt_sets.Prompt(t) for t in ("a yellow circle", "a purple triangle", "a red square")]
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_trained_run):
+  return tiny_trained_run                 # checkpoints at steps 2 and 4
+
+
+def setup(workdir):
+  run = inference.load_trained(workdir)
+  users = [int(u) for u in run.source.train_user_ids[:2]]
+  rewards = {f"u{u}": hidden.HiddenPropertyReward(run.source, u) for u in users}
+  return run, rewards, {f"u{u}": u for u in users}
+
+
+def test_the_table_against_a_direct_computation(workdir, tmp_path):
+  scipy_stats = pytest.importorskip("scipy.stats")
+  run, rewards, users = setup(workdir)
+  specs = [table1.RunSpec("base", workdir), table1.RunSpec("ppd", workdir, 2),
+           table1.RunSpec("ppd", workdir, 4)]
+  out = str(tmp_path / "t1")
+  table = table1.build_table(specs, PROMPTS, VAL, rewards, users, out, seed=5, chunk=2,
+                             log=lambda m: None)
+  with open(os.path.join(out, "table1.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(table))
+  assert set(table["rows"]) == {"base", "ppd"} and set(table["rows"]["ppd"]) == set(rewards)
+  # Selection: recomputed from the validation images' scores, read back from the files.
+  cands = []
+  for step in (2, 4):
+    cands.append({n: np.array([json.loads(line)["score"] for line in open(os.path.join(
+        out, "images", f"ppd-{os.path.basename(workdir)}-{step}", f"user{users[n]}", "val",
+        f"scores-{n}.jsonl"))]) for n in rewards})
+  pooled = {n: np.concatenate([c[n] for c in cands]) for n in rewards}
+  expected = [np.mean([c[n].mean() / pooled[n].std() for n in rewards]) for c in cands]
+  assert table["selected"]["ppd"].endswith(f"-{(2, 4)[int(np.argmax(expected))]}")
+  # Each cell is the mean and t interval of its images' scores, the images scored afresh.
+  chosen = table["selected"]["ppd"]
+  for n, reward in rewards.items():
+    folder = os.path.join(out, "images", chosen, f"user{users[n]}", "test")
+    pics = np.stack([image_io.load_png(os.path.join(folder, f"{i:05d}.png"))
+                     for i in range(len(PROMPTS))])
+    s = reward.score(pics, None).astype(np.float64)
+    lo, hi = scipy_stats.t.interval(0.95, len(s) - 1, loc=s.mean(), scale=scipy_stats.sem(s))
+    c = table["rows"]["ppd"][n]
+    assert c["n"] == len(PROMPTS) and c["mean"] == pytest.approx(s.mean(), abs=1e-6)
+    assert c["ci95"] == pytest.approx([lo, hi], abs=1e-6)
+  md = open(os.path.join(out, "table1.md")).read()
+  assert "| base (" in md and "| ppd (" in md
+
+
+def test_rows_share_the_noise_of_each_prompt(workdir, tmp_path):
+  """The base row's third prompt (chunk 1 of size 2, seed 5 + 1) is what the sampler makes for
+  that chunk alone: x_T depends on the prompt's chunk and the seed, not on the row."""
+  run, rewards, users = setup(workdir)
+  out = str(tmp_path / "t1")
+  table1.build_table([table1.RunSpec("base", workdir)], PROMPTS, None, rewards, users, out,
+                     seed=5, chunk=2, log=lambda m: None)
+  zeros = np.zeros((run.config.model.user_tokens, run.config.model.user_embed_dim), np.float32)
+  again = inference.generate(run, [p.text for p in PROMPTS[2:4]], zeros, user_scale=0.0, seed=6)
+  folder = os.path.join(out, "images", f"base-{os.path.basename(workdir)}-latest", "none", "test")
+  as_png = image_io.to_uint8(again[0]).astype(np.float32) / 127.5 - 1.0
+  np.testing.assert_array_equal(image_io.load_png(os.path.join(folder, "00002.png")), as_png)
+
+
+def test_a_killed_table_resumes_without_redoing(workdir, tmp_path, monkeypatch):
+  run, rewards, users = setup(workdir)
+  out = str(tmp_path / "t1")
+  specs = [table1.RunSpec("ppd", workdir)]
+  real = inference.generate
+  calls = []
+
+  def failing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt("killed")
+    return real(*args, **kwargs)
+  monkeypatch.setattr(inference, "generate", failing)
+  with pytest.raises(KeyboardInterrupt):
+    table1.build_table(specs, PROMPTS, None, rewards, users, out, chunk=2, log=lambda m: None)
+  calls.clear()
+  monkeypatch.setattr(inference, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+  first = table1.build_table(specs, PROMPTS, None, rewards, users, out, chunk=2,
+                             log=lambda m: None)
+  assert len(calls) == 2 * 3 - 1          # 3 chunks per user; the first user's first was done
+  calls.clear()
+  second = table1.build_table(specs, PROMPTS, None, rewards, users, out, chunk=2,
+                              log=lambda m: None)
+  assert calls == [] and second == first
+
+
+def test_bad_input_is_named(workdir, tmp_path):
+  run, rewards, users = setup(workdir)
+  with pytest.raises(table1.Table1Error, match="ROW one of"):
+    table1.parse_runs(["best=" + workdir], ["clip_h14"])
+  with pytest.raises(table1.Table1Error, match="holds no checkpoints"):
+    table1.parse_runs([f"ppd={tmp_path}"], ["clip_h14"])
+  assert table1.parse_runs([f"dpo_clip_h14={workdir}@2"], ["clip_h14"])[0].step == 2
+  with pytest.raises(table1.Table1Error, match="several runs: give --val_prompts"):
+    table1.build_table([table1.RunSpec("ppd", workdir, 2), table1.RunSpec("ppd", workdir, 4)],
+                       PROMPTS, None, rewards, users, str(tmp_path / "o"), log=lambda m: None)
+  with pytest.raises(table1.Table1Error, match="trained without user information"):
+    table1.build_table([table1.RunSpec("sft", workdir)], PROMPTS, None, rewards, users,
+                       str(tmp_path / "o"), log=lambda m: None)
+
+
+def test_prompt_files(tmp_path):
+  tsv = tmp_path / "PartiPrompts.tsv"
+  tsv.write_text("Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t\n"
+                 "a red circle\tArtifacts\tColor\tnote\n")
+  assert prompt_sets.read(str(tsv)) == [prompt_sets.Prompt("bond", "Abstract"),
+                                        prompt_sets.Prompt("a red circle", "Artifacts")]
+  txt = tmp_path / "p.txt"
+  txt.write_text("one\n\ntwo\n")
+  assert [p.text for p in prompt_sets.read(str(txt))] == ["one", "two"]
+  assert [p.text for p in prompt_sets.read(str(txt), limit=1)] == ["one"]
+  js = tmp_path / "p.jsonl"
+  js.write_text('{"prompt": "x", "category": "c"}\n')
+  assert prompt_sets.read(str(js)) == [prompt_sets.Prompt("x", "c")]
+  cases = [("bad.tsv", "Text\tCategory\nx\ty\n", r"bad.tsv:1: .*'Prompt' column"),
+           ("wide.tsv", "Prompt\tCategory\nx\ty\tz\n", r"wide.tsv:2: 3 fields, the header has 2"),
+           ("bad.jsonl", '{"text": "x"}\n', r"bad.jsonl:1: field 'prompt' is missing"),
+           ("empty.txt", "\n\n", "empty.txt: no prompts")]
+  for name, text, message in cases:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(prompt_sets.PromptSetError, match=message):
+      prompt_sets.read(str(tmp_path / name))
+  with pytest.raises(prompt_sets.PromptSetError, match="no such prompt file"):
+    prompt_sets.read(str(tmp_path / "absent.tsv"))
+
+
+def test_selection_weighs_rewards_of_any_scale_alike():
+  """A candidate better by 2 standard deviations on a small-scale reward beats one better by a
+  tenth of one on a large-scale reward (raw means would pick the latter); a dpo_<reward> row
+  looks at its own reward only."""
+  rng = np.random.default_rng(0)
+  a = {"cos": 0.5 + 0.01 * rng.standard_normal(50), "aes": 100 + 10 * rng.standard_normal(50)}
+  b = {"cos": a["cos"] + 0.4, "aes": a["aes"] - 1.0}
+  scores = table1.selection_score("ppd", [a, b])
+  for name, sign in (("cos", 1), ("aes", -1)):
+    pooled = np.concatenate([a[name], b[name]])
+    gap = (b[name].mean() - a[name].mean()) / pooled.std()
+    assert np.sign(gap) == sign
+  expected = [np.mean([c[n].mean() / np.concatenate([a[n], b[n]]).std() for n in a])
+              for c in (a, b)]
+  assert scores == pytest.approx(expected) and scores[1] > scores[0]
+  assert sum(x["aes"].mean() for x in [a]) > b["aes"].mean()     # raw means would pick a
+  only = table1.selection_score("dpo_aes", [a, b])
+  assert only[0] > only[1]
+
+
+def test_the_command_line(workdir, tmp_path):
+  """python -m ppd_jax.evals.table1 with a (tiny) CLIP reward whose user is a demo user."""
+  import subprocess
+  import sys
+  import tiny_clip
+  run, _, users = setup(workdir)
+  model = str(tmp_path / "clip")
+  tiny_clip.save_clip(model)
+  prompts = tmp_path / "PartiPrompts.tsv"
+  prompts.write_text("Prompt\tCategory\tChallenge\tNote\n" +
+                     "".join(f"{p.text}\tArtifacts\tBasic\t\n" for p in PROMPTS[:3]))
+  out = tmp_path / "t1"
+  uid = next(iter(users.values()))
+  cmd = [sys.executable, "-m", "ppd_jax.evals.table1", f"--out={out}", f"--prompts={prompts}",
+         f"--run=base={workdir}", f"--run=ppd={workdir}", "--rewards=clip_h14",
+         f"--model=clip_h14={model}", f"--reward_user=clip_h14={uid}", "--chunk=2"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  table = json.load(open(out / "table1.json"))
+  assert set(table["rows"]) == {"base", "ppd"} and table["rows"]["ppd"]["clip_h14"]["n"] == 3
