@@ -104,6 +104,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.user_embeddings = ""       # user-embedding store (ppd_jax/users/store.py)
   c.data.profile_in_caption = False  # baseline: caption + its user's profile (profile_caption.py)
   c.data.relabel = ""               # reward users' labels (data/relabel.py) instead of people's
+  c.data.relabel_rewards = ""       # with relabel: only these reward users (comma list; "" all)
+  c.data.user_embedding = "store"   # pickapic: "store" (data.user_embeddings) | "onehot" (codes)
   c.data.missing_user_embeddings = "error"   # pairs of users without one: "error" | "drop"
   c.data.validation_fraction = 0.05  # users held out for choosing hyper-parameters
   c.data.test_fraction = 0.1        # unseen users: never trained on, for evaluation

@@ -11,6 +11,15 @@ Variants:
   pickapic_sd15, pickapic_sdxl
               PPD on Pick-a-Pic v2 users: shards from python -m ppd_jax.data.precompute and a
               user-embedding store; set --config.data.shards and --config.data.user_embeddings.
+  multireward_sd15 and its Table 1 rows (Section 5.1): reward models as users, labels from
+              python -m ppd_jax.data.relabel (--config.data.relabel=RELABEL_DIR):
+    multireward_sd15          PPD, the reward users' VLM embeddings (data.user_embeddings)
+    multireward_sd15_onehot   PPD with a learned code per reward user (the ablation)
+    multireward_sd15_dpo      Diffusion-DPO on the union of the rewards' labels, no user
+    multireward_sd15_sft      SFT on the preferred images of the same pairs, no user
+    multireward_sd15_dpo_clip_h14 / _aesthetic / _hps_v2
+                              DPO on one reward's labels, no user (Table 1's upper bounds)
+  The base row is any of these runs sampled with the user branch off (evals/table1.py).
 """
 import ml_collections
 
@@ -171,6 +180,26 @@ def _pickapic(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigD
   return c
 
 
+def _multireward(c: ml_collections.ConfigDict, row: str) -> ml_collections.ConfigDict:
+  """PPD's multi-reward experiment on SD 1.5: one epoch of the relabelled pairs (~1000 steps at
+  768 pairs, the real-user schedule). `row` picks the Table 1 row."""
+  c = _pickapic(c, "sd15")
+  d = c.data
+  d.relabel = ""                    # --config.data.relabel=RELABEL_DIR (data/relabel.py)
+  if row == "onehot":
+    d.user_embedding = "onehot"
+  elif row != "ppd":                # the baselines see no user information
+    d.user_conditioning = False
+  if row == "sft":
+    c.loss = "sft"
+  if row.startswith("dpo_"):
+    d.relabel_rewards = row[len("dpo_"):]
+  return c
+
+
+_MULTIREWARD_ROWS = ("ppd", "onehot", "dpo", "sft", "dpo_clip_h14", "dpo_aesthetic", "dpo_hps_v2")
+
+
 _VARIANTS = {
     "demo": _demo, "demo_quick": _demo_quick, "tiny": _tiny,
     "sd15": lambda c: _stable_diffusion(c, "sd15"),
@@ -178,6 +207,8 @@ _VARIANTS = {
     "sdxl": lambda c: _stable_diffusion(c, "sdxl"),
     "pickapic_sd15": lambda c: _pickapic(c, "sd15"),
     "pickapic_sdxl": lambda c: _pickapic(c, "sdxl"),
+    **{("multireward_sd15" if row == "ppd" else f"multireward_sd15_{row}"):
+       (lambda c, row=row: _multireward(c, row)) for row in _MULTIREWARD_ROWS},
 }
 
 

@@ -64,10 +64,23 @@ def _user_shape_from_store(c: ml_collections.ConfigDict) -> None:
     return
   _require(c.data.source == "pickapic", "model.user_tokens", m.user_tokens,
            "0 (take the shape from the user store) needs data.source='pickapic'")
-  store = _open_store(c.data)
+  from ppd_jax.data import pickapic_source
+  from ppd_jax.data import shards
+  try:
+    shape = pickapic_source.user_shape(c.data) if _user_inputs(c.data) != "store" else None
+  except shards.ShardsError as e:
+    raise ConfigError(f"config.{e}") from e
+  if shape is None:
+    store = _open_store(c.data)
+    shape = (int(store.tokens), int(store.dim))
   with c.unlocked():
-    m.user_tokens = m.user_tokens or int(store.tokens)
-    m.user_embed_dim = m.user_embed_dim or int(store.dim)
+    m.user_tokens = m.user_tokens or shape[0]
+    m.user_embed_dim = m.user_embed_dim or shape[1]
+
+
+def _user_inputs(d) -> str:
+  """What feeds the user branch of a Pick-a-Pic run: "store", "onehot" or "none"."""
+  return "none" if not d.user_conditioning else d.get("user_embedding", "store")
 
 
 def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
@@ -223,6 +236,11 @@ def _validate_pickapic(c: ml_collections.ConfigDict, stage: str) -> None:
     manifest = shards.read_manifest(d.shards)
   except shards.ShardsError as e:
     raise ConfigError(f"config.data.shards={d.shards!r}: {e}") from e
+  _require(d.get("user_embedding", "store") in ("store", "onehot"), "data.user_embedding",
+           d.get("user_embedding"), "must be 'store' (the VLM's) or 'onehot' (a learned code "
+           "per reward user)")
+  _require(d.get("user_embedding", "store") != "onehot" or d.get("relabel"),
+           "data.user_embedding", "onehot", "needs data.relabel (one-hot codes of reward users)")
   if d.get("relabel"):
     import os
     from ppd_jax.data import reward_users
@@ -230,6 +248,13 @@ def _validate_pickapic(c: ml_collections.ConfigDict, stage: str) -> None:
     _require(os.path.exists(labels), "data.relabel", d.relabel,
              f"has no {reward_users.LABELS}: run python -m ppd_jax.data.relabel "
              f"--shards={d.shards} --out={d.relabel} to the end")
+    try:
+      reward_users.selected_ids(reward_users.read_summary(d.relabel),
+                                d.get("relabel_rewards", ""))
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from e
+  _require(not d.get("relabel_rewards") or d.get("relabel"), "data.relabel_rewards",
+           d.get("relabel_rewards"), "needs data.relabel")
   m = c.model
   made = manifest["model"]
   want = [m.sample_size, m.sample_size, m.in_channels]
@@ -243,6 +268,13 @@ def _validate_pickapic(c: ml_collections.ConfigDict, stage: str) -> None:
   if m.addition_embed_type == "text_time":
     _require("pooled_text_embedding" in manifest["text"]["keys"], "data.shards", d.shards,
              "holds no pooled text embeddings: it was not made for an SDXL model")
+  if _user_inputs(d) != "store":
+    from ppd_jax.data import pickapic_source
+    shape = pickapic_source.user_shape(d)
+    _require(tuple(shape) == (m.user_tokens, m.user_embed_dim), "model.user_embed_dim",
+             m.user_embed_dim, f"the {_user_inputs(d)} user inputs are [tokens, dim] = "
+             f"{list(shape)}; leave model.user_tokens / user_embed_dim at 0")
+    return
   store = _open_store(d)
   _require((store.tokens, store.dim) == (m.user_tokens, m.user_embed_dim),
            "data.user_embeddings", d.user_embeddings,

@@ -266,3 +266,50 @@ def test_the_pickapic_prompt_set_is_the_splits_unique_captions(folders):
     assert len(got) == len(set(got)) and set(got) == expected
   with pytest.raises(prompt_sets.PromptSetError, match="no .*records-dev.npz"):
     prompt_sets.read(f"pickapic:{folders['shards']}:dev")
+
+
+def _relabel_config(folders, **data):
+  c = pickapic_fixtures.config(folders["pretrained"], shards=folders["shards"],
+                               relabel=folders["relabel"], **data)
+  c.model.user_tokens = c.model.user_embed_dim = 0     # from the inputs, as the variants do
+  config_validation.prepare(c)
+  return c
+
+
+def test_onehot_codes_single_rewards_and_no_user(folders):
+  """The learned-code ablation feeds e_k to reward user -(k + 1); data.relabel_rewards keeps one
+  reward's pairs; user_conditioning=False feeds one zero embedding: no store in either."""
+  reward_users.build(folders["shards"], folders["relabel"], list(REWARDS), 0.0, "all", seed=0,
+                     log=lambda m: None)
+  labels = np.load(os.path.join(folders["relabel"], "labels-train.npz"))
+  c = _relabel_config(folders, user_embedding="onehot")
+  assert (c.model.user_tokens, c.model.user_embed_dim) == (1, len(REWARDS))
+  batch = pickapic_source.PickapicPairs(c, log=lambda m: None).gather(np.arange(6))
+  for u, e in zip(batch["user_id"], batch["user_embedding"]):
+    np.testing.assert_array_equal(e, np.eye(len(REWARDS))[[-u - 1]])
+  one = pickapic_source.PickapicPairs(_relabel_config(
+      folders, user_embedding="onehot", relabel_rewards="aesthetic"), log=lambda m: None)
+  assert len(one) == int((labels["user_id"] == -2).sum()) and set(one.record_user_ids) == {-2}
+  none = _relabel_config(folders, user_conditioning=False)
+  assert (none.model.user_tokens, none.model.user_embed_dim) == (1, 1)
+  source = pickapic_source.PickapicPairs(none, log=lambda m: None)
+  assert not source.gather(np.arange(4))["user_embedding"].any()
+  for data, message in ((dict(user_embedding="onehot", relabel=""), "needs data.relabel"),
+                        (dict(relabel_rewards="imagereward"), "imagereward.*not reward users"),
+                        (dict(user_embedding="learned"), "must be 'store'")):
+    c = pickapic_fixtures.config(folders["pretrained"], shards=folders["shards"],
+                                 **{"relabel": folders["relabel"], "user_conditioning": False,
+                                    **data})
+    with pytest.raises(config_validation.ConfigError, match=message):
+      config_validation.prepare(c)
+
+
+def test_a_reward_user_run_trains(folders, tmp_path):
+  """One step of the onehot Table 1 row from the relabelled shards, end to end."""
+  from ppd_jax import trainer
+  reward_users.build(folders["shards"], folders["relabel"], list(REWARDS), 0.0, "hash", seed=0,
+                     log=lambda m: None)
+  c = _relabel_config(folders, user_embedding="onehot")
+  c.total_steps, c.eval_every, c.batch_size = 1, 0, 8     # 8 pairs: one per fake device
+  state = trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  assert int(state.step) == 1 and int(state.skipped_updates) == 0

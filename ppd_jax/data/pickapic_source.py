@@ -13,6 +13,12 @@ With data.relabel = RELABEL_DIR (data/relabel.py, data/reward_users.py) the pair
 users' instead: labels-{split}.npz lists records (one per reward user that labels it) with that
 user's id and whether its stored (preferred, dispreferred) latents swap. The records themselves,
 and so the latents, are the shard folder's: nothing is recomputed or copied.
+data.relabel_rewards keeps some reward users only (a single-reward DPO row of Table 1).
+
+What reaches the user branch (`UserInputs`): the store's embedding of the pair's user
+(data.user_embedding = "store"), a one-hot code of its reward user ("onehot": the learned-code
+ablation), or, with data.user_conditioning = False (the Diffusion-DPO and SFT baselines), one
+all-zero embedding for every pair: no user information at all.
 """
 import os
 
@@ -20,6 +26,7 @@ import numpy as np
 
 from ppd_jax.data import pickapic
 from ppd_jax.data import records as records_lib
+from ppd_jax.data import reward_users
 from ppd_jax.data import shards
 from ppd_jax.users import store as store_lib
 
@@ -38,6 +45,40 @@ def check_profile_in_caption(folder: str, manifest: dict, wanted: bool) -> None:
         f"data.profile_in_caption={bool(wanted)}: its text conditioning holds "
         f"{'captions joined with profiles' if made else 'plain captions'}. Use shards made with "
         "the same setting (python -m ppd_jax.data.precompute), or change the config.")
+
+
+def user_shape(d, store_shape=None) -> tuple[int, int]:
+  """[tokens, dim] the user branch is fed: (1, R) for one-hot codes of R reward users, (1, 1) for
+  the zero embedding of unconditioned runs, else the store's (store_shape)."""
+  if not d.user_conditioning:
+    return 1, 1
+  if d.get("user_embedding", "store") == "onehot":
+    return 1, len(reward_users.read_summary(d.relabel)["rewards"])
+  return store_shape
+
+
+class UserInputs:
+  """User ids -> what the user branch sees (module docstring)."""
+
+  def __init__(self, d):
+    self.mode = ("none" if not d.user_conditioning else d.get("user_embedding", "store"))
+    self.store = (store_lib.UserEmbeddingStore(d.user_embeddings) if self.mode == "store"
+                  else None)
+    self.summary = reward_users.read_summary(d.relabel) if self.mode == "onehot" else None
+
+  def missing(self, user_ids: np.ndarray) -> np.ndarray:
+    return self.store.missing(user_ids) if self.store is not None else np.zeros(0, np.int64)
+
+  def get_many(self, user_ids: np.ndarray) -> np.ndarray:
+    if self.mode == "store":
+      return self.store.get_many(user_ids)
+    if self.mode == "onehot":
+      return reward_users.onehot(self.summary, user_ids)
+    return np.zeros((len(user_ids), 1, 1), np.float32)
+
+  @property
+  def path(self) -> str:
+    return self.store.path if self.store is not None else f"({self.mode} user inputs)"
 
 
 def _relabelled(folder: str, split: str, num_records: int) -> dict:
@@ -70,11 +111,15 @@ class PickapicPairs:
     rows, flip = np.arange(len(table["pair"])), np.zeros(len(table["pair"]), bool)
     if d.get("relabel"):
       labels = _relabelled(d.relabel, split, len(table["pair"]))
+      keep_users = reward_users.selected_ids(reward_users.read_summary(d.relabel),
+                                             d.get("relabel_rewards", ""))
+      labels = {k: v[np.isin(labels["user_id"], keep_users)] for k, v in labels.items()}
       rows, flip = labels["record"], labels["flip"]
       table = {**{k: v[rows] for k, v in table.items()}, "user_id": labels["user_id"]}
       log(f"pickapic: {split} labels of {len(np.unique(labels['user_id']))} reward users from "
           f"{d.relabel} ({int(flip.sum())} of {len(rows)} pairs swapped)")
-    self.store = store_lib.UserEmbeddingStore(d.user_embeddings)
+    self.inputs = UserInputs(d)
+    self.store = self.inputs.store          # the embedding store, if the inputs come from one
     keep = self._finite_text(table["caption_id"], log)
     keep[keep] = self._join(table["user_id"][keep], d.missing_user_embeddings, log)
     kept = np.flatnonzero(keep)
@@ -103,12 +148,12 @@ class PickapicPairs:
     return ok
 
   def _join(self, user_ids: np.ndarray, policy: str, log) -> np.ndarray:
-    missing = self.store.missing(np.unique(user_ids))
+    missing = self.inputs.missing(np.unique(user_ids))
     has = ~np.isin(user_ids, missing)
     if len(missing):
       shown = ", ".join(str(u) for u in missing[:20]) + (" ..." if len(missing) > 20 else "")
       what = (f"{int((~has).sum())} {self.split} pairs of {len(missing)} users have no embedding "
-              f"in {self.store.path}: users {shown}")
+              f"in {self.inputs.path}: users {shown}")
       if policy != "drop":
         raise MissingUserEmbeddings(
             f"{what}. Embed those users, or set config.data.missing_user_embeddings='drop'.")
@@ -144,7 +189,7 @@ class PickapicPairs:
            "dispreferred": np.where(swap, batch["preferred"], batch["dispreferred"]).astype(
                np.float32),
            **self.text.get(batch["caption_id"]),
-           "user_embedding": self.store.get_many(user_ids),
+           "user_embedding": self.inputs.get_many(user_ids),
            "user_id": user_ids,
            "pair": batch["pair"].astype(np.int64)}     # position in the index: provenance
     if self.with_time_ids:
@@ -153,8 +198,10 @@ class PickapicPairs:
 
   # --- what sampling and evaluation use -------------------------------------------------------
   def user_embedding(self, user_id: int) -> np.ndarray:
-    """[tokens, dim] float32 from the store (any user it has, seen in training or not)."""
-    return self.store[user_id]
+    """[tokens, dim] float32 (from the store: any user it has, seen in training or not)."""
+    if self.store is not None:
+      return self.store[user_id]
+    return self.inputs.get_many(np.array([user_id]))[0]
 
   @property
   def backbone(self):

@@ -97,3 +97,30 @@ def build(shard_dir: str, out: str, rewards: list[str], min_margin: float = 0.0,
           f"the margin, {c['failed']} failed), {c['flipped']} flipped")
   shards.write_json(os.path.join(out, LABELS), summary)
   return summary
+
+
+def read_summary(folder: str) -> dict:
+  path = os.path.join(folder, LABELS)
+  if not os.path.exists(path):
+    raise shards.ShardsError(f"data.relabel={folder}: no {LABELS} (python -m ppd_jax.data.relabel "
+                             "writes it once every pair is scored)")
+  return shards.read_json(path)
+
+
+def selected_ids(summary: dict, names: str) -> np.ndarray:
+  """data.relabel_rewards ("" = all, else comma-separated names) -> their reward user ids."""
+  wanted = [n.strip() for n in names.split(",") if n.strip()] or summary["rewards"]
+  unknown = [n for n in wanted if n not in summary["user_ids"]]
+  if unknown:
+    raise ValueError(f"data.relabel_rewards: {unknown} are not reward users of this relabel "
+                     f"folder ({', '.join(summary['rewards'])})")
+  return np.array([summary["user_ids"][n] for n in wanted], np.int64)
+
+
+def onehot(summary: dict, user_ids) -> np.ndarray:
+  """The learned-code ablation's input: reward user -(k + 1) -> e_k, [N, 1, R] float32 (the
+  trained projector turns it into that reward's code)."""
+  k = -np.asarray(user_ids, np.int64) - 1
+  out = np.zeros((len(k), 1, len(summary["rewards"])), np.float32)
+  out[np.arange(len(k)), 0, k] = 1.0
+  return out
