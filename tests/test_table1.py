@@ -174,14 +174,14 @@ def test_the_command_line(workdir, tmp_path):
   tiny_clip.save_clip(model)
   prompts = tmp_path / "PartiPrompts.tsv"
   prompts.write_text("Prompt\tCategory\tChallenge\tNote\n" +
-                     "".join(f"{p.text}\tArtifacts\tBasic\t\n" for p in PROMPTS[:3]))
+                     "".join(f"{p.text}\tArtifacts\tBasic\t\n" for p in PROMPTS[:2]))
   out = tmp_path / "t1"
   uid = next(iter(users.values()))
   cmd = [sys.executable, "-m", "ppd_jax.evals.table1", f"--out={out}", f"--prompts={prompts}",
-         f"--run=base={workdir}", f"--run=ppd={workdir}", "--rewards=clip_h14",
+         f"--run=ppd={workdir}", "--rewards=clip_h14",
          f"--model=clip_h14={model}", f"--reward_user=clip_h14={uid}", "--chunk=2"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   table = json.load(open(out / "table1.json"))
-  assert set(table["rows"]) == {"base", "ppd"} and table["rows"]["ppd"]["clip_h14"]["n"] == 3
+  assert set(table["rows"]) == {"ppd"} and table["rows"]["ppd"]["clip_h14"]["n"] == 2
