@@ -25,8 +25,10 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) -m ppd_jax.demo --workdir=$(WORKDIR)
 
+# Two pytest workers (pytest-xdist, in the [test] extra): most tests wait on single-threaded XLA
+# compiles, so two keep both cores busy. --dist loadscope keeps each module's fixtures on one worker.
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadscope tests
 
 clean:
 	rm -rf $(VENV) runs .jax_cache .ppd_cache
