@@ -106,6 +106,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.relabel = ""               # reward users' labels (data/relabel.py) instead of people's
   c.data.relabel_rewards = ""       # with relabel: only these reward users (comma list; "" all)
   c.data.user_embedding = "store"   # pickapic: "store" (data.user_embeddings) | "onehot" (codes)
+  c.data.user_sample = "first"      # store entry per pair: "first" (sample 0) | "random" (any)
   c.data.missing_user_embeddings = "error"   # pairs of users without one: "error" | "drop"
   c.data.validation_fraction = 0.05  # users held out for choosing hyper-parameters
   c.data.test_fraction = 0.1        # unseen users: never trained on, for evaluation

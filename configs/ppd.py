@@ -186,6 +186,9 @@ def _multireward(c: ml_collections.ConfigDict, row: str) -> ml_collections.Confi
   c = _pickapic(c, "sd15")
   d = c.data
   d.relabel = ""                    # --config.data.relabel=RELABEL_DIR (data/relabel.py)
+  # users.embed --pairs=RELABEL_DIR --samples=256 gives each reward user 256 embeddings of
+  # different 4-pair samples; each pair is shown with one of them, as people are with their own 4.
+  d.user_sample = "random"
   if row == "onehot":
     d.user_embedding = "onehot"
   elif row != "ppd":                # the baselines see no user information

@@ -239,6 +239,9 @@ def _validate_pickapic(c: ml_collections.ConfigDict, stage: str) -> None:
   _require(d.get("user_embedding", "store") in ("store", "onehot"), "data.user_embedding",
            d.get("user_embedding"), "must be 'store' (the VLM's) or 'onehot' (a learned code "
            "per reward user)")
+  _require(d.get("user_sample", "first") in ("first", "random"), "data.user_sample",
+           d.get("user_sample"), "must be 'first' (each user's sample 0) or 'random' (one of "
+           "the user's store entries per pair)")
   _require(d.get("user_embedding", "store") != "onehot" or d.get("relabel"),
            "data.user_embedding", "onehot", "needs data.relabel (one-hot codes of reward users)")
   if d.get("relabel"):

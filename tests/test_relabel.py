@@ -313,3 +313,67 @@ def test_a_reward_user_run_trains(folders, tmp_path):
   c.total_steps, c.eval_every, c.batch_size = 1, 0, 8     # 8 pairs: one per fake device
   state = trainer.train_and_evaluate(c, str(tmp_path / "run"))
   assert int(state.step) == 1 and int(state.skipped_updates) == 0
+
+
+def test_reward_users_embedded_from_many_samples_and_drawn_per_pair(folders, tmp_path):
+  """users.embed --pairs=RELABEL_DIR shows each reward user its pairs under its reward's labels
+  (checked against the JPEG scores), with several 4-pair samples per user; data.user_sample =
+  "random" shows each pair one of its user's entries, "first" always sample 0."""
+  from tiny_llava import save_tiny_llava
+  from ppd_jax.users import embed
+  from ppd_jax.users import reward_shots
+  from ppd_jax.users import shots as shots_lib
+  from ppd_jax.users import vlm as vlm_lib
+  reward_users.build(folders["shards"], folders["relabel"], list(REWARDS), 0.0, "all", seed=0,
+                     log=lambda m: None)
+  pairs = shots_lib.open_pairs(folders["relabel"], 4, split_params={}, log=lambda m: None)
+  assert isinstance(pairs, reward_shots.RewardUserShots)
+  assert pairs.users.tolist() == [-3, -2, -1]
+  labels = np.load(os.path.join(folders["relabel"], "labels-train.npz"))
+  records = np.load(os.path.join(folders["shards"], "records-train.npz"))["pair"]
+  some = pairs.candidates(-2)[:3] + pairs.candidates(-1)[:3]
+  index, truth = jpeg_scores(folders, records[labels["record"][some]])
+  for row, got in pairs.load(some).items():
+    assert int(labels["user_id"][row]) in (-2, -1)
+    s0, s1 = truth[int(records[labels["record"][row]])][REWARDS[-int(labels["user_id"][row]) - 1]]
+    assert got.preferred == 1 + int(s1 > s0)
+  assert sorted(pairs.candidates(-1)) == np.flatnonzero(labels["user_id"] == -1).tolist()
+
+  model = save_tiny_llava(str(tmp_path / "llava"))
+  out = str(tmp_path / "reward_users.safetensors")
+  opt = embed.Options(model=model, pairs=folders["relabel"], out=out, samples=5, batch_size=8,
+                      decoding=vlm_lib.Decoding(mode="greedy", max_new_tokens=3))
+  store = embed.run(opt, log=lambda m: None)
+  assert store.num_users == 3 and store.num_entries == 15
+  assert store.source["pairs"]["kind"] == "reward_users"
+  first = store.shot_ids[store.samples == 0]
+  assert [list(s) for s in first] == [pairs.candidates(u)[:4] for u in (-3, -2, -1)]
+  assert len({tuple(sorted(s)) for s in store.shot_ids[store.user_ids == -1]}) == 5
+
+  got = {}
+  for how in ("first", "random"):
+    c = pickapic_fixtures.config(folders["pretrained"], shards=folders["shards"],
+                                 user_embeddings=out, relabel=folders["relabel"], user_sample=how)
+    c.model.user_tokens = c.model.user_embed_dim = 0
+    config_validation.prepare(c)
+    source = pickapic_source.PickapicPairs(c, log=lambda m: None)
+    got[how] = source.gather(np.arange(len(source)))
+  emb = np.asarray(store.embeddings, np.float32)
+  for how, batch in got.items():
+    used = {}
+    for u, e in zip(batch["user_id"].tolist(), batch["user_embedding"]):
+      mine = np.flatnonzero(store.user_ids == u)
+      match = [int(store.samples[r]) for r in mine if np.array_equal(emb[r], e)]
+      assert match, (how, u)                     # always one of the user's own entries
+      used.setdefault(u, set()).add(match[0])
+    if how == "first":
+      assert all(s == {0} for s in used.values())
+    else:
+      assert all(len(s) >= 3 for s in used.values()), used
+  again = pickapic_source.PickapicPairs(c, log=lambda m: None).gather(np.arange(8))
+  np.testing.assert_array_equal(again["user_embedding"], got["random"]["user_embedding"][:8])
+  bad = pickapic_fixtures.config(folders["pretrained"], shards=folders["shards"],
+                                 user_embeddings=out, relabel=folders["relabel"],
+                                 user_sample="any")
+  with pytest.raises(config_validation.ConfigError, match="data.user_sample"):
+    config_validation.prepare(bad)

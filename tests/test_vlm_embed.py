@@ -237,7 +237,7 @@ def test_pickapic_input_uses_the_recorded_few_shot_pairs(world, tmp_path):
   for r in pickapic.read_pairs(index, np.arange(len(index.pairs["user_id"]))):
     try:
       for k in ("jpg_0", "jpg_1"):
-        shots._image(r[k], "")
+        shots.decode_image(r[k], "")
     except shots.UnreadablePair:
       bad.add(r["pair"])
   assert bad, "the fixture should hold corrupt JPEGs"

@@ -18,7 +18,12 @@ data.relabel_rewards keeps some reward users only (a single-reward DPO row of Ta
 What reaches the user branch (`UserInputs`): the store's embedding of the pair's user
 (data.user_embedding = "store"), a one-hot code of its reward user ("onehot": the learned-code
 ablation), or, with data.user_conditioning = False (the Diffusion-DPO and SFT baselines), one
-all-zero embedding for every pair: no user information at all.
+all-zero embedding for every pair: no user information at all. From a store, data.user_sample
+= "first" takes each user's sample 0 (the embedding of its recorded few-shot pairs), "random" one
+of the user's entries per pair, drawn by a seeded hash of its loader row, so a reward user embedded
+from 256 different 4-pair samples is seen through all of them, as people are through their own 4:
+
+    entry(pair i of user u) = first_entry(u) + hash(seed, i) mod entries(u)
 """
 import os
 
@@ -60,17 +65,33 @@ def user_shape(d, store_shape=None) -> tuple[int, int]:
 class UserInputs:
   """User ids -> what the user branch sees (module docstring)."""
 
-  def __init__(self, d):
+  def __init__(self, d, seed: int = 0):
     self.mode = ("none" if not d.user_conditioning else d.get("user_embedding", "store"))
     self.store = (store_lib.UserEmbeddingStore(d.user_embeddings) if self.mode == "store"
                   else None)
     self.summary = reward_users.read_summary(d.relabel) if self.mode == "onehot" else None
+    self.random_sample = self.mode == "store" and d.get("user_sample", "first") == "random"
+    self.seed = seed
 
   def missing(self, user_ids: np.ndarray) -> np.ndarray:
     return self.store.missing(user_ids) if self.store is not None else np.zeros(0, np.int64)
 
-  def get_many(self, user_ids: np.ndarray) -> np.ndarray:
+  def sampled_rows(self, user_ids: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """data.user_sample = "random": the store row each item (a loader row) is shown with,
+    first_entry(u) + hash(seed, item) mod entries(u)."""
+    ids = np.asarray(user_ids, np.int64)
+    first = np.searchsorted(self.store.user_ids, ids, side="left")
+    count = np.searchsorted(self.store.user_ids, ids, side="right") - first
+    draw = pickapic.seeded_hash(np.asarray(items, np.int64), self.seed, salt=0x05A7)
+    return first + (draw % count.astype(np.uint64)).astype(np.int64)
+
+  def get_many(self, user_ids: np.ndarray, items: np.ndarray | None = None) -> np.ndarray:
+    """[B] user ids (and, for the random draw, the loader rows they come from) -> [B, tokens,
+    dim] float32."""
     if self.mode == "store":
+      if self.random_sample and items is not None:
+        rows = self.sampled_rows(user_ids, items)
+        return np.asarray(self.store.embeddings[rows], dtype=np.float32)
       return self.store.get_many(user_ids)
     if self.mode == "onehot":
       return reward_users.onehot(self.summary, user_ids)
@@ -118,7 +139,7 @@ class PickapicPairs:
       table = {**{k: v[rows] for k, v in table.items()}, "user_id": labels["user_id"]}
       log(f"pickapic: {split} labels of {len(np.unique(labels['user_id']))} reward users from "
           f"{d.relabel} ({int(flip.sum())} of {len(rows)} pairs swapped)")
-    self.inputs = UserInputs(d)
+    self.inputs = UserInputs(d, seed=config.seed)
     self.store = self.inputs.store          # the embedding store, if the inputs come from one
     keep = self._finite_text(table["caption_id"], log)
     keep[keep] = self._join(table["user_id"][keep], d.missing_user_embeddings, log)
@@ -189,7 +210,7 @@ class PickapicPairs:
            "dispreferred": np.where(swap, batch["preferred"], batch["dispreferred"]).astype(
                np.float32),
            **self.text.get(batch["caption_id"]),
-           "user_embedding": self.inputs.get_many(user_ids),
+           "user_embedding": self.inputs.get_many(user_ids, idx),
            "user_id": user_ids,
            "pair": batch["pair"].astype(np.int64)}     # position in the index: provenance
     if self.with_time_ids:

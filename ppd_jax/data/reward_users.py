@@ -74,7 +74,7 @@ def build(shard_dir: str, out: str, rewards: list[str], min_margin: float = 0.0,
   for name in rewards:
     pairs, scores = relabel.read_scores(out, name)
     by_reward[name] = dict(zip(pairs.tolist(), scores))
-  summary = {"rewards": list(rewards), "user_ids": {n: user_id(k) for k, n in enumerate(rewards)},
+  summary = {"shards": os.path.abspath(shard_dir), "rewards": list(rewards), "user_ids": {n: user_id(k) for k, n in enumerate(rewards)},
              "min_margin": min_margin, "assign": assign, "seed": seed, "counts": {}}
   for split in relabel.SPLITS:
     path = os.path.join(shard_dir, f"records-{split}.npz")

@@ -1,7 +1,7 @@
 """Users' labelled pairs -> a user-embedding store (users/store.py), with LLaVA-OneVision.
 
   python -m ppd_jax.users.embed --model=llava-hf/llava-onevision-qwen2-7b-ov-hf \
-      --pairs=SHARDS_OR_PARQUET_OR_JSONL --out=users.safetensors \
+      --pairs=SHARDS_OR_PARQUET_OR_JSONL_OR_RELABEL_DIR --out=users.safetensors \
       [--layers=all|last --decoding=sample|greedy --samples=1 --sample_users=0 --batch_size=4
        --shard_index=0 --num_shards=1 --max_new_tokens=1024 --seed=0]
   python -m ppd_jax.users.merge --out=users.safetensors users-*-of-*.safetensors
@@ -260,8 +260,8 @@ def _define_flags():
   from absl import flags
   flags.DEFINE_string("model", None, "LLaVA-OneVision checkpoint: hub id or local folder")
   flags.DEFINE_string("pairs", None, "precompute output folder (its index), Pick-a-Pic parquet "
-                      "folder, or JSONL/JSON file of {user_id, caption, image_1, image_2, "
-                      "preferred}")
+                      "folder, JSONL/JSON file of {user_id, caption, image_1, image_2, "
+                      "preferred}, or a relabel folder (the reward users, Section 5.1)")
   flags.DEFINE_string("out", None, "the store to write (.safetensors)")
   flags.DEFINE_enum("layers", "all", list(vlm_lib.LAYERS),
                     "final-token state of every layer [L + 1, H] (authors' code) or the last "

@@ -23,8 +23,8 @@ def read_pairs(path: str, n: int, log=print) -> list[prompts.Pair]:
   out = []
   for r in rows:
     try:
-      out.append(prompts.Pair(r["caption"], shots._image(r["image_1"], r["where"]),
-                              shots._image(r["image_2"], r["where"]), r["preferred"]))
+      out.append(prompts.Pair(r["caption"], shots.decode_image(r["image_1"], r["where"]),
+                              shots.decode_image(r["image_2"], r["where"]), r["preferred"]))
     except shots.UnreadablePair as e:
       problems.append(str(e))
     if len(out) == n:

@@ -1,12 +1,14 @@
 """Which labelled pairs each user embedding is made from, and reading them.
 
-Two inputs (users/embed.py --pairs):
+Three inputs (users/embed.py --pairs):
   * Pick-a-Pic: a precompute output folder (its saved index/, so the shots are exactly the ones
     the training data recorded) or a parquet folder (indexed here with the config's split
     parameters). A pair's id is its position in the index, as in the training records.
   * A JSONL file (or a JSON list) of {"user_id", "caption", "image_1", "image_2", "preferred"
     (1 or 2)[, "pair_id"]} with image paths relative to the file. A pair's id is its "pair_id",
     else its 0-based line (list position).
+  * A relabel folder (data/relabel.py): the reward users, each shown its pairs under its
+    reward's labels (users/reward_shots.py). A pair's id is its row of labels-train.npz.
 
 Entry (user, sample 0) is the user's recorded few-shot pairs: the first N of its pairs in the
 reader's order (Pick-a-Pic: the seeded order of data/pickapic.py; JSONL: file order). Samples
@@ -46,7 +48,7 @@ class Entry:
     return f"{self.user_id}:{self.sample}"
 
 
-def _image(data, where: str) -> Image.Image:
+def decode_image(data, where: str) -> Image.Image:
   try:
     im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     im.load()
@@ -147,8 +149,8 @@ class JsonlPairs:
     for pid in pair_ids:
       r = self._rows[pid]
       try:
-        out[pid] = prompts.Pair(r["caption"], _image(r["image_1"], r["where"]),
-                                _image(r["image_2"], r["where"]), r["preferred"])
+        out[pid] = prompts.Pair(r["caption"], decode_image(r["image_1"], r["where"]),
+                                decode_image(r["image_2"], r["where"]), r["preferred"])
       except UnreadablePair as e:
         out[pid] = e
     return out
@@ -181,18 +183,22 @@ class PickapicShots:
     for r in pickapic.read_pairs(self.index, pair_ids):
       where = f"pair {r['pair']} of user {r['user_id']}"
       try:
-        out[r["pair"]] = prompts.Pair(r["caption"], _image(r["jpg_0"], where),
-                                      _image(r["jpg_1"], where), 1 + r["preferred"])
+        out[r["pair"]] = prompts.Pair(r["caption"], decode_image(r["jpg_0"], where),
+                                      decode_image(r["jpg_1"], where), 1 + r["preferred"])
       except UnreadablePair as e:
         out[r["pair"]] = e
     return out
 
 
 def open_pairs(path: str, shots: int, *, split_params: dict, log=print):
-  """--pairs -> JsonlPairs or PickapicShots (see the module docstring)."""
+  """--pairs -> JsonlPairs, PickapicShots or, for a relabel folder, the reward users'
+  RewardUserShots (users/reward_shots.py)."""
   from ppd_jax.data import pickapic
+  from ppd_jax.users import reward_shots
   if os.path.isfile(path):
     return JsonlPairs(path, shots, log)
+  if reward_shots.is_relabel_folder(path):
+    return reward_shots.RewardUserShots(path, shots)
   saved = os.path.join(path, "index")
   if os.path.exists(os.path.join(saved, "index.json")):
     index = pickapic.PickapicIndex.load(saved)
