@@ -107,6 +107,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.relabel_rewards = ""       # with relabel: only these reward users (comma list; "" all)
   c.data.user_embedding = "store"   # pickapic: "store" (data.user_embeddings) | "onehot" (codes)
   c.data.user_sample = "first"      # store entry per pair: "first" (sample 0) | "random" (any)
+  # synthetic_rewards source (data/synthetic_reward_users.py): the demo's reward users
+  c.data.reward_users = ("vivid", "airy", "contrast")
+  c.data.user_samples = 32          # few-shot embeddings per reward user (sample 0: first 4 pairs)
   c.data.missing_user_embeddings = "error"   # pairs of users without one: "error" | "drop"
   c.data.validation_fraction = 0.05  # users held out for choosing hyper-parameters
   c.data.test_fraction = 0.1        # unseen users: never trained on, for evaluation
@@ -134,4 +137,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   # of validation users, each with a fixed timestep and noise (seeded by eval.seed).
   c.eval.val_pairs = 256
   c.eval.val_batch_size = 0         # pairs per validation call; 0: batch_size / grad_accum_steps
+  return c
+
+
+TABLE1_ROWS = ("ppd", "onehot", "dpo", "sft")      # and dpo_<reward>: one reward's labels
+
+
+def table1_row(c: ml_collections.ConfigDict, row: str) -> ml_collections.ConfigDict:
+  """A reward-users run turned into one row of Table 1 (Section 5.1), in place: "ppd" as is,
+  "onehot" a learned code per reward user, "dpo" no user information, "sft" the same with the SFT
+  loss, "dpo_<reward>" no user and only that reward user's pairs (the upper bound)."""
+  if row not in TABLE1_ROWS and not row.startswith("dpo_"):
+    raise ValueError(f"Table 1 row {row!r}: one of {', '.join(TABLE1_ROWS)} or dpo_<reward>")
+  if row == "onehot":
+    c.data.user_embedding = "onehot"
+  elif row != "ppd":                # the baselines see no user information
+    c.data.user_conditioning = False
+  if row == "sft":
+    c.loss = "sft"
+  if row.startswith("dpo_"):
+    c.data.relabel_rewards = row[len("dpo_"):]
   return c

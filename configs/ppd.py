@@ -20,6 +20,9 @@ Variants:
     multireward_sd15_dpo_clip_h14 / _aesthetic / _hps_v2
                               DPO on one reward's labels, no user (Table 1's upper bounds)
   The base row is any of these runs sampled with the user branch off (evals/table1.py).
+  demo_multireward  the same experiment on a laptop: the demo world with three partly conflicting
+              property rewards as the users (python -m ppd_jax.demo.multireward)
+  demo_multireward_quick  the same at test size
 """
 import ml_collections
 
@@ -189,14 +192,42 @@ def _multireward(c: ml_collections.ConfigDict, row: str) -> ml_collections.Confi
   # users.embed --pairs=RELABEL_DIR --samples=256 gives each reward user 256 embeddings of
   # different 4-pair samples; each pair is shown with one of them, as people are with their own 4.
   d.user_sample = "random"
-  if row == "onehot":
-    d.user_embedding = "onehot"
-  elif row != "ppd":                # the baselines see no user information
-    d.user_conditioning = False
-  if row == "sft":
-    c.loss = "sft"
-  if row.startswith("dpo_"):
-    d.relabel_rewards = row[len("dpo_"):]
+  return common.table1_row(c, row)
+
+
+def _demo_multireward(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Section 5.1 on a laptop (python -m ppd_jax.demo.multireward): the demo's base and pool, three
+  partly conflicting property rewards as the users (data/synthetic_reward_users.py). The demo
+  trains every Table 1 row from this config (configs.common.table1_row)."""
+  c = _demo(c)
+  c.total_steps = 150
+  c.batch_size = 32
+  c.checkpoint_every = 150
+  c.eval_every = 0
+  d = c.data
+  d.source = "synthetic_rewards"
+  d.pairs_per_user = 1600           # per reward user: 4800 pairs, each trained on about once
+  d.user_sample = "random"
+  d.user_samples = 32
+  c.eval.multireward_repeats = 4    # Table 1 prompts: the 18 captions x 4 held-out seeds
+  c.eval.multireward_seed = 10_000  # x_T seeds never used for the pool
+  c.eval.grid = 5                   # barycentric grid: 5 rows, 15 mixes
+  c.eval.edge_steps = 5             # points along each edge of the triangle
+  c.eval.edge_repeats = 2           # edge prompts: the 18 captions x 2 seeds
+  return c
+
+
+def _demo_multireward_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The laptop experiment at test size (tests/test_multireward_demo.py)."""
+  c = _demo_multireward(c)
+  c.total_steps = 60
+  c.checkpoint_every = 60
+  c.data.pairs_per_user = 320
+  c.data.user_samples = 8
+  c.eval.multireward_repeats = 1
+  c.eval.grid = 3
+  c.eval.edge_steps = 3
+  c.eval.edge_repeats = 1
   return c
 
 
@@ -205,6 +236,7 @@ _MULTIREWARD_ROWS = ("ppd", "onehot", "dpo", "sft", "dpo_clip_h14", "dpo_aesthet
 
 _VARIANTS = {
     "demo": _demo, "demo_quick": _demo_quick, "tiny": _tiny,
+    "demo_multireward": _demo_multireward, "demo_multireward_quick": _demo_multireward_quick,
     "sd15": lambda c: _stable_diffusion(c, "sd15"),
     "sd21": lambda c: _stable_diffusion(c, "sd21"),
     "sdxl": lambda c: _stable_diffusion(c, "sdxl"),

@@ -165,8 +165,8 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
 
-  _require(c.data.source in ("synthetic", "pickapic"), "data.source", c.data.source,
-           "must be 'synthetic' or 'pickapic'")
+  _require(c.data.source in ("synthetic", "synthetic_rewards", "pickapic"), "data.source",
+           c.data.source, "must be 'synthetic', 'synthetic_rewards' or 'pickapic'")
   _validate_profile_in_caption(c)
   if c.data.source == "pickapic":
     _validate_pickapic(c, stage)
@@ -193,11 +193,38 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
              f"the few-shot embedder makes at most one token per pair: at most data.fewshot="
              f"{c.data.fewshot}")
 
+  if c.data.source == "synthetic_rewards":
+    _validate_synthetic_rewards(c)
+
   _require(c.sample.sampler in ("ddim", "euler", "dpmpp_2m"), "sample.sampler", c.sample.sampler,
            "must be 'ddim', 'euler' or 'dpmpp_2m'")
   _require(c.sample.guidance_scale >= 0, "sample.guidance_scale", c.sample.guidance_scale,
            "must be >= 0")
   _require(0 <= c.sample.eta <= 1, "sample.eta", c.sample.eta, "must be in [0, 1]")
+
+
+def _validate_synthetic_rewards(c: ml_collections.ConfigDict) -> None:
+  """The demo's reward users (data/synthetic_reward_users.py)."""
+  from ppd_jax.data import synthetic_reward_users as sru
+  d = c.data
+  names = tuple(d.reward_users)
+  _require(len(names) > 0 and len(set(names)) == len(names) and set(names) <= set(sru.REWARDS),
+           "data.reward_users", names, f"must be distinct names from {sorted(sru.REWARDS)}")
+  try:
+    sru.selected(names, d.get("relabel_rewards", ""))
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from e
+  _positive_int(c, "data.user_samples")
+  _require(d.get("user_sample", "first") in ("first", "random"), "data.user_sample",
+           d.get("user_sample"), "must be 'first' or 'random'")
+  _require(d.pairs_per_user >= d.fewshot, "data.pairs_per_user", d.pairs_per_user,
+           f"must be at least data.fewshot={d.fewshot}")
+  _require(d.get("user_embedding", "store") == "store", "data.user_embedding",
+           d.get("user_embedding"), "must be 'store' (the few-shot embedder's) for the demo's "
+           "reward users")
+  _require(c.model.user_tokens <= d.fewshot, "model.user_tokens", c.model.user_tokens,
+           f"the few-shot embedder makes at most one token per pair: at most data.fewshot="
+           f"{d.fewshot}")
 
 
 def _validate_training_safety(c: ml_collections.ConfigDict) -> None:

@@ -88,3 +88,18 @@ def generate(run: TrainedRun, prompts: Sequence[str], user_embedding: np.ndarray
       clip_sample=c.sample.clip_sample, sampler=sampler or c.sample.get("sampler", "ddim"),
       seed=seed, decode=run.source.backbone.to_images)
 
+
+
+def generate_mixes(run: TrainedRun, prompt: str, user_embeddings: np.ndarray, *,
+                   seed: int = 0) -> np.ndarray:
+  """Images [M, H, W, C] of one prompt for M user embeddings [M, tokens, dim], all from the same
+  x_T (image 0's noise of `seed`): an interpolation figure shows the embedding's effect alone."""
+  c = run.config
+  user = np.asarray(user_embeddings, np.float32)
+  noise = np.repeat(generation.initial_noise(seed, 1, c.model), len(user), axis=0)
+  return generation.sample_images(
+      run.model, run.schedule, run.params, run.source.encode_captions([prompt] * len(user)),
+      run.source.encode_captions([""]), noise, user, user_scale=1.0,
+      guidance_scale=c.sample.guidance_scale, num_steps=c.sample.num_steps, eta=c.sample.eta,
+      clip_sample=c.sample.clip_sample, sampler=c.sample.get("sampler", "ddim"), seed=seed,
+      decode=run.source.backbone.to_images)

@@ -57,3 +57,60 @@ def sample_grid(rows: list, captions: list, path: str, scale: int = 5, max_cols:
       tile = Image.fromarray(images_lib.to_uint8(np.asarray(images[j])))
       img.paste(tile.resize((s, s), Image.NEAREST), (label_w + j * (s + pad), top))
   _save(img, path)
+
+
+def _tile(image: np.ndarray, side: int) -> Image.Image:
+  tile = Image.fromarray(images_lib.to_uint8(np.asarray(image)))
+  return tile.resize((side, side), Image.NEAREST if tile.width < side else Image.BICUBIC)
+
+
+def triangle_grid(points: list, n: int, names: list, prompt: str, path: str) -> None:
+  """points: (row, position, weights, image) of evals/interpolate.barycentric; row r's r + 1
+  tiles centred under each other, so vertex 0 is at the top, 1 bottom left, 2 bottom right."""
+  side = int(np.clip(points[0][3].shape[0], 80, 192))
+  pad, head, foot = 6, 34, 22
+  width = n * (side + pad) + pad
+  img = Image.new("RGB", (width, head + n * (side + pad) + foot), "white")
+  d = ImageDraw.Draw(img)
+  d.text((pad, 4), f"{prompt!r}: mixes of {', '.join(names)}", fill="black")
+  d.text((width // 2 - 3 * len(names[0]), 18), names[0], fill="black")
+  for r, j, _, image in points:
+    x = pad + (n - 1 - r) * (side + pad) // 2 + j * (side + pad)
+    img.paste(_tile(image, side), (x, head + r * (side + pad)))
+  bottom = head + n * (side + pad) + 2
+  d.text((pad, bottom), names[1], fill="black")
+  d.text((width - pad - 6 * len(names[2]), bottom), names[2], fill="black")
+  _save(img, path)
+
+
+_COLOURS = ((52, 101, 164), (204, 121, 32), (78, 154, 6), (117, 80, 123), (164, 0, 0))
+
+
+def edge_curves(curves: list, rewards: list, path: str) -> None:
+  """One panel per edge k -> l: each reward's mean against t, in units of that reward's spread
+  over all points (rewards of different scales share an axis), with the raw range in the key."""
+  w, h, left, bottom, top = 300, 260, 40, 40, 46
+  img = Image.new("RGB", (w * len(curves), h), "white")
+  d = ImageDraw.Draw(img)
+  span = {}
+  for r in rewards:
+    vals = np.array([v for c in curves for v in c["means"][r]], np.float64)
+    span[r] = (vals.min(), max(vals.max() - vals.min(), 1e-12))
+  for p, c in enumerate(curves):
+    x0 = p * w
+    d.text((x0 + left, 6), f"{c['from']} -> {c['to']}", fill="black")
+    x = lambda t: x0 + left + t * (w - left - 16)
+    y = lambda v: h - bottom - v * (h - bottom - top)
+    d.rectangle([x(0), y(1), x(1), y(0)], outline=(200, 200, 200))
+    for t in (0.0, 0.5, 1.0):
+      d.text((x(t) - 8, h - bottom + 4), f"{t:.1f}", fill="black")
+    d.text((x0 + left, h - 18), "t (0: first user, 1: second)", fill="black")
+    for i, r in enumerate(rewards):
+      lo, s = span[r]
+      xy = [(x(t), y((v - lo) / s)) for t, v in zip(c["t"], c["means"][r])]
+      colour = _COLOURS[i % len(_COLOURS)]
+      d.line(xy, fill=colour, width=2)
+      for px, py in xy:
+        d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+      d.text((x0 + left + 2, 18 + 9 * i), f"{r} [{lo:.3g}, {lo + s:.3g}]", fill=colour)
+  _save(img, path)

@@ -1,0 +1,178 @@
+"""Interpolation among three reward users (Fig. 4, Figs 7-9): mixed embeddings at inference.
+
+  python -m ppd_jax.evals.interpolate --run=W[@STEP] --out=DIR --prompt="a red lighthouse" \
+      --edge_prompts=PROMPTS [--rewards=clip_h14,aesthetic,hps_v2] [--users=-1,-2,-3] \
+      [--grid=5] [--edge_steps=5] [--seed=0] [--model=REWARD=FOLDER] [--aesthetic_head=PATH]
+
+Vertex k is reward user k's embedding e_k (by default id -(k + 1), data/reward_users.py). A point
+of the triangle with barycentric weights (w_0, w_1, w_2), sum 1, is the embedding
+sum_k w_k e_k (inference.mix_users). Two outputs:
+  * grid.png: every point of the n-row barycentric grid, row r (0 at the top) holding
+    w = ((n-1-r), (r-j), j) / (n-1) for j = 0..r, one prompt, the same x_T for every point;
+  * edges.json / edges.png: along each edge k -> l, at t = 0, 1/(m-1), ..., 1, the embedding
+    (1 - t) e_k + t e_l generates the edge prompts (the same seeds at every t), and every reward's
+    mean score is plotted against t. PPD should trade reward k for reward l monotonically.
+Images and scores are kept per point (DIR/points/w<w0>_<w1>_<w2>/, shared by the edges that meet
+at a vertex), so a killed run redoes nothing it finished.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+from ppd_jax import images as image_io
+from ppd_jax.evals import plots
+from ppd_jax.evals import score_files
+from ppd_jax.evals import table1
+
+EDGES = ((0, 1), (1, 2), (2, 0))
+
+
+def barycentric(n: int) -> list[tuple[int, int, tuple[float, float, float]]]:
+  """(row, position, weights) of the n-row grid (module docstring)."""
+  if n < 2:
+    raise ValueError(f"--grid={n}: needs at least 2 rows (the vertices)")
+  return [(r, j, ((n - 1 - r) / (n - 1), (r - j) / (n - 1), j / (n - 1)))
+          for r in range(n) for j in range(r + 1)]
+
+
+def mix(embeddings, weights) -> np.ndarray:
+  """sum_k w_k e_k, weights summing to 1 (inference.mix_users on the given weights)."""
+  from ppd_jax import inference
+  keep = [(e, w) for e, w in zip(embeddings, weights) if w > 0]
+  return inference.mix_users([e for e, _ in keep], [w for _, w in keep])
+
+
+def _key(weights) -> str:
+  return "w" + "_".join(f"{w:.3f}" for w in weights)
+
+
+def grid(run, embeddings, prompt: str, seed: int, n: int, folder: str, log=print) -> list:
+  """[(row, position, weights, image [H, W, C] in [-1, 1])]; PNGs kept in folder/grid/."""
+  from ppd_jax import inference
+  points = barycentric(n)
+  where = os.path.join(folder, "grid")
+  os.makedirs(where, exist_ok=True)
+  paths = [os.path.join(where, f"r{r}_j{j}.png") for r, j, _ in points]
+  if not all(os.path.exists(p) for p in paths):
+    mixes = np.stack([mix(embeddings, w) for _, _, w in points])
+    made = inference.generate_mixes(run, prompt, mixes, seed=seed)
+    for p, image in zip(paths, made):
+      image_io.save_png(image, p)
+    log(f"interpolate: {len(points)} grid images of {prompt!r}")
+  loaded = [np.asarray(image_io.load_png(p), np.float32) for p in paths]
+  return [(r, j, w, im) for (r, j, w), im in zip(points, loaded)]
+
+
+def edges(run, embeddings, names, rewards: dict, prompts, seed: int, steps: int, folder: str,
+          chunk: int = 16, log=print) -> list[dict]:
+  """Per edge: {"from", "to", "t", "means": {reward: [steps]}, "ci95": {reward: [[lo, hi]]}}."""
+  if steps < 2:
+    raise ValueError(f"--edge_steps={steps}: needs at least 2 (the vertices)")
+  ts = np.linspace(0.0, 1.0, steps)
+  out = []
+  for a, b in EDGES:
+    curve = {"from": names[a], "to": names[b], "t": ts.tolist(),
+             "means": {r: [] for r in rewards}, "ci95": {r: [] for r in rewards}}
+    for t in ts:
+      w = [0.0, 0.0, 0.0]
+      w[a], w[b] = 1.0 - float(t), float(t)
+      where = os.path.join(folder, "points", _key(w))
+      paths = table1.generate_set(run, mix(embeddings, w), 1.0, prompts, where, seed, chunk,
+                                  log=lambda m: None)
+      for name, reward in rewards.items():
+        c = table1.cell(table1.score_set(paths, prompts, name, reward, where))
+        curve["means"][name].append(c["mean"])
+        curve["ci95"][name].append(c["ci95"])
+    log(f"interpolate: edge {names[a]} -> {names[b]}: " + "; ".join(
+        f"{r} {' '.join(f'{v:.3f}' for v in curve['means'][r])}" for r in rewards))
+    out.append(curve)
+  return out
+
+
+def monotone(values, tolerance: float = 0.0) -> str | None:
+  """"increasing" / "decreasing" when every step moves one way (a step back of at most
+  `tolerance` allowed), else None."""
+  d = np.diff(np.asarray(values, np.float64))
+  if (d >= -tolerance).all() and values[-1] > values[0]:
+    return "increasing"
+  if (d <= tolerance).all() and values[-1] < values[0]:
+    return "decreasing"
+  return None
+
+
+def run_all(run, embeddings, names, rewards: dict, prompt: str, edge_prompts, out: str, *,
+            seed: int = 0, n: int = 5, steps: int = 5, chunk: int = 16, log=print) -> dict:
+  """grid.png, edges.json and edges.png in out; returns edges.json's content."""
+  os.makedirs(out, exist_ok=True)
+  points = grid(run, embeddings, prompt, seed, n, out, log)
+  plots.triangle_grid(points, n, names, prompt, os.path.join(out, "grid.png"))
+  curves = edges(run, embeddings, names, rewards, edge_prompts, seed, steps, out, chunk, log)
+  for c in curves:
+    c["monotone"] = {r: monotone(c["means"][r]) for r in rewards}
+  result = {"vertices": list(names), "prompt": prompt, "grid": n, "seed": seed,
+            "edge_prompts": len(edge_prompts), "edges": curves}
+  score_files.write_json_atomic(os.path.join(out, "edges.json"), result)
+  plots.edge_curves(curves, list(rewards), os.path.join(out, "edges.png"))
+  return result
+
+
+def main(argv):
+  from absl import flags
+  from ppd_jax import checkpoint
+  from ppd_jax import inference
+  from ppd_jax.evals import prompt_sets
+  from ppd_jax.evals.rewards import registry
+  from ppd_jax.weights import hf_folder
+  del argv
+  f = flags.FLAGS
+  try:
+    names = [n.strip() for n in f.rewards.split(",") if n.strip()]
+    unknown = [n for n in names if n not in registry.SPECS]
+    if unknown or len(names) != 3:
+      raise table1.Table1Error(f"--rewards: three reward names, one per vertex, got {names} "
+                               f"(known: {', '.join(registry.NAMES)})")
+    users = ([int(u) for u in f.users.split(",")] if f.users else
+             [-(k + 1) for k in range(3)])
+    if len(users) != 3:
+      raise table1.Table1Error(f"--users={f.users!r}: three user ids, one per reward")
+    workdir, _, step = f.run.partition("@")
+    run = inference.load_trained(workdir, int(step) if step else None)
+    embeddings = []
+    for u in users:
+      try:
+        embeddings.append(run.source.user_embedding(u))
+      except KeyError as e:
+        raise table1.Table1Error(f"--users: {e}") from None
+    edge_prompts = prompt_sets.read(f.edge_prompts, f.num_prompts)
+    models = dict(v.partition("=")[::2] for v in f.model or ())
+    rewards = {n: registry.load(n, models.get(n) or None,
+                                f.aesthetic_head if n == "aesthetic" else None) for n in names}
+    result = run_all(run, embeddings, names, rewards, f.prompt, edge_prompts, f.out,
+                     seed=f.seed, n=f.grid, steps=f.edge_steps, chunk=f.chunk)
+  except (ValueError, checkpoint.CheckpointError, prompt_sets.PromptSetError,
+          registry.RewardConfigError, hf_folder.FolderError) as e:
+    sys.exit(f"ppd_jax.evals.interpolate: {e}")
+  print(json.dumps({c["from"] + "->" + c["to"]: c["monotone"] for c in result["edges"]}))
+
+
+if __name__ == "__main__":
+  from absl import app
+  from absl import flags
+  flags.DEFINE_string("run", None, "WORKDIR[@STEP] of a PPD run conditioned on reward users")
+  flags.DEFINE_string("out", None, "output folder (grid.png, edges.json, edges.png, points/)")
+  flags.DEFINE_string("prompt", None, "the grid's prompt")
+  flags.DEFINE_string("edge_prompts", None, "prompt set for the edge curves (TSV, .txt, .jsonl, "
+                      "pickapic:SHARD_DIR[:split])")
+  flags.DEFINE_integer("num_prompts", None, "use the first N edge prompts")
+  flags.DEFINE_string("rewards", "clip_h14,aesthetic,hps_v2", "the three rewards (vertices)")
+  flags.DEFINE_string("users", None, "the three reward users' ids (default -1,-2,-3)")
+  flags.DEFINE_multi_string("model", None, "REWARD=FOLDER: a reward's weights")
+  flags.DEFINE_string("aesthetic_head", None, "the aesthetic reward's head file")
+  flags.DEFINE_integer("grid", 5, "rows of the barycentric grid (n(n+1)/2 images)")
+  flags.DEFINE_integer("edge_steps", 5, "points along each edge, vertices included")
+  flags.DEFINE_integer("seed", 0, "x_T seed of the grid and of the first edge-prompt chunk")
+  flags.DEFINE_integer("chunk", 16, "prompts generated together (one seed per chunk)")
+  flags.mark_flags_as_required(["run", "out", "prompt", "edge_prompts"])
+  app.run(main)

@@ -1,0 +1,94 @@
+"""evals/interpolate.py on the tiny trained run, with three demo users as the vertices: the grid's
+weights, its images against plain generation of the mixed embedding from the same x_T, the edge
+curves against the scores of their own PNGs, resuming, and the monotonicity rule."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ppd_jax import images as image_io
+from ppd_jax import inference
+from ppd_jax.evals import interpolate
+from ppd_jax.evals import prompt_sets
+from ppd_jax.evals.rewards import hidden
+
+def as_png(x):
+  """What saving to PNG and reading back does to [-1, 1] images."""
+  return image_io.to_uint8(x).astype(np.float32) / 127.5 - 1.0
+
+
+PROMPTS = [prompt_sets.Prompt(t) for t in ("a red circle", "a blue square", "a green triangle")]
+
+
+def test_barycentric_grid_weights():
+  n = 4
+  points = interpolate.barycentric(n)
+  assert len(points) == n * (n + 1) // 2
+  w = np.array([p[2] for p in points])
+  np.testing.assert_allclose(w.sum(1), 1.0)
+  assert (w >= 0).all() and len({tuple(x) for x in w.round(6)}) == len(points)
+  by_place = {(r, j): x for (r, j, _), x in zip(points, w)}
+  np.testing.assert_allclose(by_place[(0, 0)], [1, 0, 0])          # top: vertex 0
+  np.testing.assert_allclose(by_place[(n - 1, 0)], [0, 1, 0])      # bottom left: vertex 1
+  np.testing.assert_allclose(by_place[(n - 1, n - 1)], [0, 0, 1])  # bottom right: vertex 2
+  np.testing.assert_allclose(by_place[(2, 1)], [1 / 3, 1 / 3, 1 / 3])
+  with pytest.raises(ValueError, match="--grid=1"):
+    interpolate.barycentric(1)
+
+
+def test_monotone():
+  assert interpolate.monotone([0.1, 0.2, 0.2, 0.5]) == "increasing"
+  assert interpolate.monotone([0.5, 0.3, 0.31, 0.1], tolerance=0.02) == "decreasing"
+  assert interpolate.monotone([0.5, 0.3, 0.31, 0.1]) is None
+  assert interpolate.monotone([0.1, 0.4, 0.2]) is None
+  assert interpolate.monotone([0.2, 0.2]) is None
+
+
+def test_grid_and_edges_on_a_trained_run(tiny_trained_run, tmp_path, monkeypatch):
+  run = inference.load_trained(tiny_trained_run)
+  users = [int(u) for u in run.source.train_user_ids[:3]]
+  names = [f"u{u}" for u in users]
+  rewards = {n: hidden.HiddenPropertyReward(run.source, u) for n, u in zip(names, users)}
+  embeddings = [run.source.user_embedding(u) for u in users]
+  out = str(tmp_path / "interp")
+  result = interpolate.run_all(run, embeddings, names, rewards, "a red circle", PROMPTS, out,
+                               seed=3, n=3, steps=3, chunk=2, log=lambda m: None)
+  for f in ("grid.png", "edges.png", "edges.json"):
+    assert os.path.getsize(os.path.join(out, f)) > 0
+  with open(os.path.join(out, "edges.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(result))
+
+  # Grid: each point is the plainly mixed embedding, generated from the same x_T (seed 3, image 0).
+  for r, j, w in interpolate.barycentric(3):
+    if (r, j) not in ((0, 0), (2, 1), (1, 1)):
+      continue
+    mixed = sum(wk * e for wk, e in zip(w, embeddings))
+    expected = inference.generate(run, ["a red circle"], mixed, seed=3)[0]
+    got = image_io.load_png(os.path.join(out, "grid", f"r{r}_j{j}.png"))
+    assert np.abs(got - as_png(expected)).max() <= 1 / 127.5 + 1e-6
+  # Grid points differ: the embedding, not the noise, changes along the grid.
+  top, left = (image_io.load_png(os.path.join(out, "grid", p)) for p in ("r0_j0.png", "r2_j0.png"))
+  assert np.abs(top - left).max() > 0.05
+
+  # Edges: t = 0.5 on edge 1 -> 2 is (e_1 + e_2) / 2 on every prompt; its means are its PNGs'.
+  edge = result["edges"][1]
+  assert (edge["from"], edge["to"], edge["t"]) == (names[1], names[2], [0.0, 0.5, 1.0])
+  half = 0.5 * embeddings[1] + 0.5 * embeddings[2]
+  images = np.concatenate([inference.generate(run, [p.text for p in PROMPTS[c:c + 2]], half,
+                                              seed=3 + c // 2) for c in (0, 2)])
+  for n, reward in rewards.items():
+    np.testing.assert_allclose(edge["means"][n][1],
+                               reward.score(as_png(images)).mean(), atol=1e-5)
+  # Vertices are shared by the edges that meet there: the end of 0 -> 1 is the start of 1 -> 2.
+  for n in names:
+    assert result["edges"][0]["means"][n][-1] == edge["means"][n][0]
+
+  # Resuming: nothing is generated or scored again.
+  def refuse(*a, **k):
+    raise AssertionError("regenerated")
+  monkeypatch.setattr(inference, "generate", refuse)
+  monkeypatch.setattr(inference, "generate_mixes", refuse)
+  again = interpolate.run_all(run, embeddings, names, rewards, "a red circle", PROMPTS, out,
+                              seed=3, n=3, steps=3, chunk=2, log=lambda m: None)
+  assert again == result

@@ -1,0 +1,92 @@
+"""Section 5.1 on a laptop (ppd_jax.demo.multireward, data/synthetic_reward_users.py): the reward
+users' labels against the rewards written out here, their partial conflict, their embeddings, the
+rows' configs, and the whole experiment at test size with the claims the README makes."""
+import os
+
+import numpy as np
+import pytest
+
+from configs import ppd
+from ppd_jax import config_validation
+from ppd_jax.data import shape_properties
+from ppd_jax.data import synthetic_reward_users as sru
+from ppd_jax.demo import multireward
+from ppd_jax.users import fewshot
+
+# The rewards, written out: (size, brightness, background) weights before normalising.
+WRITTEN = {"vivid": (1, 1, 0), "airy": (-1, 0, 1), "contrast": (0, 1, -1)}
+
+
+def quick(**data):
+  c = ppd.get_config("demo_multireward_quick")
+  for k, v in data.items():
+    setattr(c.data, k, v)
+  config_validation.prepare(c)
+  return c
+
+
+@pytest.fixture(scope="module")
+def source():
+  return sru.RewardUserPreferences(quick(), log=lambda m: None)
+
+
+def _rewards(source, images):
+  """Each written-out reward of images, from the measured properties standardised over the pool."""
+  cols = [shape_properties.PROPERTIES.index(p) for p in ("size", "brightness", "background")]
+  pool = shape_properties.measure(source.pool_images)[:, cols]
+  x = (shape_properties.measure(images)[:, cols] - pool.mean(0)) / pool.std(0)
+  return {n: x @ (np.array(w) / np.linalg.norm(w)) for n, w in WRITTEN.items()}
+
+
+def test_labels_are_the_rewards_and_the_rewards_partly_conflict(source):
+  r = _rewards(source, source.pool_images)
+  corr = np.corrcoef(np.stack([r[n] for n in source.names]))
+  off = corr[np.triu_indices(3, 1)]
+  assert (np.abs(off) < 0.8).all() and off.min() < -0.1 and off.max() > 0.1, corr
+  batch = source.gather(np.arange(len(source)))
+  assert sorted(set(batch["user_id"].tolist())) == [-3, -2, -1]
+  for k, n in enumerate(source.names):
+    mine = batch["user_id"] == -(k + 1)
+    win = _rewards(source, source.pool_images[source.winner_index[k]])[n]
+    lose = _rewards(source, source.pool_images[source.loser_index[k]])[n]
+    assert (win > lose).all()                            # every label is the reward's own
+    np.testing.assert_array_equal(batch["preferred"][mine],
+                                  source.pool_latents[source.winner_index[k]])
+    np.testing.assert_allclose(source.user_reward(-(k + 1), source.pool_images[:20]),
+                               r[n][:20], atol=1e-4)
+  # No one model serves all three: the best image for one reward is not the best for another.
+  best = {n: int(np.argmax(r[n])) for n in source.names}
+  assert len(set(best.values())) == 3
+
+
+def test_embeddings_rows_and_bad_configs(source):
+  k = 1
+  win, lose = source.winner_index[k][:4], source.loser_index[k][:4]
+  direct = fewshot.embed_user(source.pool_images[win], source.pool_images[lose],
+                              [source.captions[c] for c in source.pool_caption_ids[win]],
+                              4, 16)
+  np.testing.assert_array_equal(source.user_embedding(-2), direct)
+  batch = source.gather(np.arange(len(source)))
+  mine = batch["user_embedding"][batch["user_id"] == -2]
+  distinct = np.unique(mine.reshape(len(mine), -1), axis=0)
+  assert 3 <= len(distinct) <= quick().data.user_samples        # random: several 4-pair samples
+  first = sru.RewardUserPreferences(quick(user_sample="first"), log=lambda m: None)
+  e = first.gather(np.arange(len(first)))
+  assert (e["user_embedding"][e["user_id"] == -2] == direct).all()
+  one = sru.RewardUserPreferences(multireward.row_config(quick(), "dpo_airy"), log=lambda m: None)
+  assert set(one.gather(np.arange(len(one)))["user_id"].tolist()) == {-2}
+  assert len(one) == len(source) // 3
+  dpo = sru.RewardUserPreferences(multireward.row_config(quick(), "diffusion_dpo"),
+                                  log=lambda m: None)
+  b = dpo.gather(np.arange(0, len(dpo), 50))["user_embedding"]
+  assert (b == b[:1]).all()                                       # no user information
+  assert multireward.row_config(quick(), "sft").loss == "sft"
+  for field, value, message in (("reward_users", ("vivid", "clip"), "data.reward_users"),
+                                ("relabel_rewards", "pickscore", "data.relabel_rewards"),
+                                ("user_sample", "all", "data.user_sample")):
+    c = ppd.get_config("demo_multireward_quick")
+    setattr(c.data, field, value)
+    with pytest.raises(config_validation.ConfigError, match=message):
+      config_validation.prepare(c)
+  with pytest.raises(KeyError, match="reward users are -1 \\(vivid\\)"):
+    source.user_embedding(5)
