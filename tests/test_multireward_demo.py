@@ -1,6 +1,7 @@
-"""Section 5.1 on a laptop (ppd_jax.demo.multireward, data/synthetic_reward_users.py): the reward
-users' labels against the rewards written out here, their partial conflict, their embeddings, the
-rows' configs, and the whole experiment at test size with the claims the README makes."""
+"""Section 5.1 on a laptop (ppd_jax.demo.multireward, data/demo_world/synthetic_reward_users.py):
+the reward users' labels against the rewards written out here, their partial conflict, their
+embeddings, the rows' configs, and the whole experiment at test size with the claims the README
+makes."""
 import os
 
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 
 from configs import ppd
 from ppd_jax import config_validation
-from ppd_jax.data import shape_properties
-from ppd_jax.data import synthetic_reward_users as sru
+from ppd_jax.data.demo_world import shape_properties
+from ppd_jax.data.demo_world import synthetic_reward_users as sru
 from ppd_jax.demo import multireward
 from ppd_jax.users import fewshot
 
@@ -27,7 +28,7 @@ def quick(**data):
 
 @pytest.fixture(scope="module")
 def source():
-  return sru.RewardUserPreferences(quick(), log=lambda m: None)
+  return sru.RewardUserPreferences(quick(user_sample="random"), log=lambda m: None)
 
 
 def _rewards(source, images):
@@ -90,3 +91,39 @@ def test_embeddings_rows_and_bad_configs(source):
       config_validation.prepare(c)
   with pytest.raises(KeyError, match="reward users are -1 \\(vivid\\)"):
     source.user_embedding(5)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+  """The laptop experiment at test size (configs/ppd.py:demo_multireward_quick)."""
+  workdir = str(tmp_path_factory.mktemp("multireward"))
+  c = ppd.get_config("demo_multireward_quick")
+  return workdir, multireward.run(c, workdir, log=lambda m: None)
+
+
+def test_the_experiment_at_test_size(experiment, monkeypatch):
+  """The claims the README makes for the laptop experiment, at test size."""
+  workdir, results = experiment
+  t, rewards = results["table"], ("vivid", "airy", "contrast")
+  for r in rewards:
+    assert t["ppd"][r] > t["diffusion_dpo"][r], (r, t)
+    assert t["ppd"][r] > t["base"][r], (r, t)
+    # SFT, unanchored by a reference, drifts to big shapes on light grounds: vivid's direction,
+    # so on vivid it can match PPD (README, "On a laptop"); on the other two it falls below base.
+    if r != "vivid":
+      assert t["ppd"][r] > t["sft"][r] and t["sft"][r] < t["base"][r], (r, t)
+    # Within the stated distance of the single-reward upper bound: at least a third of its gain.
+    assert results["upper_bound_share"][r] >= multireward.UPPER_BOUND_SHARE, results
+  assert all(results["edges_monotone"].values()), results["edges_monotone"]
+  for f in ("results.json", "table1/table1.json", "table1/table1.md", "interpolation/grid.png",
+            "interpolation/edges.png", "interpolation/edges.json"):
+    assert os.path.getsize(os.path.join(workdir, f)) > 0
+
+  # Rerun: every run restored, every image and score read back, nothing made again.
+  from ppd_jax import inference
+  def refuse(*a, **k):
+    raise AssertionError("generated again")
+  monkeypatch.setattr(inference, "generate", refuse)
+  monkeypatch.setattr(inference, "generate_mixes", refuse)
+  again = multireward.run(ppd.get_config("demo_multireward_quick"), workdir, log=lambda m: None)
+  assert again["table"] == results["table"]

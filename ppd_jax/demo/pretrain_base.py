@@ -4,10 +4,11 @@
 
 Plain epsilon-prediction diffusion training of every base parameter (the user branch is not built):
     L = E_{x0, c, t, eps} || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c) ||^2
-on freshly rendered images of data/synthetic.py (a new batch every step, so no over-fitting), their
-captions through the world's fixed text encoder, and the empty caption 10% of the time so that
-classifier-free guidance works. The file keeps an exponential moving average of the weights, which
-samples far better than the last iterate of so short a run. Deterministic for a given --seed.
+on freshly rendered images of data/demo_world/synthetic.py (a new batch every step, so no
+over-fitting), their captions through the world's fixed text encoder, and the empty caption 10% of
+the time so that classifier-free guidance works. The file keeps an exponential moving average of the
+weights, which samples far better than the last iterate of so short a run. Deterministic for a given
+--seed.
 
 The packaged ppd_jax/demo/base_16px.npz was made by this command on a 2-core CPU (see its
 `__meta__` for steps, time and loss); the demo only loads it, so its minutes go to PPD.
@@ -21,7 +22,7 @@ import optax
 from absl import app, flags
 
 from configs import ppd
-from ppd_jax.data import synthetic
+from ppd_jax.data.demo_world import synthetic
 from ppd_jax.diffusion import schedules
 from ppd_jax.models import base_weights, build_model, init_params, split_params
 

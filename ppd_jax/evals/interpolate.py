@@ -103,15 +103,18 @@ def monotone(values, tolerance: float = 0.0) -> str | None:
 
 
 def run_all(run, embeddings, names, rewards: dict, prompt: str, edge_prompts, out: str, *,
-            seed: int = 0, n: int = 5, steps: int = 5, chunk: int = 16, log=print) -> dict:
-  """grid.png, edges.json and edges.png in out; returns edges.json's content."""
+            seed: int = 0, n: int = 5, steps: int = 5, chunk: int = 16, tolerance: float = 0.0,
+            log=print) -> dict:
+  """grid.png, edges.json and edges.png in out; returns edges.json's content. A curve counts as
+  monotone when no step goes back by more than `tolerance` (in the reward's units)."""
   os.makedirs(out, exist_ok=True)
   points = grid(run, embeddings, prompt, seed, n, out, log)
   plots.triangle_grid(points, n, names, prompt, os.path.join(out, "grid.png"))
   curves = edges(run, embeddings, names, rewards, edge_prompts, seed, steps, out, chunk, log)
   for c in curves:
-    c["monotone"] = {r: monotone(c["means"][r]) for r in rewards}
+    c["monotone"] = {r: monotone(c["means"][r], tolerance) for r in rewards}
   result = {"vertices": list(names), "prompt": prompt, "grid": n, "seed": seed,
+            "monotone_tolerance": tolerance,
             "edge_prompts": len(edge_prompts), "edges": curves}
   score_files.write_json_atomic(os.path.join(out, "edges.json"), result)
   plots.edge_curves(curves, list(rewards), os.path.join(out, "edges.png"))
@@ -128,11 +131,9 @@ def main(argv):
   del argv
   f = flags.FLAGS
   try:
-    names = [n.strip() for n in f.rewards.split(",") if n.strip()]
-    unknown = [n for n in names if n not in registry.SPECS]
-    if unknown or len(names) != 3:
-      raise table1.Table1Error(f"--rewards: three reward names, one per vertex, got {names} "
-                               f"(known: {', '.join(registry.NAMES)})")
+    names = table1.reward_names(f.rewards)
+    if len(names) != 3:
+      raise table1.Table1Error(f"--rewards: three reward names, one per vertex, got {names}")
     users = ([int(u) for u in f.users.split(",")] if f.users else
              [-(k + 1) for k in range(3)])
     if len(users) != 3:
@@ -146,11 +147,10 @@ def main(argv):
       except KeyError as e:
         raise table1.Table1Error(f"--users: {e}") from None
     edge_prompts = prompt_sets.read(f.edge_prompts, f.num_prompts)
-    models = dict(v.partition("=")[::2] for v in f.model or ())
-    rewards = {n: registry.load(n, models.get(n) or None,
-                                f.aesthetic_head if n == "aesthetic" else None) for n in names}
+    rewards = table1.load_rewards(names, f.model, f.aesthetic_head)
     result = run_all(run, embeddings, names, rewards, f.prompt, edge_prompts, f.out,
-                     seed=f.seed, n=f.grid, steps=f.edge_steps, chunk=f.chunk)
+                     seed=f.seed, n=f.grid, steps=f.edge_steps, chunk=f.chunk,
+                     tolerance=f.tolerance)
   except (ValueError, checkpoint.CheckpointError, prompt_sets.PromptSetError,
           registry.RewardConfigError, hf_folder.FolderError) as e:
     sys.exit(f"ppd_jax.evals.interpolate: {e}")
@@ -174,5 +174,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("edge_steps", 5, "points along each edge, vertices included")
   flags.DEFINE_integer("seed", 0, "x_T seed of the grid and of the first edge-prompt chunk")
   flags.DEFINE_integer("chunk", 16, "prompts generated together (one seed per chunk)")
+  flags.DEFINE_float("tolerance", 0.0, "a curve is monotone if no step goes back by more")
   flags.mark_flags_as_required(["run", "out", "prompt", "edge_prompts"])
   app.run(main)

@@ -197,6 +197,25 @@ def markdown(table: dict) -> str:
   return "\n".join(lines) + f"\n\nmean [95% CI] over {table['prompts']} prompts\n"
 
 
+def reward_names(spec: str) -> list[str]:
+  """--rewards=a,b,c -> the names, each checked against the registry."""
+  from ppd_jax.evals.rewards import registry
+  names = [n.strip() for n in spec.split(",") if n.strip()]
+  unknown = [n for n in names if n not in registry.SPECS]
+  if unknown or not names:
+    raise Table1Error(f"--rewards: unknown reward(s) {unknown} (one of "
+                      f"{', '.join(registry.NAMES)})")
+  return names
+
+
+def load_rewards(names, model_values, aesthetic_head) -> dict:
+  """The rewards, with --model=REWARD=FOLDER and --aesthetic_head where given."""
+  from ppd_jax.evals.rewards import registry
+  models = dict(v.partition("=")[::2] for v in model_values or ())
+  return {n: registry.load(n, models.get(n) or None, aesthetic_head if n == "aesthetic" else None)
+          for n in names}
+
+
 def main(argv):
   from absl import flags
   from ppd_jax import checkpoint
@@ -205,11 +224,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   try:
-    names = [n.strip() for n in f.rewards.split(",") if n.strip()]
-    unknown = [n for n in names if n not in registry.SPECS]
-    if unknown or not names:
-      raise Table1Error(f"--rewards: unknown reward(s) {unknown} (one of "
-                        f"{', '.join(registry.NAMES)})")
+    names = reward_names(f.rewards)
     specs = parse_runs(f.run, names)
     users = {n: -(k + 1) for k, n in enumerate(names)}
     for value in f.reward_user or ():
@@ -219,9 +234,7 @@ def main(argv):
       users[name] = int(uid)
     prompts = prompt_sets.read(f.prompts, f.num_prompts)
     val = prompt_sets.read(f.val_prompts, f.num_prompts) if f.val_prompts else None
-    models = dict(v.partition("=")[::2] for v in f.model or ())
-    rewards = {n: registry.load(n, models.get(n) or None,
-                                f.aesthetic_head if n == "aesthetic" else None) for n in names}
+    rewards = load_rewards(names, f.model, f.aesthetic_head)
     table = build_table(specs, prompts, val, rewards, users, f.out, f.seed, f.chunk)
   except (Table1Error, prompt_sets.PromptSetError, registry.RewardConfigError,
           hf_folder.FolderError, checkpoint.CheckpointError, score_files.ScoreInputError) as e:

@@ -1,8 +1,8 @@
 """Synthetic users and their preference pairs over the frozen base's own samples.
 
 Users. User u has a hidden unit weight vector w_u over `data.reward_properties` (some of the shape
-properties of data/shape_properties.py), each standardised over the pool; its reward for an image
-is
+properties of data/demo_world/shape_properties.py), each standardised over the pool; its reward
+for an image is
 
     r_u(image) = w_u . standardise(measure(image))
 
@@ -12,18 +12,19 @@ apart, only the user embedding can. Ids 0..num_users-1 are training users, the n
 num_unseen_users are held out (never in a training record).
 
 Pairs. Each user labels `pairs_per_user` pairs: a random caption, two distinct pool images of it
-(data/base_pool.py: samples of the frozen base), the one of higher reward preferred. Candidate
-pairs whose reward gap is below `data.min_reward_gap` are skipped, so every label is a clear one. A
-user's first `fewshot` pairs make its embedding (users/fewshot.py, which sees images only).
+(data/demo_world/base_pool.py: samples of the frozen base), the one of higher reward preferred.
+Candidate pairs whose reward gap is below `data.min_reward_gap` are skipped, so every label is a
+clear one. A user's first `fewshot` pairs make its embedding (users/fewshot.py, which sees images
+only).
 
 With data.user_conditioning False (the Diffusion-DPO baseline) every record and every user get
 one constant embedding: the same pairs, the same trainable branch, no information about the user.
 """
 import numpy as np
 
-from ppd_jax.data import base_pool
-from ppd_jax.data import shape_properties
-from ppd_jax.data import synthetic
+from ppd_jax.data.demo_world import base_pool
+from ppd_jax.data.demo_world import shape_properties
+from ppd_jax.data.demo_world import synthetic
 from ppd_jax.users import fewshot
 
 _STREAM_USERS, _STREAM_PAIRS, _STREAM_CONSTANT = 1, 2, 3
@@ -98,10 +99,8 @@ class SyntheticPreferences:
     self.pool_images, self.pool_caption_ids = pool.images, pool.caption_ids
     self.pool_latents = pool.latents
     self.reward_properties = tuple(d.reward_properties)
-    self._columns = [shape_properties.PROPERTIES.index(p) for p in self.reward_properties]
-    measured = shape_properties.measure(pool.images)[:, self._columns]
-    self.standardize = shape_properties.Standardizer(measured)
-    self.pool_features = self.standardize(measured)
+    self.features = shape_properties.PropertyFeatures(pool.images, self.reward_properties)
+    self.pool_features = self.features(pool.images)
 
     # Hidden ground truth: evaluation and labelling use it (user_reward), the embedder never does.
     self.user_weights = opposed_user_weights(
@@ -174,10 +173,6 @@ class SyntheticPreferences:
     """[N] float32 hidden reward of images [N, S, S, 3] (evaluation and labelling only)."""
     self.check_user(user_id)
     return self.features(images) @ self.user_weights[user_id]
-
-  def features(self, images: np.ndarray) -> np.ndarray:
-    """[N, len(reward_properties)] standardised properties the users' rewards weigh."""
-    return self.standardize(shape_properties.measure(images)[:, self._columns])
 
   def user_pairs(self, user_id: int) -> dict:
     """All pairs of one user (training or unseen): images, captions and pool indices."""

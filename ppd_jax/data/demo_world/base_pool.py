@@ -2,7 +2,8 @@
 
 For every caption of the shape world, `data.pool_per_caption` images are sampled from the frozen
 base (config.model.base) with the run's sampler settings and seed. Users' pairs are two pool images
-of one caption (data/synthetic.py), so what DPO learns to prefer is what the base really draws.
+of one caption (data/demo_world/synthetic.py), so what DPO learns to prefer is what the base
+really draws.
 
 Sampling a pool costs about a minute on a 2-core CPU for the demo, so the result is cached under
 $PPD_JAX_CACHE (default ~/.cache/ppd_jax) by a hash of everything it depends on: training, the
@@ -18,7 +19,7 @@ import time
 import numpy as np
 
 from ppd_jax.data import shards
-from ppd_jax.data import synthetic
+from ppd_jax.data.demo_world import synthetic
 
 _VERSION = 2   # 2: latents stored beside the decoded images
 _STREAM_POOL_NOISE = 7

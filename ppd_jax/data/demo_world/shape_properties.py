@@ -45,3 +45,15 @@ class Standardizer:
 
   def __call__(self, properties: np.ndarray) -> np.ndarray:
     return ((properties - self.mean) / self.std).astype(np.float32)
+
+
+class PropertyFeatures:
+  """Images -> some of the properties, standardised over a reference set (the pool): what the
+  synthetic users' and reward users' hidden rewards weigh."""
+
+  def __init__(self, reference_images: np.ndarray, properties):
+    self.columns = [PROPERTIES.index(p) for p in properties]
+    self.standardize = Standardizer(measure(reference_images)[:, self.columns])
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    return self.standardize(measure(images)[:, self.columns])

@@ -6,7 +6,7 @@ Three rewards over the shape properties that partly conflict, as CLIP, Aesthetic
     airy      r = (background - size) / sqrt 2           small shapes on a light ground
     contrast  r = (brightness - background) / sqrt 2     bright shapes on a dark ground
 
-on standardised properties (data/shape_properties.py), so corr(vivid, airy) = -1/2,
+on standardised properties (data/demo_world/shape_properties.py), so corr(vivid, airy) = -1/2,
 corr(vivid, contrast) = +1/2, corr(airy, contrast) = -1/2. No one image maximises all three, so a
 model that ignores the user cannot serve them all: Diffusion-DPO on the union of their labels
 learns the mean direction (brightness only), which leaves airy where it was.
@@ -22,11 +22,11 @@ keeps some reward users' pairs (the single-reward upper bounds of Table 1).
 """
 import numpy as np
 
-from ppd_jax.data import base_pool
+from ppd_jax.data.demo_world import base_pool
 from ppd_jax.data import pickapic
-from ppd_jax.data import shape_properties
-from ppd_jax.data import synthetic
-from ppd_jax.data import synthetic_users
+from ppd_jax.data.demo_world import shape_properties
+from ppd_jax.data.demo_world import synthetic
+from ppd_jax.data.demo_world import synthetic_users
 from ppd_jax.users import fewshot
 
 PROPERTIES = ("size", "brightness", "background")
@@ -79,10 +79,8 @@ class RewardUserPreferences:
     pool = base_pool.load_or_make(config, backbone, log)
     self.pool_images, self.pool_latents = pool.images, pool.latents
     self.pool_caption_ids = pool.caption_ids
-    self._columns = [shape_properties.PROPERTIES.index(p) for p in PROPERTIES]
-    measured = shape_properties.measure(pool.images)[:, self._columns]
-    self.standardize = shape_properties.Standardizer(measured)
-    features = self.standardize(measured)
+    self.features = shape_properties.PropertyFeatures(pool.images, PROPERTIES)
+    features = self.features(pool.images)
     draw = lambda stream, n: synthetic_users._sample_pairs(
         np.random.default_rng([stream, config.seed]), features, pool.caption_ids, self.weights,
         n, d.min_reward_gap)
@@ -156,9 +154,6 @@ class RewardUserPreferences:
     """[N] the reward's score of images [N, S, S, 3] in [-1, 1]."""
     self.check_user(uid)
     return self.features(images) @ self.weights[-int(uid) - 1]
-
-  def features(self, images: np.ndarray) -> np.ndarray:
-    return self.standardize(shape_properties.measure(images)[:, self._columns])
 
   def encode_captions(self, captions: list[str]) -> dict:
     return self.backbone.encode_captions(captions)
