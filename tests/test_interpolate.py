@@ -92,3 +92,20 @@ def test_grid_and_edges_on_a_trained_run(tiny_trained_run, tmp_path, monkeypatch
   again = interpolate.run_all(run, embeddings, names, rewards, "a red circle", PROMPTS, out,
                               seed=3, n=3, steps=3, chunk=2, log=lambda m: None)
   assert again == result
+
+
+def test_command_line_errors_name_the_flag(tiny_trained_run, tmp_path):
+  import subprocess
+  import sys
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  base = [sys.executable, "-m", "ppd_jax.evals.interpolate", f"--out={tmp_path / 'o'}",
+          "--prompt=a red circle", f"--edge_prompts={tmp_path / 'prompts.txt'}"]
+  (tmp_path / "prompts.txt").write_text("a red circle\n")
+  for extra, message in (([f"--run={tiny_trained_run}", "--rewards=clip_h14,aesthetic"],
+                          "three reward names"),
+                         ([f"--run={tiny_trained_run}", "--rewards=clip_h14,aesthetic,nope"],
+                          "unknown reward"),
+                         ([f"--run={tmp_path / 'nowhere'}"], "nowhere")):
+    done = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

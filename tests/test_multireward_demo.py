@@ -91,6 +91,15 @@ def test_embeddings_rows_and_bad_configs(source):
       config_validation.prepare(c)
   with pytest.raises(KeyError, match="reward users are -1 \\(vivid\\)"):
     source.user_embedding(5)
+  # Validation pairs (eval_every > 0): a separate draw of the trained reward users, labelled alike.
+  held = one.held_out()
+  h = held.gather(np.arange(len(held)))
+  assert set(h["user_id"].tolist()) == {-2} and (h["pair"] >= len(one)).all()
+  win = _rewards(source, source.pool_images[source.held_winner[1]])["airy"]
+  lose = _rewards(source, source.pool_images[source.held_loser[1]])["airy"]
+  assert (win > lose).all()
+  np.testing.assert_array_equal(h["preferred"], one.pool_latents[one.held_winner[1]])
+  np.testing.assert_array_equal(source.held_winner, one.held_winner)
 
 
 @pytest.fixture(scope="module")

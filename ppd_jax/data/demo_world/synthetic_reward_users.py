@@ -165,8 +165,7 @@ class HeldOutRewardPairs:
   def __init__(self, source: RewardUserPreferences):
     self.source = source
     self.per = source.held_winner.shape[1]
-    self.rows = np.array([source.names.index(n) for n in source.names
-                          if user_id(source.names.index(n)) in source.train_user_ids])
+    self.rows = np.array([-int(u) - 1 for u in source.train_user_ids])      # reward indices k
 
   def __len__(self) -> int:
     return len(self.rows) * self.per
