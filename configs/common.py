@@ -96,7 +96,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.text_length = 77           # caption tokens
   c.data.pool_per_caption = 32      # synthetic source: frozen-base samples per caption to pair up
   c.data.min_reward_gap = 0.5       # synthetic source: smallest reward gap a user labels
-  # synthetic source: what users' hidden rewards weigh (data/demo_world/shape_properties.py names)
+  # synthetic source: what users' hidden rewards weigh (demo_world/shape_properties.py names)
   c.data.reward_properties = ("size", "brightness", "background")
   c.data.user_conditioning = True   # False: one constant embedding for all (Diffusion-DPO baseline)
   # pickapic source (ppd_jax/data/pickapic.py, precompute.py, pickapic_source.py):
@@ -107,7 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.relabel_rewards = ""       # with relabel: only these reward users (comma list; "" all)
   c.data.user_embedding = "store"   # pickapic: "store" (data.user_embeddings) | "onehot" (codes)
   c.data.user_sample = "first"      # store entry per pair: "first" (sample 0) | "random" (any)
-  # synthetic_rewards source (data/demo_world/synthetic_reward_users.py): the demo's reward users
+  # synthetic_rewards source (demo_world/synthetic_reward_users.py): the demo's reward users
   c.data.reward_users = ("vivid", "airy", "contrast")
   c.data.user_samples = 32          # few-shot embeddings per reward user (sample 0: first 4 pairs)
   c.data.missing_user_embeddings = "error"   # pairs of users without one: "error" | "drop"

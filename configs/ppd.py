@@ -197,7 +197,7 @@ def _multireward(c: ml_collections.ConfigDict, row: str) -> ml_collections.Confi
 
 def _demo_multireward(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Section 5.1 on a laptop (python -m ppd_jax.demo.multireward): the demo's base and pool, three
-  partly conflicting property rewards as the users (data/demo_world/synthetic_reward_users.py).
+  partly conflicting property rewards as the users (demo_world/synthetic_reward_users.py).
   The demo trains every Table 1 row from this config (configs.common.table1_row)."""
   c = _demo(c)
   c.total_steps = 140               # 6 runs of 140 x 32 pairs: the 10 minutes allow no more

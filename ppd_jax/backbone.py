@@ -38,10 +38,10 @@ def _chunked(fn, x: np.ndarray, size: int) -> np.ndarray:
 
 
 class PixelBackbone:
-  """Pixel-space models (the demo): data/demo_world/synthetic.py's hash caption encoder, no VAE."""
+  """Pixel-space models (the demo): demo_world/synthetic.py's hash caption encoder, no VAE."""
 
   def __init__(self, config):
-    from ppd_jax.data.demo_world import synthetic
+    from ppd_jax.demo_world import synthetic
     self.encoder = synthetic.make_text_encoder(config.model, config.data)
     self.pixel_size = config.model.sample_size
     self.identity = ("pixel", synthetic.TEXT_ENCODER_SEED)

@@ -178,7 +178,7 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
     _require(isinstance(c.data.pool_per_caption, int) and c.data.pool_per_caption >= 2,
              "data.pool_per_caption", c.data.pool_per_caption,
              "must be an integer >= 2 (a pair needs two images of one caption)")
-    from ppd_jax.data.demo_world import shape_properties
+    from ppd_jax.demo_world import shape_properties
     props = tuple(c.data.reward_properties)
     _require(len(props) > 0 and len(set(props)) == len(props)
              and set(props) <= set(shape_properties.PROPERTIES), "data.reward_properties", props,
@@ -204,8 +204,8 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
 
 
 def _validate_synthetic_rewards(c: ml_collections.ConfigDict) -> None:
-  """The demo's reward users (data/demo_world/synthetic_reward_users.py)."""
-  from ppd_jax.data.demo_world import synthetic_reward_users as sru
+  """The demo's reward users (demo_world/synthetic_reward_users.py)."""
+  from ppd_jax.demo_world import synthetic_reward_users as sru
   d = c.data
   names = tuple(d.reward_users)
   _require(len(names) > 0 and len(set(names)) == len(names) and set(names) <= set(sru.REWARDS),

@@ -11,7 +11,7 @@ _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-# Base-model pools (data/demo_world/base_pool.py) are cached per config: sampled once per checkout.
+# Base-model pools (demo_world/base_pool.py) are cached per config: sampled once per checkout.
 os.environ.setdefault("PPD_JAX_CACHE", os.path.join(os.path.dirname(_CACHE), ".ppd_cache"))
 
 

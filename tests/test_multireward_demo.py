@@ -1,4 +1,4 @@
-"""Section 5.1 on a laptop (ppd_jax.demo.multireward, data/demo_world/synthetic_reward_users.py):
+"""Section 5.1 on a laptop (ppd_jax.demo.multireward, demo_world/synthetic_reward_users.py):
 the reward users' labels against the rewards written out here, their partial conflict, their
 embeddings, the rows' configs, and the whole experiment at test size with the claims the README
 makes."""
@@ -9,8 +9,8 @@ import pytest
 
 from configs import ppd
 from ppd_jax import config_validation
-from ppd_jax.data.demo_world import shape_properties
-from ppd_jax.data.demo_world import synthetic_reward_users as sru
+from ppd_jax.demo_world import shape_properties
+from ppd_jax.demo_world import synthetic_reward_users as sru
 from ppd_jax.demo import multireward
 from ppd_jax.users import fewshot
 

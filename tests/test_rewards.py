@@ -141,7 +141,7 @@ def test_demo_users_are_rewards_too():
   """The demo's hidden rewards behind the same call: arrays, uint8 and PNG-like input agree with
   the source's own user_reward."""
   from configs import ppd
-  from ppd_jax.data.demo_world import synthetic_users
+  from ppd_jax.demo_world import synthetic_users
   source = synthetic_users.SyntheticPreferences(ppd.get_config("tiny"))
   pics = source.pool_images[:6]
   user = int(source.unseen_user_ids[0])

@@ -7,11 +7,11 @@ import pytest
 
 from configs import ppd
 from ppd_jax import backbone
-from ppd_jax.data.demo_world import base_pool
-from ppd_jax.data.demo_world import shape_properties
-from ppd_jax.data.demo_world import synthetic
-from ppd_jax.data.demo_world import synthetic_users
-from ppd_jax.data.demo_world.text_hash import HashTextEncoder
+from ppd_jax.demo_world import base_pool
+from ppd_jax.demo_world import shape_properties
+from ppd_jax.demo_world import synthetic
+from ppd_jax.demo_world import synthetic_users
+from ppd_jax.demo_world.text_hash import HashTextEncoder
 from ppd_jax.users import fewshot
 
 

@@ -5,10 +5,10 @@ from ppd_jax import metrics
 def build_source(config, split: str = "train"):
   """A PairSource (see data/pipeline.py) plus the users' embeddings and caption encoder."""
   if config.data.source == "synthetic":
-    from ppd_jax.data.demo_world import synthetic_users
+    from ppd_jax.demo_world import synthetic_users
     return synthetic_users.SyntheticPreferences(config, log=metrics.log)  # builds its backbone
   if config.data.source == "synthetic_rewards":
-    from ppd_jax.data.demo_world import synthetic_reward_users
+    from ppd_jax.demo_world import synthetic_reward_users
     return synthetic_reward_users.RewardUserPreferences(config, log=metrics.log)
   if config.data.source == "pickapic":
     from ppd_jax.data import pickapic_source

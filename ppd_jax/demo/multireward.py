@@ -4,7 +4,7 @@
       [--config=configs/ppd.py:demo_multireward] [--config.seed=1]
 
 The demo world's three partly conflicting property rewards
-(data/demo_world/synthetic_reward_users.py) are the users. Every Table 1 row is trained from the
+(demo_world/synthetic_reward_users.py) are the users. Every Table 1 row is trained from the
 same config (configs.common.table1_row):
 
     W/ppd/ W/diffusion_dpo/ W/sft/ W/dpo_<reward>/   training runs (resumed, never redone)
@@ -63,7 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=metrics_lib.log) ->
   from ppd_jax import inference
   from ppd_jax import trainer
   from ppd_jax.data import sources
-  from ppd_jax.data.demo_world import synthetic
+  from ppd_jax.demo_world import synthetic
   from ppd_jax.evals import interpolate
   from ppd_jax.evals import prompt_sets
   from ppd_jax.evals import score_files

@@ -5,7 +5,7 @@
     W/eval/           results.json, win_rates.png, samples.png
 
 Every stage resumes: a finished training run is restored, not re-trained, and the base-model pool
-is cached (data/demo_world/base_pool.py), so a rerun after a crash picks up where it stopped.
+is cached (demo_world/base_pool.py), so a rerun after a crash picks up where it stopped.
 """
 import os
 import time
@@ -17,7 +17,7 @@ from ppd_jax import config_validation
 from ppd_jax import inference
 from ppd_jax import metrics as metrics_lib
 from ppd_jax import trainer
-from ppd_jax.data.demo_world import base_pool
+from ppd_jax.demo_world import base_pool
 from ppd_jax.evals import personalization
 
 

@@ -4,7 +4,7 @@
 
 Plain epsilon-prediction diffusion training of every base parameter (the user branch is not built):
     L = E_{x0, c, t, eps} || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c) ||^2
-on freshly rendered images of data/demo_world/synthetic.py (a new batch every step, so no
+on freshly rendered images of demo_world/synthetic.py (a new batch every step, so no
 over-fitting), their captions through the world's fixed text encoder, and the empty caption 10% of
 the time so that classifier-free guidance works. The file keeps an exponential moving average of the
 weights, which samples far better than the last iterate of so short a run. Deterministic for a given
@@ -22,7 +22,7 @@ import optax
 from absl import app, flags
 
 from configs import ppd
-from ppd_jax.data.demo_world import synthetic
+from ppd_jax.demo_world import synthetic
 from ppd_jax.diffusion import schedules
 from ppd_jax.models import base_weights, build_model, init_params, split_params
 

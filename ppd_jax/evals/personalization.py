@@ -13,7 +13,7 @@ reported as means over users of:
 and interpolation: for pairs (a, b) of unseen users, the embedding (1 - alpha) e_a + alpha e_b with
 alpha in 0, 0.25, ..., 1, and the mean rewards r_a and r_b of its samples at each alpha. Pairs are
 users of different tastes (each user a, in id order, with the remaining user whose hidden weights
-are least like a's, short of exactly opposite: data/demo_world/synthetic_users.py makes users in
+are least like a's, short of exactly opposite: demo_world/synthetic_users.py makes users in
 opposed couples, and mixing a couple would only show a symmetric picture), so that "from one user's
 rewards to the other's" is a visible move.
 """
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from ppd_jax.data.demo_world import synthetic
+from ppd_jax.demo_world import synthetic
 from ppd_jax.diffusion import generation
 from ppd_jax.evals import plots
 from ppd_jax.evals.rewards import hidden

@@ -25,7 +25,7 @@ STATISTICS = (
 
 # Typical size of the difference of each statistic between two images, so every token entry is of
 # order one: the standard deviation over random same-caption pairs of the demo's shape world
-# (data/demo_world/synthetic.py), measured once and rounded. Fixed constants, never fitted to
+# (demo_world/synthetic.py), measured once and rounded. Fixed constants, never fitted to
 # users, so one user's embedding depends on its own pairs only.
 _DIFF_SCALE = np.array([
     0.25, 0.25, 0.25, 0.1, 0.1, 0.1,

@@ -1,6 +1,6 @@
 """The demo's synthetic users as rewards: user u's hidden weights over measured image properties.
 
-    score_u(x) = w_u . standardise(properties(x))          (data/demo_world/synthetic_users.py)
+    score_u(x) = w_u . standardise(properties(x))          (demo_world/synthetic_users.py)
 
 The same interface as the reward models, so the demo's protocol (evals/personalization.py) and
 any other evaluation take either. The prompt is not used: the demo's users rate the image alone.
@@ -14,7 +14,7 @@ from ppd_jax.evals.rewards import preprocess
 
 
 class HiddenPropertyReward:
-  """Synthetic user `user_id` of a demo source (data/demo_world/synthetic.py's SyntheticSource)."""
+  """Synthetic user `user_id` of a demo source (demo_world/synthetic.py's SyntheticSource)."""
 
   def __init__(self, source, user_id: int):
     source.check_user(user_id)

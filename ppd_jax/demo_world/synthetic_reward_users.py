@@ -6,7 +6,7 @@ Three rewards over the shape properties that partly conflict, as CLIP, Aesthetic
     airy      r = (background - size) / sqrt 2           small shapes on a light ground
     contrast  r = (brightness - background) / sqrt 2     bright shapes on a dark ground
 
-on standardised properties (data/demo_world/shape_properties.py), so corr(vivid, airy) = -1/2,
+on standardised properties (demo_world/shape_properties.py), so corr(vivid, airy) = -1/2,
 corr(vivid, contrast) = +1/2, corr(airy, contrast) = -1/2. No one image maximises all three, so a
 model that ignores the user cannot serve them all: Diffusion-DPO on the union of their labels
 learns the mean direction (brightness only), which leaves airy where it was.
@@ -22,11 +22,11 @@ keeps some reward users' pairs (the single-reward upper bounds of Table 1).
 """
 import numpy as np
 
-from ppd_jax.data.demo_world import base_pool
+from ppd_jax.demo_world import base_pool
 from ppd_jax.data import pickapic
-from ppd_jax.data.demo_world import shape_properties
-from ppd_jax.data.demo_world import synthetic
-from ppd_jax.data.demo_world import synthetic_users
+from ppd_jax.demo_world import shape_properties
+from ppd_jax.demo_world import synthetic
+from ppd_jax.demo_world import synthetic_users
 from ppd_jax.users import fewshot
 
 PROPERTIES = ("size", "brightness", "background")

@@ -12,11 +12,11 @@ are NOT in the caption and vary freely among images of one caption:
 
 So a caption leaves room for taste: one user likes big shapes low in the frame, another small dim
 shapes on dark backgrounds. demo/pretrain_base.py trains the base on these renders; the users and
-their pairs (data/demo_world/synthetic_users.py) only ever see the base's own samples.
+their pairs (demo_world/synthetic_users.py) only ever see the base's own samples.
 """
 import numpy as np
 
-from ppd_jax.data.demo_world.text_hash import HashTextEncoder
+from ppd_jax.demo_world.text_hash import HashTextEncoder
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")

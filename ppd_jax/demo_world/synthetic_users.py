@@ -1,7 +1,7 @@
 """Synthetic users and their preference pairs over the frozen base's own samples.
 
 Users. User u has a hidden unit weight vector w_u over `data.reward_properties` (some of the shape
-properties of data/demo_world/shape_properties.py), each standardised over the pool; its reward
+properties of demo_world/shape_properties.py), each standardised over the pool; its reward
 for an image is
 
     r_u(image) = w_u . standardise(measure(image))
@@ -12,7 +12,7 @@ apart, only the user embedding can. Ids 0..num_users-1 are training users, the n
 num_unseen_users are held out (never in a training record).
 
 Pairs. Each user labels `pairs_per_user` pairs: a random caption, two distinct pool images of it
-(data/demo_world/base_pool.py: samples of the frozen base), the one of higher reward preferred.
+(demo_world/base_pool.py: samples of the frozen base), the one of higher reward preferred.
 Candidate pairs whose reward gap is below `data.min_reward_gap` are skipped, so every label is a
 clear one. A user's first `fewshot` pairs make its embedding (users/fewshot.py, which sees images
 only).
@@ -22,9 +22,9 @@ one constant embedding: the same pairs, the same trainable branch, no informatio
 """
 import numpy as np
 
-from ppd_jax.data.demo_world import base_pool
-from ppd_jax.data.demo_world import shape_properties
-from ppd_jax.data.demo_world import synthetic
+from ppd_jax.demo_world import base_pool
+from ppd_jax.demo_world import shape_properties
+from ppd_jax.demo_world import synthetic
 from ppd_jax.users import fewshot
 
 _STREAM_USERS, _STREAM_PAIRS, _STREAM_CONSTANT = 1, 2, 3

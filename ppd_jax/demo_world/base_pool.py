@@ -2,7 +2,7 @@
 
 For every caption of the shape world, `data.pool_per_caption` images are sampled from the frozen
 base (config.model.base) with the run's sampler settings and seed. Users' pairs are two pool images
-of one caption (data/demo_world/synthetic.py), so what DPO learns to prefer is what the base
+of one caption (demo_world/synthetic.py), so what DPO learns to prefer is what the base
 really draws.
 
 Sampling a pool costs about a minute on a 2-core CPU for the demo, so the result is cached under
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from ppd_jax.data import shards
-from ppd_jax.data.demo_world import synthetic
+from ppd_jax.demo_world import synthetic
 
 _VERSION = 2   # 2: latents stored beside the decoded images
 _STREAM_POOL_NOISE = 7
