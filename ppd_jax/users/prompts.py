@@ -79,10 +79,10 @@ def user_prompt(pairs: list[Pair]) -> tuple[list, list]:
             for k in range(1, len(pairs) + 1)]
   lines.append("User Profile: [Description]")
   segments.append("\n\n".join(lines))
-  return _merge_text(segments), images
+  return merge_text(segments), images
 
 
-def _merge_text(segments: list) -> list:
+def merge_text(segments: list) -> list:
   """Adjacent strings joined, so a prompt is text, IMAGE, text, IMAGE, ..., text."""
   out = []
   for s in segments:

@@ -1,0 +1,223 @@
+"""An OpenAI-compatible chat API as the judge (gpt-4o-mini as in the paper, or a local server).
+
+  ApiJudge(model="gpt-4o-mini-2024-07-18", cache="judge_cache.jsonl"
+           [, base_url="http://127.0.0.1:8000/v1", key_env="OPENAI_API_KEY"])
+
+Each request is one chat completion: the paper's system prompt and the judge prompt
+(evals/judge_prompt.py) with every image as a PNG data URL. The answer is the last
+"Prediction of user preference: 1|2" in the reply; with logprobs (when the server returns them)
+the digit's top alternatives give a soft probability,
+
+    p_first = exp(l_1) / (exp(l_1) + exp(l_2)),      mass = exp(l_1) + exp(l_2),
+
+else p_first is 1 or 0. A reply without the answer is invalid (counted, never guessed).
+
+The API key is read from the environment variable `key_env` at each call and goes only into the
+Authorization header: it is never logged, never in an error message and never in the cache.
+Retries: HTTP 429 and 5xx, timeouts and refused connections, `retries` times with exponential
+backoff (`backoff` * 2^k seconds). The cache is a JSONL file keyed by the SHA-256 of the request's
+content (model, settings, messages with images replaced by their hashes), appended and flushed per
+reply, so a rerun or a resumed job asks nothing twice. HTTP is the standard library's.
+"""
+import base64
+import concurrent.futures
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+from PIL import Image
+
+from ppd_jax.evals import judge as judge_lib
+from ppd_jax.evals import judge_prompt
+from ppd_jax.users import prompts
+
+_ANSWER = re.compile(r"Prediction of user preference:\s*\**\s*([12])")
+_RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+class JudgeApiError(RuntimeError):
+  """A request that failed for good (after retries, or a status that retrying cannot fix)."""
+
+
+def png_data_url(image) -> tuple[str, str]:
+  """PIL image or [-1, 1] / uint8 array -> (data URL of its PNG, sha256 of the PNG bytes)."""
+  if isinstance(image, np.ndarray):
+    from ppd_jax import images as image_io
+    image = Image.fromarray(image if image.dtype == np.uint8 else image_io.to_uint8(image))
+  buf = io.BytesIO()
+  image.convert("RGB").save(buf, format="PNG")
+  data = buf.getvalue()
+  return ("data:image/png;base64," + base64.b64encode(data).decode("ascii"),
+          hashlib.sha256(data).hexdigest())
+
+
+def parse(text: str, logprobs: list | None) -> judge_lib.Answer:
+  """A reply (and its token logprobs, OpenAI's `choices[0].logprobs.content`) -> Answer."""
+  found = list(_ANSWER.finditer(text or ""))
+  if not found:
+    return judge_lib.Answer(None, text or "", problem="no 'Prediction of user preference: 1|2' "
+                            f"in the reply ({(text or '')[-120:]!r})")
+  digit = found[-1].group(1)
+  soft = _soft(text, found[-1].start(1), logprobs) if logprobs else None
+  if soft is not None:
+    return judge_lib.Answer(soft[0], text, mass=soft[1])
+  return judge_lib.Answer(1.0 if digit == "1" else 0.0, text)
+
+
+def _soft(text: str, at: int, logprobs: list) -> tuple[float, float] | None:
+  """The answer digit's token (the one covering character `at`) -> (p("1"), mass)."""
+  pos = 0
+  for tok in logprobs:
+    piece = tok.get("token", "")
+    if pos <= at < pos + len(piece) and piece.strip() in ("1", "2"):
+      alts = {a["token"].strip(): a["logprob"] for a in tok.get("top_logprobs", [])}
+      alts.setdefault(piece.strip(), tok["logprob"])
+      l1, l2 = alts.get("1", -math.inf), alts.get("2", -math.inf)
+      mass = math.exp(l1) + math.exp(l2)
+      return (math.exp(l1) / mass if mass > 0 else None), mass
+    pos += len(piece)
+  return None
+
+
+class ApiJudge:
+  """judge.Backend over an OpenAI-compatible /chat/completions endpoint (module docstring)."""
+
+  def __init__(self, model: str, cache: str, *, base_url: str = "https://api.openai.com/v1",
+               key_env: str = "OPENAI_API_KEY", cot: bool = False, temperature: float = 1.0,
+               max_tokens: int = 2048, logprobs: bool = True, seed: int = 0,
+               retries: int = 5, backoff: float = 1.0, timeout: float = 120.0, workers: int = 4,
+               log=print):
+    self.name = f"api:{model}"
+    self.model, self.base_url, self.key_env = model, base_url.rstrip("/"), key_env
+    self.cot, self.temperature, self.max_tokens = cot, temperature, max_tokens
+    self.logprobs, self.seed = logprobs, seed
+    self.retries, self.backoff, self.timeout, self.workers = retries, backoff, timeout, workers
+    self.cache_path, self.log = cache, log
+    self._cache = _read_cache(cache)
+    self._lock = threading.Lock()
+    self.calls = 0                       # HTTP requests made (retries included), for tests
+
+  def describe(self) -> dict:
+    return {"backend": "api", "model": self.model, "base_url": self.base_url, "cot": self.cot,
+            "temperature": self.temperature, "max_tokens": self.max_tokens,
+            "template": judge_prompt.TEMPLATE_VERSION}
+
+  def body(self, request: judge_lib.Request) -> tuple[dict, str]:
+    """The request JSON and its cache key (images hashed, not inlined, in the key)."""
+    q = request.question
+    segments, images = judge_prompt.judge_prompt(q.context, q.caption, request.first,
+                                                 request.second, self.cot)
+    content, keyed, it = [], [], iter(images)
+    for s in segments:
+      if s is prompts.IMAGE:
+        url, digest = png_data_url(next(it))
+        content.append({"type": "image_url", "image_url": {"url": url}})
+        keyed.append({"image": digest})
+      else:
+        content.append({"type": "text", "text": s})
+        keyed.append({"text": s})
+    settings = {"model": self.model, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "seed": self.seed}
+    if self.logprobs:
+      settings.update(logprobs=True, top_logprobs=5)
+    body = {**settings, "messages": [{"role": "system", "content": prompts.SYSTEM_PROMPT},
+                                     {"role": "user", "content": content}]}
+    key = hashlib.sha256(json.dumps({**settings, "base_url": self.base_url, "user": keyed,
+                                     "system": prompts.SYSTEM_PROMPT,
+                                     "template": judge_prompt.TEMPLATE_VERSION},
+                                    sort_keys=True).encode()).hexdigest()
+    return body, key
+
+  def answer(self, requests) -> list[judge_lib.Answer]:
+    with concurrent.futures.ThreadPoolExecutor(max(1, self.workers)) as pool:
+      return list(pool.map(self._one, requests))
+
+  def _one(self, request) -> judge_lib.Answer:
+    body, key = self.body(request)
+    with self._lock:
+      hit = self._cache.get(key)
+    if hit is None:
+      try:
+        hit = self._post(body)
+      except JudgeApiError as e:
+        return judge_lib.Answer(None, problem=str(e))
+      with self._lock:
+        self._cache[key] = hit
+        _append_cache(self.cache_path, key, hit)
+    return parse(hit["text"], hit.get("logprobs"))
+
+  def _post(self, body: dict) -> dict:
+    data = json.dumps(body).encode()
+    url = self.base_url + "/chat/completions"
+    for attempt in range(self.retries + 1):
+      headers = {"Content-Type": "application/json"}
+      key = os.environ.get(self.key_env)
+      if key:
+        headers["Authorization"] = "Bearer " + key
+      req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+      with self._lock:
+        self.calls += 1
+      try:
+        with urllib.request.urlopen(req, timeout=self.timeout) as r:
+          reply = json.loads(r.read().decode())
+        choice = reply["choices"][0]
+        lp = (choice.get("logprobs") or {}).get("content")
+        return {"text": choice["message"].get("content") or "", "logprobs": lp,
+                "model": reply.get("model", self.model)}
+      except urllib.error.HTTPError as e:
+        why = f"HTTP {e.code} from {url}"
+        if e.code not in _RETRY_STATUS:
+          raise JudgeApiError(why + _server_message(e)) from None
+      except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        why = f"{url} unreachable ({getattr(e, 'reason', e)})"
+      except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise JudgeApiError(f"{url}: not a chat completion reply ({type(e).__name__})") from None
+      if attempt < self.retries:
+        wait = self.backoff * 2 ** attempt
+        self.log(f"judge: {why}; retrying in {wait:.1f}s ({attempt + 1}/{self.retries})")
+        time.sleep(wait)
+    raise JudgeApiError(f"{why}, after {self.retries} retries")
+
+
+def _server_message(e: urllib.error.HTTPError) -> str:
+  try:
+    msg = json.loads(e.read().decode()).get("error", {}).get("message", "")
+  except (ValueError, AttributeError, OSError):
+    msg = ""
+  return f": {msg[:200]}" if msg else ""
+
+
+def _read_cache(path: str) -> dict:
+  """{key: reply}; a torn last line (a kill mid-write) is ignored."""
+  out = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+          out[row["key"]] = row["reply"]
+        except (ValueError, KeyError, TypeError):
+          continue
+  return out
+
+
+def _append_cache(path: str, key: str, reply: dict) -> None:
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  torn = False
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      torn = f.read(1) != b"\n"          # a kill mid-line: start a fresh line
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(("\n" if torn else "") + json.dumps({"key": key, "reply": reply}) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
