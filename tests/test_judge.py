@@ -89,7 +89,8 @@ class Stub:
   position) with probability 0.8, answering with logprobs; scripted failures come first."""
 
   def __init__(self, image_a_url: str, failures=(), reply=None, logprobs=True):
-    self.a_url, self.failures, self.reply, self.logprobs = image_a_url, list(failures), reply, logprobs
+    self.a_url, self.failures = image_a_url, list(failures)
+    self.reply, self.logprobs = reply, logprobs
     self.requests, self.headers = [], []
     stub = self
 
