@@ -166,9 +166,12 @@ class VLM:
     return {"id": self.model_id, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
             "dtype": str(self.model.dtype).replace("torch.", "")}
 
-  def inputs(self, prompt_list: list[tuple[list, list]]) -> dict:
-    """[(segments, PIL images)] -> the model's tensors, left-padded to one length."""
+  def inputs(self, prompt_list: list[tuple[list, list]], suffixes=None) -> dict:
+    """[(segments, PIL images)] -> the model's tensors, left-padded to one length. suffixes:
+    text already written in each assistant turn (a judge's answer prefix)."""
     texts = [chat_text(seg, self.image_token * self.tokens_per_image) for seg, _ in prompt_list]
+    if suffixes is not None:
+      texts = [t + s for t, s in zip(texts, suffixes, strict=True)]
     enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     pix = self.image_processor([[im.convert("RGB") for im in imgs] for _, imgs in prompt_list],
                                return_tensors="pt")
