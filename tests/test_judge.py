@@ -3,6 +3,7 @@ hand-made answers; the prompt's layout; the API backend against a stub HTTP serv
 (both orders, the answer and its logprobs, retries, the cache, errors, and the key never written
 or logged); the synthetic judge."""
 import http.server
+import os
 import json
 import math
 import threading
@@ -15,6 +16,7 @@ from ppd_jax.evals import judge
 from ppd_jax.evals import judge_api
 from ppd_jax.evals import judge_prompt
 from ppd_jax.evals import judge_synthetic
+from ppd_jax.evals import stats
 from ppd_jax.users import prompts
 
 SECRET = "sk-test-SECRET-4f9a2c"
@@ -240,3 +242,103 @@ def test_the_synthetic_judge_answers_from_the_hidden_reward():
   assert j.verdict == "inconsistent" and j.soft > 0.5 and j.bias > 0.3
   [j] = judge.judge(judge_synthetic.SyntheticJudge(reward_for), [question()])
   assert j.verdict == "invalid" and "user_id" in j.problems[0]
+
+
+def test_wilson_interval_against_its_definition():
+  """The interval is the set of p0 with |k/n - p0| <= z sqrt(p0 (1 - p0) / n): found here by a
+  fine grid, independently of the closed form."""
+  grid = np.linspace(0, 1, 200001)
+  for k, n in ((8, 10), (76, 100), (0, 10), (10, 10), (1224, 1632)):
+    inside = grid[np.abs(k / n - grid) <= stats.Z95 * np.sqrt(grid * (1 - grid) / n)]
+    lo, hi = stats.wilson(k, n)
+    assert lo == pytest.approx(inside.min(), abs=2e-5) and hi == pytest.approx(inside.max(),
+                                                                               abs=2e-5)
+  assert stats.wilson(0, 0) == (None, None)
+
+
+class ByBrightness:
+  """A judge that prefers the brighter image, except on captions with 'coin' where it always
+  says the first shown (so those come out inconsistent); counts what it was asked."""
+  name = "brightness"
+
+  def __init__(self):
+    self.asked = 0
+
+  def answer(self, requests):
+    self.asked += len(requests)
+    out = []
+    for r in requests:
+      if "coin" in r.question.caption:
+        out.append(judge.Answer(0.9))
+        continue
+      first, second = (np.asarray(x, np.float32).mean() for x in (r.first, r.second))
+      out.append(judge.Answer(0.9 if first > second else 0.1))
+    return out
+
+
+def _pairs_file(tmp_path):
+  """3 users of 7 pairs: user 1 always prefers the brighter image, user 2 the darker, user 3
+  the brighter but with 'coin' captions on two of its later pairs."""
+  rows = []
+  for u in (1, 2, 3):
+    for k in range(7):
+      bright, dark = 150 + 10 * k, 40 + 5 * k
+      first_bright = (k + u) % 2 == 0
+      names = []
+      for side, v in (("a", bright if first_bright else dark),
+                      ("b", dark if first_bright else bright)):
+        name = f"u{u}_{k}_{side}.png"
+        _image(v).save(tmp_path / name)
+        names.append(name)
+      likes_bright = u != 2
+      preferred = 1 if first_bright == likes_bright else 2
+      caption = "a coin" if (u == 3 and k in (5, 6)) else f"caption {k}"
+      rows.append({"user_id": u, "caption": caption, "image_1": names[0], "image_2": names[1],
+                   "preferred": preferred})
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return str(path)
+
+
+def test_judge_agreement_counts_resumes_and_summarises(tmp_path):
+  from ppd_jax.evals import judge_agreement
+  from ppd_jax.users import shots
+  pairs = shots.open_pairs(_pairs_file(tmp_path), 4, split_params={}, log=lambda m: None)
+  out = str(tmp_path / "agree")
+
+  class Stop(Exception):
+    pass
+
+  def stop_after_first(u):
+    raise Stop(u)
+  backend = ByBrightness()
+  with pytest.raises(Stop):
+    judge_agreement.run(pairs, backend, out, split="all", questions=3, log=lambda m: None,
+                        after_user=stop_after_first)
+  assert backend.asked == 3 * 2
+  with open(os.path.join(out, "judgements.jsonl"), "a") as f:    # user 2 cut off mid-write
+    f.write(json.dumps({"user_id": 2, "pair_id": 99, "truth": "A", "verdict": "A", "soft": 1.0,
+                        "bias": 0.0, "problems": []}) + "\n{\"us")
+  summary = judge_agreement.run(pairs, backend, out, split="all", questions=3,
+                                log=lambda m: None)
+  assert backend.asked == 9 * 2                  # the first user was not asked again
+  # Independently: the questions are pairs 4, 5, 6 of each user; image 1 is the brighter one
+  # when (k + u) is even. Users 1 and 3 agree on every decided question, user 2 on none; user 3's
+  # two 'coin' questions are inconsistent.
+  verdicts = {u: ["A" if (k + u) % 2 == 0 else "B" for k in (4, 5, 6)] for u in (1, 2, 3)}
+  decided = verdicts[1] + verdicts[2] + verdicts[3][:1]
+  assert summary["counts"] == {"A": decided.count("A"), "B": decided.count("B"),
+                               "inconsistent": 2, "invalid": 0}
+  assert summary["right"] == 3 + 1 and summary["accuracy"] == pytest.approx(4 / 7)
+  assert summary["wilson95"] == [pytest.approx(x) for x in stats.wilson(4, 7)]
+  assert summary["consistency"] == pytest.approx(7 / 9)
+  assert summary["dropped_inconsistent"] == pytest.approx(2 / 9)
+  with open(os.path.join(out, "agreement.json")) as f:
+    assert json.load(f)["accuracy"] == summary["accuracy"]
+  # A rerun asks nothing and reads back the same summary (what the cut-off user left ignored).
+  assert judge_agreement.run(pairs, backend, out, split="all", questions=3,
+                             log=lambda m: None) == summary
+  assert backend.asked == 18
+  with pytest.raises(ValueError, match="more than 7 pairs"):
+    judge_agreement.run(pairs, backend, out, split="all", questions=3, shots=7,
+                        log=lambda m: None)

@@ -74,3 +74,20 @@ def mean_ci(values, level: float = 0.95) -> dict:
     half = t_quantile(0.5 + level / 2.0, n - 1) * out["std"] / math.sqrt(n)
     out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
   return out
+
+
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | tuple[None, None]:
+  """Wilson score interval of a proportion k / n:
+
+      centre = (p + z^2 / 2n) / (1 + z^2 / n),  half = z sqrt(p (1 - p) / n + z^2 / 4n^2) / (1 + z^2 / n)
+  """
+  if n <= 0:
+    return None, None
+  p = k / n
+  d = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / d
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+  return max(0.0, centre - half), min(1.0, centre + half)

@@ -1,0 +1,186 @@
+"""How often the judge agrees with real users (supplement B.3, the paper's 83%).
+
+  python -m ppd_jax.evals.judge_agreement --pairs=SHARD_DIR|PARQUET_DIR|PAIRS.jsonl --out=DIR \
+      [--split=test|validation|all] [--max_users=100] [--questions=4] [--judge=api|local ...]
+
+For each user (of the chosen split of a Pick-a-Pic index; every user of a JSONL file): the context
+is its first 4 pairs in the reader's order (the pairs its embedding is made from, users/shots.py),
+and each of its next `--questions` pairs is a question, image 1 as A and image 2 as B. The judge
+answers in both orders (evals/judge.py); a consistent verdict is right when it names the image the
+user preferred:
+
+    accuracy = #right / #consistent   with its Wilson 95% interval (evals/stats.py)
+
+also the share dropped as inconsistent, the invalid count, the soft accuracy (mean debiased
+probability of the user's image, over all valid questions) and the position bias.
+DIR/judgements.jsonl keeps one row per question, appended as each user is judged, between a
+user_start and a user_done row: a killed run resumes with the first user not closed.
+DIR/agreement.json holds the summary.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from ppd_jax import metrics
+from ppd_jax.evals import judge as judge_lib
+from ppd_jax.evals import score_files
+from ppd_jax.evals import stats
+from ppd_jax.users import shots as shots_lib
+
+SPLITS = {"train": 0, "validation": 1, "test": 2}
+
+
+def users_of(pairs, split: str) -> list[int]:
+  """The users to ask about: a Pick-a-Pic index's split, or everyone."""
+  ids = [int(u) for u in pairs.users]
+  if split == "all" or not hasattr(pairs, "index"):
+    return ids
+  if split not in SPLITS:
+    raise ValueError(f"--split={split!r}: one of {', '.join(SPLITS)} or all")
+  users = pairs.index.users
+  wanted = set(users["user_id"][users["split"] == SPLITS[split]].tolist())
+  return [u for u in ids if u in wanted]
+
+
+def questions_for(pairs, user_id: int, shots: int, count: int) -> tuple[list, list]:
+  """(questions, their pair ids) of one user; the user's label decides the truth (A = image 1)."""
+  cands = pairs.candidates(user_id)
+  context_ids, asked = cands[:shots], cands[shots:shots + count]
+  if not asked:
+    return [], []
+  loaded = pairs.load(list(context_ids) + list(asked))
+  context = tuple(loaded[p] for p in context_ids)
+  if any(isinstance(p, shots_lib.UnreadablePair) for p in context):
+    return [], []
+  out, ids = [], []
+  for p in asked:
+    pair = loaded[p]
+    if isinstance(pair, shots_lib.UnreadablePair):
+      continue
+    out.append((judge_lib.Question(context, pair.caption, pair.image_1, pair.image_2,
+                                   user_id=user_id), "A" if pair.preferred == 1 else "B"))
+    ids.append(int(p))
+  return out, ids
+
+
+def _done(path: str) -> dict:
+  """{(user, pair): row} of the users whose rows were closed by a {"user_done"} row, each user's
+  rows taken from its last {"user_start"} on: a user cut off by a kill (no closing row, maybe a
+  torn line) is asked again, and what it left is ignored."""
+  final, pending = {}, {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue
+        u = row.get("user_id")
+        if row.get("user_start"):
+          pending[u] = {}
+        elif row.get("user_done"):
+          final[u] = pending.pop(u, {})
+        elif "pair_id" in row and u in pending:
+          pending[u][(u, row["pair_id"])] = row
+  return {k: v for rows in final.values() for k, v in rows.items()}
+
+
+def _append(path: str, rows: list[dict]) -> None:
+  """Rows as JSON lines, on a fresh line even after a torn one, flushed to disk."""
+  torn = False
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      torn = f.read(1) != b"\n"
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(("\n" if torn else "") + "".join(json.dumps(r) + "\n" for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def run(pairs, backend, out: str, *, split: str = "test", max_users: int = 0, questions: int = 4,
+        shots: int = 4, log=print, after_user=None) -> dict:
+  """Judges every user's questions into out (module docstring); returns agreement.json."""
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "judgements.jsonl")
+  done = _done(path)
+  users = [u for u in users_of(pairs, split) if len(pairs.candidates(u)) > shots]
+  if max_users:
+    users = users[:max_users]
+  if not users:
+    raise ValueError(f"no user ({split} split) has more than {shots} pairs: nothing to ask")
+  todo = [u for u in users if not any(k[0] == u for k in done)]
+  log(f"judge agreement: {len(users)} users, {len(users) - len(todo)} judged before")
+  start = time.time()
+  for i, u in enumerate(todo):
+    qs, ids = questions_for(pairs, u, shots, questions)
+    if qs:
+      verdicts = judge_lib.judge(backend, [q for q, _ in qs])
+      rows = [{"user_id": u, "pair_id": pid, "truth": truth, "verdict": j.verdict,
+               "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft, "bias": j.bias,
+               "problems": list(j.problems)} for (q, truth), pid, j in zip(qs, ids, verdicts)]
+      _append(path, [{"user_id": u, "user_start": True}, *rows,
+                     {"user_id": u, "user_done": True}])
+      done.update({(u, r["pair_id"]): r for r in rows})
+    rate = (i + 1) / max(time.time() - start, 1e-9)
+    log(f"judge agreement: {i + 1}/{len(todo)} users, {rate:.2f} users/s, ETA "
+        f"{metrics.format_duration((len(todo) - i - 1) / rate)}")
+    if after_user is not None:
+      after_user(u)
+  rows = [r for r in done.values() if r["user_id"] in set(users)]
+  summary = summarise(rows)
+  summary.update({"split": split, "users": len(users), "questions_per_user": questions,
+                  "judge": backend.describe() if hasattr(backend, "describe") else backend.name})
+  score_files.write_json_atomic(os.path.join(out, "agreement.json"), summary)
+  return summary
+
+
+def summarise(rows: list[dict]) -> dict:
+  """Counts, accuracy with its Wilson interval, consistency, soft accuracy, bias."""
+  counts = {v: sum(r["verdict"] == v for r in rows) for v in judge_lib.VERDICTS}
+  decided = [r for r in rows if r["verdict"] in ("A", "B")]
+  valid = [r for r in rows if r["verdict"] != "invalid"]
+  right = sum(r["verdict"] == r["truth"] for r in decided)
+  lo, hi = stats.wilson(right, len(decided))
+  soft = [r["soft"] if r["truth"] == "A" else 1 - r["soft"] for r in valid]
+  return {"questions": len(rows), "counts": counts, "right": right,
+          "accuracy": right / len(decided) if decided else None, "wilson95": [lo, hi],
+          "consistency": len(decided) / len(valid) if valid else None,
+          "dropped_inconsistent": counts["inconsistent"] / len(valid) if valid else None,
+          "soft_accuracy": float(np.mean(soft)) if soft else None,
+          "position_bias": float(np.mean([r["bias"] for r in valid])) if valid else None,
+          "problems": [p for r in rows for p in r["problems"]][:10]}
+
+
+def main(argv):
+  from absl import flags
+  from ppd_jax.evals import judge_backends
+  from ppd_jax.users import embed
+  del argv
+  f = flags.FLAGS
+  try:
+    pairs = shots_lib.open_pairs(f.pairs, 4, split_params=embed._split_params())
+    backend = judge_backends.from_flags(f, f.out)
+    summary = run(pairs, backend, f.out, split=f.split, max_users=f.max_users,
+                  questions=f.questions, log=lambda m: print(m, flush=True))
+  except (ValueError, OSError) as e:
+    sys.exit(f"ppd_jax.evals.judge_agreement: {e}")
+  print(json.dumps({k: summary[k] for k in ("questions", "accuracy", "wilson95", "consistency",
+                                             "position_bias")}))
+
+
+if __name__ == "__main__":
+  from absl import app
+  from absl import flags
+  from ppd_jax.evals import judge_backends
+  flags.DEFINE_string("pairs", None, "precompute folder, Pick-a-Pic parquet folder, or JSONL")
+  flags.DEFINE_string("out", None, "output folder (judgements.jsonl, agreement.json)")
+  flags.DEFINE_string("split", "test", "users of this split of a Pick-a-Pic index (or all)")
+  flags.DEFINE_integer("max_users", 0, "at most this many users (0: all)")
+  flags.DEFINE_integer("questions", 4, "pairs after the context asked per user")
+  judge_backends.define_flags()
+  flags.mark_flags_as_required(["pairs", "out"])
+  app.run(main)
