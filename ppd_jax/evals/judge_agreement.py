@@ -26,6 +26,7 @@ import numpy as np
 
 from ppd_jax import metrics
 from ppd_jax.evals import judge as judge_lib
+from ppd_jax.evals import judge_log
 from ppd_jax.evals import score_files
 from ppd_jax.evals import stats
 from ppd_jax.users import shots as shots_lib
@@ -66,71 +67,34 @@ def questions_for(pairs, user_id: int, shots: int, count: int) -> tuple[list, li
   return out, ids
 
 
-def _done(path: str) -> dict:
-  """{(user, pair): row} of the users whose rows were closed by a {"user_done"} row, each user's
-  rows taken from its last {"user_start"} on: a user cut off by a kill (no closing row, maybe a
-  torn line) is asked again, and what it left is ignored."""
-  final, pending = {}, {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue
-        u = row.get("user_id")
-        if row.get("user_start"):
-          pending[u] = {}
-        elif row.get("user_done"):
-          final[u] = pending.pop(u, {})
-        elif "pair_id" in row and u in pending:
-          pending[u][(u, row["pair_id"])] = row
-  return {k: v for rows in final.values() for k, v in rows.items()}
-
-
-def _append(path: str, rows: list[dict]) -> None:
-  """Rows as JSON lines, on a fresh line even after a torn one, flushed to disk."""
-  torn = False
-  if os.path.exists(path) and os.path.getsize(path):
-    with open(path, "rb") as f:
-      f.seek(-1, os.SEEK_END)
-      torn = f.read(1) != b"\n"
-  with open(path, "a", encoding="utf-8") as f:
-    f.write(("\n" if torn else "") + "".join(json.dumps(r) + "\n" for r in rows))
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def run(pairs, backend, out: str, *, split: str = "test", max_users: int = 0, questions: int = 4,
         shots: int = 4, log=print, after_user=None) -> dict:
   """Judges every user's questions into out (module docstring); returns agreement.json."""
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, "judgements.jsonl")
-  done = _done(path)
+  done = judge_log.read(path)
   users = [u for u in users_of(pairs, split) if len(pairs.candidates(u)) > shots]
   if max_users:
     users = users[:max_users]
   if not users:
     raise ValueError(f"no user ({split} split) has more than {shots} pairs: nothing to ask")
-  todo = [u for u in users if not any(k[0] == u for k in done)]
+  todo = [u for u in users if u not in done]
   log(f"judge agreement: {len(users)} users, {len(users) - len(todo)} judged before")
   start = time.time()
   for i, u in enumerate(todo):
     qs, ids = questions_for(pairs, u, shots, questions)
-    if qs:
-      verdicts = judge_lib.judge(backend, [q for q, _ in qs])
-      rows = [{"user_id": u, "pair_id": pid, "truth": truth, "verdict": j.verdict,
-               "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft, "bias": j.bias,
-               "problems": list(j.problems)} for (q, truth), pid, j in zip(qs, ids, verdicts)]
-      _append(path, [{"user_id": u, "user_start": True}, *rows,
-                     {"user_id": u, "user_done": True}])
-      done.update({(u, r["pair_id"]): r for r in rows})
+    verdicts = judge_lib.judge(backend, [q for q, _ in qs]) if qs else []
+    rows = [{"user_id": u, "pair_id": pid, "truth": truth, "verdict": j.verdict,
+             "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft, "bias": j.bias,
+             "problems": list(j.problems)} for (q, truth), pid, j in zip(qs, ids, verdicts)]
+    judge_log.append_user(path, u, rows)
+    done[u] = {r["pair_id"]: r for r in rows}
     rate = (i + 1) / max(time.time() - start, 1e-9)
     log(f"judge agreement: {i + 1}/{len(todo)} users, {rate:.2f} users/s, ETA "
         f"{metrics.format_duration((len(todo) - i - 1) / rate)}")
     if after_user is not None:
       after_user(u)
-  rows = [r for r in done.values() if r["user_id"] in set(users)]
+  rows = [r for u in users for r in done.get(u, {}).values()]
   summary = summarise(rows)
   summary.update({"split": split, "users": len(users), "questions_per_user": questions,
                   "judge": backend.describe() if hasattr(backend, "describe") else backend.name})

@@ -3,6 +3,7 @@
   --judge=api --judge_model=gpt-4o-mini-2024-07-18 [--base_url=http://127.0.0.1:8000/v1]
       [--key_env=OPENAI_API_KEY]            (the key only ever from that environment variable)
   --judge=local --judge_model=llava-hf/llava-onevision-qwen2-7b-ov-hf [--judge_batch=4]
+  --judge=synthetic          (winrate on a demo run: the users' hidden rewards answer)
   [--cot] [--judge_temperature=1.0]
 """
 import os
@@ -11,10 +12,12 @@ DEFAULT_MODELS = {"api": "gpt-4o-mini-2024-07-18",
                   "local": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
 
 
-def define_flags():
+def define_flags(synthetic: bool = False):
+  """synthetic: also offer --judge=synthetic (a demo run's users' hidden rewards)."""
   from absl import flags
-  flags.DEFINE_enum("judge", "api", ["api", "local"], "the judge: an OpenAI-compatible chat API "
-                    "or a local transformers VLM")
+  flags.DEFINE_enum("judge", "api", ["api", "local"] + (["synthetic"] if synthetic else []),
+                    "the judge: an OpenAI-compatible chat API, a local transformers VLM"
+                    + (", or the demo users' hidden rewards" if synthetic else ""))
   flags.DEFINE_string("judge_model", None, "model name (api) or checkpoint (local); default "
                       + ", ".join(f"{k}: {v}" for k, v in DEFAULT_MODELS.items()))
   flags.DEFINE_string("base_url", "https://api.openai.com/v1", "the API's base URL (a local "
@@ -27,8 +30,15 @@ def define_flags():
   flags.DEFINE_integer("judge_workers", 4, "concurrent requests (api)")
 
 
-def from_flags(f, out: str, log=print):
-  """The backend the flags name; the API's response cache lives in out/judge_cache.jsonl."""
+def from_flags(f, out: str, log=print, run=None):
+  """The backend the flags name; the API's response cache lives in out/judge_cache.jsonl. The
+  synthetic judge answers with the users' hidden rewards of `run`'s demo data."""
+  if f.judge == "synthetic":
+    from ppd_jax.evals import judge_synthetic
+    from ppd_jax.evals.rewards import hidden
+    if run is None or not hasattr(run.source, "user_reward"):
+      raise ValueError("--judge=synthetic needs a run on the demo's synthetic users")
+    return judge_synthetic.SyntheticJudge(lambda u: hidden.HiddenPropertyReward(run.source, u))
   model = f.judge_model or DEFAULT_MODELS[f.judge]
   if f.judge == "api":
     from ppd_jax.evals import judge_api

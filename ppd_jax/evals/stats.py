@@ -91,3 +91,16 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | tuple[None, 
   centre = (p + z * z / (2 * n)) / d
   half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
   return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_mean_ci(values, level: float = 0.95, resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float] | tuple[None, None]:
+  """Percentile bootstrap interval of the mean of `values` (one per user: resampling users keeps
+  each user's items together, the clustering a per-user average needs)."""
+  x = np.asarray([v for v in values if v is not None], np.float64)
+  if x.size == 0:
+    return None, None
+  rng = np.random.default_rng(seed)
+  means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+  tail = (1 - level) / 2
+  return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))

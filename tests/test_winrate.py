@@ -1,0 +1,96 @@
+"""evals/winrate.py on the tiny trained run with the synthetic judge: per-user win rates against a
+direct comparison of the hidden rewards of the saved images, the mean over users and its
+bootstrap interval, shared seeds, resuming, and bad flags."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ppd_jax import images as image_io
+from ppd_jax import inference
+from ppd_jax.evals import judge_synthetic
+from ppd_jax.evals import stats
+from ppd_jax.evals import winrate
+from ppd_jax.evals.rewards import hidden
+
+
+@pytest.fixture(scope="module")
+def ppd(tiny_trained_run):
+  return inference.load_trained(tiny_trained_run)
+
+
+class Counting(judge_synthetic.SyntheticJudge):
+  def __init__(self, source):
+    super().__init__(lambda u: hidden.HiddenPropertyReward(source, u))
+    self.asked = 0
+
+  def answer(self, requests):
+    self.asked += len(requests)
+    return super().answer(requests)
+
+
+@pytest.mark.parametrize("against", ["base", "control"])
+def test_win_rates_against_the_hidden_rewards(ppd, tmp_path, against):
+  cases = winrate.user_cases(ppd, "unseen", 3, 2)
+  assert len(cases) == 3 and all(len(c.prompts) == 2 and len(c.context) == 4 for c in cases)
+  opponent = winrate.Opponent(against, ppd, cases)
+  judge = Counting(ppd.source)
+  out = str(tmp_path / against)
+
+  class Stop(Exception):
+    pass
+
+  def stop(u):
+    raise Stop(u)
+  with pytest.raises(Stop):
+    winrate.run(ppd, opponent, cases, judge, out, seed=4, log=lambda m: None, after_user=stop)
+  result = winrate.run(ppd, opponent, cases, judge, out, seed=4, log=lambda m: None)
+  assert judge.asked == 3 * 2 * 2                  # the first user was not judged again
+  rows = [json.loads(line) for line in open(os.path.join(out, "verdicts.jsonl"))]
+  rates = []
+  for c in cases:
+    mine = [r for r in rows if r.get("user_id") == c.user_id and "item" in r][-2:]
+    reward = hidden.HiddenPropertyReward(ppd.source, c.user_id)
+    wins = [float(reward.score([r["ppd"]])[0] > reward.score([r["opponent"]])[0]) for r in mine]
+    assert [r["verdict"] for r in mine] == ["A" if w else "B" for w in wins]
+    rates.append(np.mean(wins))
+    assert result["per_user"][str(c.user_id)]["win_rate"] == pytest.approx(np.mean(wins))
+  assert result["win_rate"] == pytest.approx(np.mean(rates))
+  lo, hi = result["ci95"]
+  assert lo <= result["win_rate"] <= hi
+  # PPD's images and the opponent's share x_T: the base's first image is what the sampler makes
+  # from user 0's seed with the branch off.
+  if against == "base":
+    first = rows[1] if "item" in rows[1] else rows[2]
+    expected = inference.generate(ppd, [cases[0].prompts[0]],
+                                  np.zeros((ppd.config.model.user_tokens,
+                                            ppd.config.model.user_embed_dim), np.float32),
+                                  user_scale=0.0, seed=4)[0]
+    got = image_io.load_png(first["opponent"])
+    assert np.abs(got - (image_io.to_uint8(expected) / 127.5 - 1)).max() < 1e-6
+  for f in ("winrate.json", "winrate.md", "examples.png"):
+    assert os.path.getsize(os.path.join(out, f)) > 0
+  # Rerun: nothing generated or judged.
+  again = winrate.run(ppd, opponent, cases, judge, out, seed=4, log=lambda m: None)
+  assert judge.asked == 12 and again["win_rate"] == result["win_rate"]
+
+
+def test_bootstrap_interval_matches_the_normal_one_for_many_users():
+  rng = np.random.default_rng(3)
+  rates = rng.uniform(0.2, 1.0, 400)
+  lo, hi = stats.bootstrap_mean_ci(rates, resamples=4000, seed=1)
+  half = 1.959964 * rates.std(ddof=1) / np.sqrt(len(rates))
+  assert lo == pytest.approx(rates.mean() - half, abs=0.004)
+  assert hi == pytest.approx(rates.mean() + half, abs=0.004)
+  assert stats.bootstrap_mean_ci([0.7] * 5) == (pytest.approx(0.7), pytest.approx(0.7))
+
+
+def test_bad_flags_are_named(ppd):
+  cases = winrate.user_cases(ppd, "unseen", 2, 1)
+  with pytest.raises(winrate.WinrateError, match="--against='baseline'"):
+    winrate.Opponent("baseline", ppd, cases)
+  with pytest.raises(winrate.WinrateError, match="--users='all'"):
+    winrate.user_cases(ppd, "all", 2, 1)
+  with pytest.raises(winrate.WinrateError, match="two users"):
+    winrate.Opponent("control", ppd, cases[:1])
