@@ -109,3 +109,35 @@ def test_command_line_errors_name_the_flag(tiny_trained_run, tmp_path):
     done = subprocess.run(base + extra, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_the_command_line_end_to_end(tiny_trained_run, tmp_path):
+  """python -m ppd_jax.evals.interpolate with three (tiny) CLIP rewards and three demo users as
+  the vertices: the grid and the edge curves are written, and the vertex means are the rewards'
+  scores of the vertex images."""
+  import subprocess
+  import sys
+  import tiny_clip
+  from ppd_jax.evals.rewards import registry
+  model = str(tmp_path / "clip")
+  tiny_clip.save_clip(model)
+  (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+  out = tmp_path / "o"
+  names = ("clip_h14", "clip_l14", "pickscore")
+  cmd = [sys.executable, "-m", "ppd_jax.evals.interpolate", f"--run={tiny_trained_run}",
+         f"--out={out}", "--prompt=a green triangle", f"--edge_prompts={tmp_path / 'prompts.txt'}",
+         f"--rewards={','.join(names)}", "--users=0,1,2", "--grid=2", "--edge_steps=2",
+         *[f"--model={n}={model}" for n in names]]
+  done = subprocess.run(cmd, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.load(open(out / "edges.json"))
+  assert [e["from"] for e in result["edges"]] == list(names)
+  assert len(os.listdir(out / "grid")) == 3 and (out / "grid.png").exists()
+  first = result["edges"][0]
+  vertex = out / "points" / "w1.000_0.000_0.000"
+  listing = [json.loads(line) for line in open(vertex / "prompts.jsonl")]
+  reward = registry.load("clip_l14", model=model)
+  expected = reward.score([str(vertex / r["image"]) for r in listing],
+                          [r["prompt"] for r in listing]).mean()
+  assert first["means"]["clip_l14"][0] == pytest.approx(float(expected), abs=1e-4)
