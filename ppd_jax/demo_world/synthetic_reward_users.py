@@ -72,11 +72,7 @@ class RewardUserPreferences:
     keep = selected(self.names, d.get("relabel_rewards", ""))
     self.train_user_ids = np.array([user_id(self.names.index(n)) for n in keep], np.int64)
     self.unseen_user_ids = np.zeros(0, np.int64)
-    if backbone is None:
-      from ppd_jax import backbone as backbone_lib
-      backbone = backbone_lib.build_backbone(config)
-    self.backbone = backbone
-    pool = base_pool.load_or_make(config, backbone, log)
+    self.backbone, pool = base_pool.with_backbone(config, backbone, log)
     self.pool_images, self.pool_latents = pool.images, pool.latents
     self.pool_caption_ids = pool.caption_ids
     self.features = shape_properties.PropertyFeatures(pool.images, PROPERTIES)
@@ -87,7 +83,7 @@ class RewardUserPreferences:
     self.winner_index, self.loser_index = draw(_STREAM_PAIRS, d.pairs_per_user)
     self.held_winner, self.held_loser = draw(_STREAM_HELD_OUT, max(d.pairs_per_user // 8, 8))
     self.captions = synthetic.captions_list()
-    self._text = backbone.encode_captions(self.captions)
+    self._text = self.backbone.encode_captions(self.captions)
     self.seed = config.seed
     self.random_sample = d.get("user_sample", "first") == "random"
     if d.user_conditioning:

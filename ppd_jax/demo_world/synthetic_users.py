@@ -91,11 +91,7 @@ class SyntheticPreferences:
     self.unseen_user_ids = np.arange(d.num_users, d.num_users + d.num_unseen_users, dtype=np.int32)
     num_all = d.num_users + d.num_unseen_users
 
-    if backbone is None:
-      from ppd_jax import backbone as backbone_lib
-      backbone = backbone_lib.build_backbone(config)
-    self.backbone = backbone
-    pool = base_pool.load_or_make(config, backbone, log)
+    self.backbone, pool = base_pool.with_backbone(config, backbone, log)
     self.pool_images, self.pool_caption_ids = pool.images, pool.caption_ids
     self.pool_latents = pool.latents
     self.reward_properties = tuple(d.reward_properties)
@@ -110,7 +106,7 @@ class SyntheticPreferences:
         self.user_weights, d.pairs_per_user, d.min_reward_gap)
 
     self.captions = synthetic.captions_list()
-    self._text = backbone.encode_captions(self.captions)
+    self._text = self.backbone.encode_captions(self.captions)
 
     if self.user_conditioning:
       self._user_embeddings = np.stack([
