@@ -87,7 +87,9 @@ class RewardUserPreferences:
     self.seed = config.seed
     self.random_sample = d.get("user_sample", "first") == "random"
     if d.user_conditioning:
-      self._samples = np.stack([self._embeddings(k, d.user_samples, m, config.seed)
+      # "first" shows sample 0 only: the other samples are not computed.
+      count = d.user_samples if self.random_sample else 1
+      self._samples = np.stack([self._embeddings(k, count, m, config.seed)
                                 for k in range(len(self.names))])       # [R, S, T, D]
     else:
       constant = np.random.default_rng([_STREAM_CONSTANT, config.seed]).standard_normal(

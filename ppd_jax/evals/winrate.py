@@ -58,10 +58,12 @@ def _synthetic_cases(source, ids, items: int, fixed) -> list[UserCase]:
     p = source.user_pairs(int(u))
     shots = source.fewshot
     # The winner alternates between Image 1 and Image 2, so "preferred" carries no position cue.
-    context = tuple(prompts_lib.Pair(p["captions"][k], *((p["winners"][k], p["losers"][k])
-                                                         if k % 2 == 0 else
-                                                         (p["losers"][k], p["winners"][k])),
-                                     1 + k % 2) for k in range(shots))
+    context = []
+    for k in range(shots):
+      win, lose, caption = p["winners"][k], p["losers"][k], p["captions"][k]
+      context.append(prompts_lib.Pair(caption, win, lose, 1) if k % 2 == 0 else
+                     prompts_lib.Pair(caption, lose, win, 2))
+    context = tuple(context)
     later = fixed or p["captions"][shots:shots + items]
     out.append(UserCase(int(u), context, tuple(later)))
   return out
