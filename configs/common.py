@@ -98,6 +98,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.min_reward_gap = 0.5       # synthetic source: smallest reward gap a user labels
   # synthetic source: what users' hidden rewards weigh (demo_world/shape_properties.py names)
   c.data.reward_properties = ("size", "brightness", "background")
+  # synthetic source: "majority" (a shared taste d plus individual deviations sigma z_u; users
+  # with w_u . d < 0 are the minority) or "opposed" (couples w, -w: no majority taste)
+  c.data.population = "majority"
+  c.data.taste_deviation = 1.5      # sigma: the minority is Phi(-1 / sigma) of users (0.25)
   c.data.user_conditioning = True   # False: one constant embedding for all (Diffusion-DPO baseline)
   # pickapic source (ppd_jax/data/pickapic.py, precompute.py, pickapic_source.py):
   c.data.shards = ""                # the folder python -m ppd_jax.data.precompute made
@@ -133,6 +137,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.unseen_users = 0           # unseen users evaluated; 0: all of them
   c.eval.train_users = 16           # training users evaluated (the first ones)
   c.eval.interpolation_pairs = 4    # pairs of unseen users mixed at weights 0, 0.25, ..., 1
+  # The synthetic judge (evals/judge_synthetic.py) that plays each user in the win rates:
+  # P(first preferred) = sigmoid((r(first) - r(second)) / T + position bias logit).
+  c.eval.judge_temperature = 0.1
+  c.eval.judge_position_bias = 0.0
   # Validation while training (ppd_jax/validation.py), every `eval_every` steps: held-out pairs
   # of validation users, each with a fixed timestep and noise (seeded by eval.seed).
   c.eval.val_pairs = 256

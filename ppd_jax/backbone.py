@@ -1,7 +1,8 @@
 """The frozen encoders around the UNet: captions -> text conditioning, images <-> the UNet's x0.
 
-    PixelBackbone (demo, tiny)       hash caption encoder; x0 is the image itself
     StableDiffusionBackbone (SD)     CLIP text encoder(s) + tokenizer(s); x0 = VAE latents
+    PixelBackbone (the demo)         demo_world/pixel_backbone.py: hash caption encoder, x0 is
+                                     the image itself (the demo's world stays in demo_world/)
 
 Text conditioning is a dict of arrays with a leading batch dim, the keys the UNet reads:
     text_embedding          [N, L, D]    cross-attention context
@@ -35,25 +36,6 @@ def _chunked(fn, x: np.ndarray, size: int) -> np.ndarray:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
     out.append(np.asarray(fn(chunk))[:size - pad])
   return np.concatenate(out) if out else np.zeros((0,) + x.shape[1:], np.float32)
-
-
-class PixelBackbone:
-  """Pixel-space models (the demo): demo_world/synthetic.py's hash caption encoder, no VAE."""
-
-  def __init__(self, config):
-    from ppd_jax.demo_world import synthetic
-    self.encoder = synthetic.make_text_encoder(config.model, config.data)
-    self.pixel_size = config.model.sample_size
-    self.identity = ("pixel", synthetic.TEXT_ENCODER_SEED)
-
-  def encode_captions(self, captions: list[str]) -> dict:
-    return {"text_embedding": self.encoder.encode(list(captions))}
-
-  def to_latents(self, images: np.ndarray) -> np.ndarray:
-    return np.asarray(images, np.float32)
-
-  def to_images(self, latents: np.ndarray) -> np.ndarray:
-    return np.asarray(latents, np.float32)
 
 
 class StableDiffusionBackbone:
@@ -130,4 +112,5 @@ def build_backbone(config):
   """The run's backbone: Stable Diffusion when config.model.pretrained is set, else pixel space."""
   if config.model.get("pretrained"):
     return StableDiffusionBackbone(config)
-  return PixelBackbone(config)
+  from ppd_jax.demo_world import pixel_backbone
+  return pixel_backbone.PixelBackbone(config)

@@ -185,6 +185,12 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
              f"must be distinct names from {shape_properties.PROPERTIES}")
     _require(c.data.min_reward_gap >= 0, "data.min_reward_gap", c.data.min_reward_gap,
              "must be >= 0")
+    _require(c.data.population in ("majority", "opposed"), "data.population", c.data.population,
+             "must be 'majority' (a shared taste plus individual deviations) or 'opposed'")
+    _require(c.data.taste_deviation > 0, "data.taste_deviation", c.data.taste_deviation,
+             "must be > 0")
+    _require(c.eval.judge_temperature > 0, "eval.judge_temperature", c.eval.judge_temperature,
+             "must be > 0")
     for field in ("eval.num_items", "eval.interpolation_pairs"):
       _positive_int(c, field)
     for field in ("eval.seed", "eval.unseen_users", "eval.train_users"):

@@ -227,13 +227,22 @@ class Brightness:
     return np.asarray(images, np.float32).mean(axis=(1, 2, 3))
 
 
+class Darkness:
+  def score(self, images, prompts):
+    return -Brightness().score(images, prompts)
+
+
 def test_the_synthetic_judge_answers_from_the_hidden_reward():
   arrays = lambda v: np.full((8, 8, 3), v / 127.5 - 1, np.float32)
   q = judge.Question(CONTEXT, "c", arrays(200), arrays(40), user_id=3)
+  darker = judge.Question(CONTEXT, "c", arrays(200), arrays(40), user_id=4)
   seen = []
-  reward_for = lambda u: seen.append(u) or Brightness()
-  [j] = judge.judge(judge_synthetic.SyntheticJudge(reward_for), [q])
-  assert j.verdict == "A" and seen == [3, 3] and j.bias == pytest.approx(0.0, abs=1e-6)
+  reward_for = lambda u: seen.append(u) or (Brightness() if u == 3 else Darkness())
+  # Two users in one call: each user's requests are scored with that user's reward.
+  j, k = judge.judge(judge_synthetic.SyntheticJudge(reward_for), [q, darker])
+  assert j.verdict == "A" and k.verdict == "B" and sorted(seen) == [3, 4]
+  assert j.bias == pytest.approx(0.0, abs=1e-6)
+  assert j.p_ab == pytest.approx(1 / (1 + np.exp(-(160 / 127.5) / 0.1)), rel=1e-6)
   near = judge.Question(CONTEXT, "c", arrays(130), arrays(128), user_id=3)
   biased = judge_synthetic.SyntheticJudge(reward_for, temperature=0.1, position_bias_logit=3.0)
   [j] = judge.judge(biased, [near])

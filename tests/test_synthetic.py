@@ -1,13 +1,14 @@
 """The synthetic world, its users and pairs over base samples, the text encoder, the embedder."""
 import colorsys
 import inspect
+import math
 
 import numpy as np
 import pytest
 
 from configs import ppd
-from ppd_jax import backbone
 from ppd_jax.demo_world import base_pool
+from ppd_jax.demo_world import pixel_backbone
 from ppd_jax.demo_world import shape_properties
 from ppd_jax.demo_world import synthetic
 from ppd_jax.demo_world import synthetic_users
@@ -134,7 +135,7 @@ def test_baseline_source_has_the_same_pairs_and_one_embedding(tiny):
 def test_pool_is_cached_and_a_corrupt_cache_is_remade(tmp_path, monkeypatch):
   monkeypatch.setenv("PPD_JAX_CACHE", str(tmp_path))
   c = ppd.get_config("tiny")
-  pixels = backbone.PixelBackbone(c)
+  pixels = pixel_backbone.PixelBackbone(c)
   first = base_pool.load_or_make(c, pixels, log=lambda _: None)
   path = tmp_path / "pools" / f"{base_pool.pool_key(c, pixels)}.npz"
   assert path.exists()
@@ -301,3 +302,35 @@ def test_users_come_in_opposed_couples():
   np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, rtol=1e-6)
   np.testing.assert_array_equal(w[1::2], -w[0:6:2])
   np.testing.assert_allclose(w[:6].sum(0), 0.0, atol=1e-6)    # no majority taste
+
+
+def test_a_majority_population_shares_a_direction_and_has_a_minority():
+  """w_u = normalise(d + sigma z_u): the share with w_u . d < 0 is Phi(-1 / sigma), and the mean
+  taste points along d (checked against the closed form, on many users)."""
+  sigma = 1.5
+  w, d = synthetic_users.population(0, 20000, 3, "majority", sigma)
+  np.testing.assert_allclose(np.linalg.norm(d), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, rtol=1e-5)
+  minority = float(np.mean(w @ d < 0))
+  assert minority == pytest.approx(0.5 * math.erfc(1 / sigma / math.sqrt(2)), abs=0.01)
+  mean = w.mean(0)
+  assert mean @ d / np.linalg.norm(mean) > 0.99
+  # Another seed draws another direction; "opposed" has none and sums to zero in couples.
+  assert synthetic_users.population(1, 4, 3, "majority", sigma)[1] @ d < 0.999
+  w, d = synthetic_users.population(0, 6, 3, "opposed", sigma)
+  assert d is None
+  np.testing.assert_allclose(w.sum(0), 0.0, atol=1e-6)
+  with pytest.raises(ValueError, match="data.population"):
+    synthetic_users.population(0, 6, 3, "mixed", sigma)
+
+
+def test_user_groups_follow_the_population_direction():
+  c = ppd.get_config("tiny")
+  source = synthetic_users.SyntheticPreferences(c, log=lambda _: None)
+  ids = range(len(source.user_weights))
+  groups = [source.user_group(u) for u in ids]
+  want = ["majority" if source.user_weights[u] @ source.population_direction > 0 else "minority"
+          for u in ids]
+  assert groups == want and set(groups) == {"majority", "minority"}
+  c.data.population = "opposed"
+  assert synthetic_users.SyntheticPreferences(c, log=lambda _: None).user_group(0) is None

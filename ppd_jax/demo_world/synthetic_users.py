@@ -6,10 +6,16 @@ for an image is
 
     r_u(image) = w_u . standardise(measure(image))
 
-measured from pixels, so it judges PPD's samples exactly as it judged the pairs. Users come in
-opposed couples (w_{2k+1} = -w_{2k}), so no taste is the majority's. Captions cannot tell users
-apart, only the user embedding can. Ids 0..num_users-1 are training users, the next
-num_unseen_users are held out (never in a training record).
+measured from pixels, so it judges PPD's samples exactly as it judged the pairs. The population
+(`data.population`):
+  majority  w_u = normalise(d + sigma z_u), z_u ~ N(0, I): a shared direction d plus an individual
+            deviation (sigma = data.taste_deviation). User u is in the majority when w_u . d > 0,
+            which happens with probability Phi(1 / sigma) (0.75 at sigma = 1.5): a model that
+            ignores the user can learn d and win for them, and loses for the minority.
+  opposed   couples w_{2k+1} = -w_{2k}: no taste is the majority's, so a model that ignores the
+            user scores exactly 1/2 on average.
+Captions cannot tell users apart, only the user embedding can. Ids 0..num_users-1 are training
+users, the next num_unseen_users are held out (never in a training record).
 
 Pairs. Each user labels `pairs_per_user` pairs: a random caption, two distinct pool images of it
 (demo_world/base_pool.py: samples of the frozen base), the one of higher reward preferred.
@@ -27,7 +33,7 @@ from ppd_jax.demo_world import shape_properties
 from ppd_jax.demo_world import synthetic
 from ppd_jax.users import fewshot
 
-_STREAM_USERS, _STREAM_PAIRS, _STREAM_CONSTANT = 1, 2, 3
+_STREAM_USERS, _STREAM_PAIRS, _STREAM_CONSTANT, _STREAM_DIRECTION = 1, 2, 3, 4
 _CANDIDATES_PER_PAIR = 8  # candidate pairs drawn per kept pair
 
 
@@ -45,6 +51,25 @@ def opposed_user_weights(rng: np.random.Generator, users: int, dims: int) -> np.
   w = rng.standard_normal(((users + 1) // 2, dims))
   w = w / np.linalg.norm(w, axis=1, keepdims=True)
   return np.stack([w, -w], axis=1).reshape(-1, dims)[:users].astype(np.float32)
+
+
+def majority_user_weights(rng: np.random.Generator, direction: np.ndarray, users: int,
+                          deviation: float) -> np.ndarray:
+  """[users, dims] unit vectors normalise(d + deviation z_u), z_u ~ N(0, I) (module docstring)."""
+  w = direction[None, :] + deviation * rng.standard_normal((users, len(direction)))
+  return (w / np.linalg.norm(w, axis=1, keepdims=True)).astype(np.float32)
+
+
+def population(seed: int, users: int, dims: int, kind: str, deviation: float):
+  """(weights [users, dims], the population direction d [dims] or None for "opposed")."""
+  rng = _stream(seed, _STREAM_USERS)
+  if kind == "opposed":
+    return opposed_user_weights(rng, users, dims), None
+  if kind != "majority":
+    raise ValueError(f"config.data.population={kind!r}: 'majority' or 'opposed'")
+  d = _stream(seed, _STREAM_DIRECTION).standard_normal(dims)
+  d = (d / np.linalg.norm(d)).astype(np.float32)
+  return majority_user_weights(rng, d, users, deviation), d
 
 
 def _sample_pairs(rng, features, caption_ids, weights, pairs: int, min_gap: float):
@@ -99,8 +124,9 @@ class SyntheticPreferences:
     self.pool_features = self.features(pool.images)
 
     # Hidden ground truth: evaluation and labelling use it (user_reward), the embedder never does.
-    self.user_weights = opposed_user_weights(
-        _stream(config.seed, _STREAM_USERS), num_all, len(self.reward_properties))
+    self.user_weights, self.population_direction = population(
+        config.seed, num_all, len(self.reward_properties), d.get("population", "opposed"),
+        d.get("taste_deviation", 1.5))
     self.winner_index, self.loser_index = _sample_pairs(
         _stream(config.seed, _STREAM_PAIRS), self.pool_features, self.pool_caption_ids,
         self.user_weights, d.pairs_per_user, d.min_reward_gap)
@@ -159,6 +185,13 @@ class SyntheticPreferences:
     if not isinstance(user_id, (int, np.integer)) or not 0 <= user_id < n:
       raise KeyError(f"unknown user {user_id!r}: this synthetic data set has users 0..{n - 1} "
                      f"(training 0..{len(self.train_user_ids) - 1}, the rest unseen)")
+
+  def user_group(self, user_id: int) -> str | None:
+    """"majority" when w_u . d > 0, else "minority"; None for a population without a majority."""
+    self.check_user(user_id)
+    if self.population_direction is None:
+      return None
+    return "majority" if self.user_weights[user_id] @ self.population_direction > 0 else "minority"
 
   def user_embedding(self, user_id: int) -> np.ndarray:
     """[user_tokens, user_embed_dim] float32, from the user's first `fewshot` pairs."""

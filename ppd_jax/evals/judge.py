@@ -73,6 +73,13 @@ class Judgement:
   problems: tuple = ()
 
 
+def context_from_pairs(winners, losers, captions) -> tuple:
+  """A user's labelled pairs as the judge's context: the winner shown as Image 1 in even pairs and
+  as Image 2 in odd ones, so that "preferred" carries no position cue."""
+  return tuple(prompts.Pair(c, w, l, 1) if k % 2 == 0 else prompts.Pair(c, l, w, 2)
+               for k, (w, l, c) in enumerate(zip(winners, losers, captions)))
+
+
 def requests_for(question: Question) -> tuple[Request, Request]:
   """(A first, B first)."""
   return (Request(question, question.image_a, question.image_b),

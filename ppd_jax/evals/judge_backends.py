@@ -3,6 +3,8 @@
   --judge=api --judge_model=gpt-4o-mini-2024-07-18 [--base_url=http://127.0.0.1:8000/v1]
       [--key_env=OPENAI_API_KEY]            (the key only ever from that environment variable)
   --judge=local --judge_model=llava-hf/llava-onevision-qwen2-7b-ov-hf [--judge_batch=4]
+      (or a Qwen2-VL checkpoint, e.g. Qwen/Qwen2-VL-7B-Instruct: the family is the checkpoint's
+      config.json model_type, evals/judge_local.FAMILIES)
   --judge=synthetic          (winrate on a demo run: the users' hidden rewards answer)
   [--cot] [--judge_temperature=1.0]
 """
@@ -18,7 +20,8 @@ def define_flags(synthetic: bool = False):
   flags.DEFINE_enum("judge", "api", ["api", "local"] + (["synthetic"] if synthetic else []),
                     "the judge: an OpenAI-compatible chat API, a local transformers VLM"
                     + (", or the demo users' hidden rewards" if synthetic else ""))
-  flags.DEFINE_string("judge_model", None, "model name (api) or checkpoint (local); default "
+  flags.DEFINE_string("judge_model", None, "model name (api) or checkpoint (local: "
+                      "LLaVA-OneVision or Qwen2-VL, by its config's model_type); default "
                       + ", ".join(f"{k}: {v}" for k, v in DEFAULT_MODELS.items()))
   flags.DEFINE_string("base_url", "https://api.openai.com/v1", "the API's base URL (a local "
                       "server: http://127.0.0.1:PORT/v1)")
@@ -48,5 +51,5 @@ def from_flags(f, out: str, log=print, run=None):
   from ppd_jax.evals import judge_local
   from ppd_jax.users import vlm as vlm_lib
   decoding = vlm_lib.Decoding(mode="sample", temperature=f.judge_temperature)
-  return judge_local.LocalJudge(vlm_lib.VLM.load(model), cot=f.cot, decoding=decoding,
+  return judge_local.LocalJudge(judge_local.load_vlm(model), cot=f.cot, decoding=decoding,
                                 batch_size=f.judge_batch)

@@ -1,5 +1,7 @@
-"""A local transformers VLM as the judge (LLaVA-OneVision by default, users/vlm.py), read from its
-next-token probabilities rather than from parsed text.
+"""A local transformers VLM as the judge, read from its next-token probabilities rather than from
+parsed text. The family follows the checkpoint's config.json model_type (FAMILIES):
+LLaVA-OneVision (users/vlm.py, the default checkpoint) or Qwen2-VL (users/qwen2_vl.py). Both are a
+users/vlm.ChatVLM, whose inputs() spells the images the family's way; everything below is shared.
 
 The judge prompt (evals/judge_prompt.py) is closed with the assistant turn opened and the answer
 prefix "Prediction of user preference: " already written; at the last position the logits l give
@@ -21,7 +23,31 @@ from PIL import Image
 
 from ppd_jax.evals import judge as judge_lib
 from ppd_jax.evals import judge_prompt
+from ppd_jax.users import qwen2_vl
 from ppd_jax.users import vlm as vlm_lib
+
+# config.json's model_type -> the wrapper that loads it.
+FAMILIES = {"llava_onevision": vlm_lib.VLM, qwen2_vl.MODEL_TYPE: qwen2_vl.Qwen2VL}
+
+
+def model_type(model_id: str) -> str | None:
+  """The model_type of a hub id's or a folder's config.json, read without building the model."""
+  import transformers
+  try:
+    config, _ = transformers.PreTrainedConfig.get_config_dict(model_id)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--judge_model={model_id}: no readable config.json: {e}") from e
+  return config.get("model_type")
+
+
+def load_vlm(model_id: str, *, dtype: str = "auto",
+             device: str | None = None) -> vlm_lib.ChatVLM:
+  """The checkpoint, loaded by the family its model_type names."""
+  kind = model_type(model_id)
+  if kind not in FAMILIES:
+    raise ValueError(f"--judge_model={model_id}: model_type {kind!r} is not a local judge family "
+                     f"(supported: {', '.join(FAMILIES)})")
+  return FAMILIES[kind].load(model_id, dtype=dtype, device=device)
 
 
 def answer_token_ids(tokenizer, prefix: str = judge_prompt.ANSWER_PREFIX) -> tuple[int, int]:
@@ -49,9 +75,9 @@ def _pil(image) -> Image.Image:
 
 
 class LocalJudge:
-  """judge.Backend over a loaded users/vlm.VLM."""
+  """judge.Backend over a loaded users/vlm.ChatVLM (either family)."""
 
-  def __init__(self, vlm: vlm_lib.VLM, *, cot: bool = False,
+  def __init__(self, vlm: vlm_lib.ChatVLM, *, cot: bool = False,
                decoding: vlm_lib.Decoding = vlm_lib.Decoding(temperature=1.0),
                batch_size: int = 2):
     self.vlm, self.cot, self.decoding, self.batch_size = vlm, cot, decoding, max(1, batch_size)

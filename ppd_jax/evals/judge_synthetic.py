@@ -28,16 +28,20 @@ class SyntheticJudge:
             "position_bias_logit": self.position_bias_logit}
 
   def answer(self, requests) -> list[judge_lib.Answer]:
-    out = []
-    for r in requests:
-      q = r.question
-      if q.user_id is None:
-        out.append(judge_lib.Answer(None, problem="the synthetic judge needs the question's "
-                                    "user_id"))
-        continue
-      s = self.reward_for(q.user_id).score(np.stack([np.asarray(r.first, np.float32),
-                                                     np.asarray(r.second, np.float32)]),
-                                           [q.caption, q.caption])
-      z = (float(s[0]) - float(s[1])) / self.temperature + self.position_bias_logit
-      out.append(judge_lib.Answer(float(1.0 / (1.0 + np.exp(-z))), mass=1.0))
+    """Each user's requests scored in one reward call (the demo asks tens of thousands)."""
+    out: list = [None] * len(requests)
+    by_user: dict = {}
+    for i, r in enumerate(requests):
+      if r.question.user_id is None:
+        out[i] = judge_lib.Answer(None, problem="the synthetic judge needs the question's user_id")
+      else:
+        by_user.setdefault(r.question.user_id, []).append(i)
+    for user, rows in by_user.items():
+      images = np.stack([np.asarray(x, np.float32) for i in rows
+                         for x in (requests[i].first, requests[i].second)])
+      captions = [requests[i].question.caption for i in rows for _ in range(2)]
+      s = np.asarray(self.reward_for(user).score(images, captions), np.float64).reshape(-1, 2)
+      z = (s[:, 0] - s[:, 1]) / self.temperature + self.position_bias_logit
+      for i, p in zip(rows, 1.0 / (1.0 + np.exp(-z))):
+        out[i] = judge_lib.Answer(float(p), mass=1.0)
     return out

@@ -1,21 +1,27 @@
-"""The paper's personalisation protocol on synthetic users: win rates judged by hidden rewards.
+"""The paper's personalisation protocol (Section 5.2) on the demo's synthetic users.
 
-For user u, item i (a prompt and a starting noise x_T shared by every model) and two images a, b:
+Every model draws the same items (a prompt and a starting noise x_T). For user u, a comparison
+of model a with model b asks the judge, for each item, which of a's and b's images u prefers,
+showing u's 4 few-shot pairs as the context, in both orders (evals/judge.py). The judge is the
+synthetic one (evals/judge_synthetic.py): u's hidden reward answering as a VLM would. Per user
 
-    win_u(a vs b) = mean_i ( 1[r_u(a_i) > r_u(b_i)] + 0.5 * 1[r_u(a_i) = r_u(b_i)] )
+    win_u(a vs b) = #A / (#A + #B)             (inconsistent verdicts dropped, the paper's rule)
 
-reported as means over users of:
-  unseen_user_win_rate   PPD with u's few-shot embedding vs the frozen base, u unseen in training
+averaged over users, with a bootstrap 95% interval over users (evals/winrate.summarise, the
+protocol `python -m ppd_jax.evals.winrate` runs). Reported, for unseen users unless said:
+  unseen_user_win_rate   PPD with u's few-shot embedding vs the frozen base
   train_user_win_rate    the same for training users
-  dpo_baseline_win_rate  Diffusion-DPO without user conditioning vs the base, under unseen rewards
-  control_win_rate       PPD with ANOTHER unseen user's embedding vs the base, under u's reward
-                         (averaged over every other evaluated unseen user, so it is precise)
+  dpo_baseline_win_rate  Diffusion-DPO (one embedding for all: no user) vs the base
+  ppd_vs_dpo_win_rate    PPD head to head with Diffusion-DPO
+  control_win_rate       PPD with ANOTHER unseen user's embedding vs the base, judged for u
+                         (u's verdicts pooled over every other unseen user's images)
+  groups                 the first three over the majority and the minority users (w_u . d > 0
+                         or < 0, demo_world/synthetic_users.py), where the population has one
 and interpolation: for pairs (a, b) of unseen users, the embedding (1 - alpha) e_a + alpha e_b with
 alpha in 0, 0.25, ..., 1, and the mean rewards r_a and r_b of its samples at each alpha. Pairs are
 users of different tastes (each user a, in id order, with the remaining user whose hidden weights
-are least like a's, short of exactly opposite: demo_world/synthetic_users.py makes users in
-opposed couples, and mixing a couple would only show a symmetric picture), so that "from one user's
-rewards to the other's" is a visible move.
+are least like a's, short of exactly opposite, which would only show a symmetric picture), so that
+"from one user's rewards to the other's" is a visible move.
 """
 import json
 import os
@@ -25,17 +31,17 @@ import numpy as np
 
 from ppd_jax.demo_world import synthetic
 from ppd_jax.diffusion import generation
+from ppd_jax.evals import judge as judge_lib
+from ppd_jax.evals import judge_synthetic
 from ppd_jax.evals import plots
+from ppd_jax.evals import winrate
 from ppd_jax.evals.rewards import hidden
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+HEAD_TO_HEAD = ("unseen_user_win_rate", "dpo_baseline_win_rate", "ppd_vs_dpo_win_rate")
 RESULT_KEYS = ("unseen_user_win_rate", "train_user_win_rate", "dpo_baseline_win_rate",
-               "control_win_rate", "interpolation", "per_user", "counts", "seconds")
-
-
-def win_rate(reward_a: np.ndarray, reward_b: np.ndarray) -> float:
-  """Fraction of items where a beats b (ties count half)."""
-  return float(np.mean((reward_a > reward_b) + 0.5 * (reward_a == reward_b)))
+               "ppd_vs_dpo_win_rate", "control_win_rate", "ci95", "groups", "judge",
+               "interpolation", "per_user", "counts", "seconds")
 
 
 def _items(seed: int, num_items: int, model_cfg):
@@ -79,66 +85,111 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print,
   start = time.perf_counter()
   source = ppd_run.source
   e = eval_config or ppd_run.config.eval
-  unseen = source.unseen_user_ids[:e.unseen_users or None]
-  train = source.train_user_ids[:e.train_users]
+  unseen = source.unseen_user_ids[:e.unseen_users or None].tolist()
+  train = source.train_user_ids[:e.train_users].tolist()
   if len(unseen) < 2:
     raise ValueError(f"config.eval.unseen_users / data.num_unseen_users: the control needs at "
                      f"least 2 unseen users, got {len(unseen)}")
   pairs = min(e.interpolation_pairs, len(unseen) // 2)
   caption_ids, noise = _items(e.seed, e.num_items, ppd_run.config.model)
+  prompts = [synthetic.captions_list()[c] for c in caption_ids]
   sample = _Sampler(ppd_run, caption_ids, noise, log)
 
   log(f"evaluating: {len(unseen)} unseen + {len(train)} training users x {e.num_items} items")
   base = sample(None)[0]                                          # [items, S, S, C]
-  users = np.concatenate([unseen, train])
-  ppd = dict(zip(users.tolist(), sample(np.stack([source.user_embedding(int(u))
-                                                  for u in users]))))
+  ppd = dict(zip(unseen + train, sample(np.stack([source.user_embedding(u)
+                                                  for u in unseen + train]))))
   baseline = _Sampler(baseline_run, caption_ids, noise, log)(
       baseline_run.source.user_embedding(0)[None])[0]
 
-  reward = _scorer(user_reward or (lambda u: hidden.HiddenPropertyReward(source, u)),
-                   [synthetic.captions_list()[c] for c in caption_ids])
-  per_unseen = {u: win_rate(reward(u, ppd[u]), reward(u, base)) for u in unseen.tolist()}
-  per_train = {u: win_rate(reward(u, ppd[u]), reward(u, base)) for u in train.tolist()}
-  per_baseline = {u: win_rate(reward(u, baseline), reward(u, base)) for u in unseen.tolist()}
-  per_control = {u: float(np.mean([win_rate(reward(u, ppd[o]), reward(u, base))
-                                   for o in unseen.tolist() if o != u]))
-                 for u in unseen.tolist()}
+  rewards = _per_user(user_reward or (lambda u: hidden.HiddenPropertyReward(source, u)))
+  judge = judge_synthetic.SyntheticJudge(rewards, e.judge_temperature, e.judge_position_bias)
+  compare = _Comparer(judge, source, prompts)
+  others = {u: [o for o in unseen if o != u] for u in unseen}
+  summaries = {
+      "unseen_user_win_rate": compare(unseen, lambda u: [ppd[u]], lambda u: [base]),
+      "train_user_win_rate": compare(train, lambda u: [ppd[u]], lambda u: [base]),
+      "dpo_baseline_win_rate": compare(unseen, lambda u: [baseline], lambda u: [base]),
+      "ppd_vs_dpo_win_rate": compare(unseen, lambda u: [ppd[u]], lambda u: [baseline]),
+      "control_win_rate": compare(unseen, lambda u: [ppd[o] for o in others[u]],
+                                  lambda u: [base] * len(others[u])),
+  }
+  log("judged: " + ", ".join(f"{k} {v['win_rate']:.3f}" for k, v in summaries.items()))
+  groups = {}
+  for u in unseen:
+    if source.user_group(u) is not None:
+      groups.setdefault(source.user_group(u), []).append(u)
 
-  interpolation = _interpolate(sample, source, unseen, pairs, ppd, reward)
+  interpolation = _interpolate(sample, source, unseen, pairs, ppd, rewards, prompts)
   results = {
-      "unseen_user_win_rate": _mean(per_unseen),
-      "train_user_win_rate": _mean(per_train),
-      "dpo_baseline_win_rate": _mean(per_baseline),
-      "control_win_rate": _mean(per_control),
+      **{k: _round(v["win_rate"]) for k, v in summaries.items()},
+      "ci95": {k: [_round(x) for x in v["ci95"]] for k, v in summaries.items()},
+      "groups": {g: {"users": len(ids),
+                     **{k: _round(_mean_of(summaries[k], ids)) for k in HEAD_TO_HEAD}}
+                 for g, ids in sorted(groups.items())},
+      "judge": {**judge.describe(), **{k: _consistency(v) for k, v in summaries.items()}},
       "interpolation": interpolation,
-      "per_user": {"unseen": _keyed(per_unseen), "train": _keyed(per_train),
-                   "dpo_baseline": _keyed(per_baseline), "control": _keyed(per_control)},
+      "per_user": {k: {u: _round(r["win_rate"]) for u, r in v["per_user"].items()}
+                   for k, v in summaries.items()},
       "counts": {"unseen_users": len(unseen), "train_users": len(train), "items": e.num_items,
                  "interpolation_pairs": pairs, "ppd_step": ppd_run.step,
                  "baseline_step": baseline_run.step},
       "seconds": round(time.perf_counter() - start, 1),
   }
+  results["per_user"]["group"] = {str(u): source.user_group(u) for u in unseen}
   os.makedirs(out_dir, exist_ok=True)
   _write_json(results, os.path.join(out_dir, "results.json"))
   plots.win_rate_chart(results, os.path.join(out_dir, "win_rates.png"))
   rows = [("base", base), ("DPO baseline", baseline)]
-  rows += [(f"unseen user {u}", ppd[u]) for u in unseen.tolist()[:4]]
-  rows += [(f"train user {u}", ppd[u]) for u in train.tolist()[:2]]
-  plots.sample_grid(rows, [synthetic.captions_list()[c] for c in caption_ids],
-                    os.path.join(out_dir, "samples.png"))
+  rows += [(f"unseen user {u}", ppd[u]) for u in unseen[:4]]
+  rows += [(f"train user {u}", ppd[u]) for u in train[:2]]
+  plots.sample_grid(rows, prompts, os.path.join(out_dir, "samples.png"))
   return results
 
 
-def _scorer(user_reward, prompts):
-  """(user, images [items, ...]) -> [items] rewards, one Reward object per user."""
-  rewards = {}
+class _Comparer:
+  """compare(users, a_of, b_of): user u judges a_of(u)[k][i] against b_of(u)[k][i] for every
+  image set k and item i; returns evals/winrate.summarise of the verdicts."""
 
-  def score(u, images):
-    if u not in rewards:
-      rewards[u] = user_reward(u)
-    return rewards[u].score(images, prompts)
-  return score
+  def __init__(self, judge, source, prompts):
+    self.judge, self.prompts = judge, prompts
+    self.context = lambda u: judge_lib.context_from_pairs(**source.fewshot_pairs(u))
+
+  def __call__(self, users, a_of, b_of) -> dict:
+    questions, owner = [], []
+    for u in users:
+      context = self.context(u)
+      for a_set, b_set in zip(a_of(u), b_of(u)):
+        questions += [judge_lib.Question(context, p, a, b, user_id=u)
+                      for p, a, b in zip(self.prompts, a_set, b_set)]
+        owner += [u] * len(self.prompts)
+    rows = {u: [] for u in users}
+    for u, j in zip(owner, judge_lib.judge(self.judge, questions)):
+      rows[u].append({"verdict": j.verdict, "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft,
+                      "bias": j.bias})
+    return winrate.summarise(rows)
+
+
+def _per_user(user_reward):
+  """user id -> its Reward object, made once."""
+  made = {}
+
+  def reward_for(u):
+    if u not in made:
+      made[u] = user_reward(u)
+    return made[u]
+  return reward_for
+
+
+def _mean_of(summary: dict, users) -> float | None:
+  rates = [summary["per_user"][str(u)]["win_rate"] for u in users]
+  rates = [r for r in rates if r is not None]
+  return float(np.mean(rates)) if rates else None
+
+
+def _consistency(summary: dict) -> dict:
+  pooled = summary["pooled"]
+  return {"consistency": _round(pooled["consistency"]), "counts": pooled["counts"]}
 
 
 def opposed_pairs(user_ids, weights: np.ndarray, pairs: int) -> list[tuple[int, int]]:
@@ -154,8 +205,9 @@ def opposed_pairs(user_ids, weights: np.ndarray, pairs: int) -> list[tuple[int, 
   return out
 
 
-def _interpolate(sample, source, unseen, pairs, ppd, reward) -> dict:
+def _interpolate(sample, source, unseen, pairs, ppd, rewards, prompts) -> dict:
   """Mean r_a and r_b at each alpha over `pairs` pairs (a, b) of unseen users."""
+  reward = lambda u, images: rewards(u).score(images, prompts)
   chosen = opposed_pairs(unseen, source.user_weights, pairs)
   a_ids, b_ids = [a for a, _ in chosen], [b for _, b in chosen]
   mixes = [(1 - al) * source.user_embedding(a) + al * source.user_embedding(b)
@@ -173,12 +225,8 @@ def _interpolate(sample, source, unseen, pairs, ppd, reward) -> dict:
           "pairs": [[a, b] for a, b in zip(a_ids, b_ids)]}
 
 
-def _mean(per_user: dict) -> float:
-  return round(float(np.mean(list(per_user.values()))), 4)
-
-
-def _keyed(per_user: dict) -> dict:
-  return {str(u): round(v, 4) for u, v in per_user.items()}
+def _round(x):
+  return None if x is None else round(float(x), 4)
 
 
 def _write_json(obj, path: str) -> None:
@@ -190,12 +238,21 @@ def _write_json(obj, path: str) -> None:
 
 def format_table(results: dict) -> str:
   """The results as a small text table for the console."""
-  rows = [("PPD, unseen users (4-pair embedding)", results["unseen_user_win_rate"]),
-          ("PPD, training users", results["train_user_win_rate"]),
-          ("Diffusion-DPO baseline (no user)", results["dpo_baseline_win_rate"]),
-          ("control: another user's embedding", results["control_win_rate"])]
-  lines = ["win rate vs the frozen base, judged by each user's hidden reward",
-           *(f"  {name:<40s} {value:.3f}" for name, value in rows)]
+  fmt = lambda v: "   -" if v is None else f"{v:.3f}"
+  ci = results.get("ci95", {})
+  rows = [("PPD vs base, unseen users (4-pair embedding)", "unseen_user_win_rate"),
+          ("PPD vs base, training users", "train_user_win_rate"),
+          ("Diffusion-DPO (no user) vs base", "dpo_baseline_win_rate"),
+          ("PPD vs Diffusion-DPO", "ppd_vs_dpo_win_rate"),
+          ("control: another user's embedding vs base", "control_win_rate")]
+  lines = ["win rates judged by each user's hidden reward (synthetic judge, both orders)"]
+  for name, key in rows:
+    lo, hi = ci.get(key, (None, None))
+    interval = f"  [{fmt(lo)}, {fmt(hi)}]" if lo is not None else ""
+    lines.append(f"  {name:<44s} {fmt(results[key])}{interval}")
+  for group, g in results.get("groups", {}).items():
+    lines.append(f"  {group} ({g['users']} unseen users): PPD vs base {fmt(g[HEAD_TO_HEAD[0]])}, "
+                 f"DPO vs base {fmt(g[HEAD_TO_HEAD[1]])}, PPD vs DPO {fmt(g[HEAD_TO_HEAD[2]])}")
   it = results["interpolation"]
   lines.append("interpolation a -> b (alpha: mean r_a, mean r_b)"
                + ("" if it["monotone"] else "  [NOT monotone]"))

@@ -6,10 +6,11 @@ from PIL import Image, ImageDraw
 
 from ppd_jax import images as images_lib
 
-_BARS = (("PPD\nunseen", "unseen_user_win_rate", (52, 101, 164)),
-         ("PPD\ntrain", "train_user_win_rate", (114, 159, 207)),
-         ("DPO\nbaseline", "dpo_baseline_win_rate", (204, 121, 32)),
-         ("control", "control_win_rate", (136, 138, 133)))
+_BARS = (("PPD\nvs base", "unseen_user_win_rate", (52, 101, 164)),
+         ("PPD train\nvs base", "train_user_win_rate", (114, 159, 207)),
+         ("DPO\nvs base", "dpo_baseline_win_rate", (204, 121, 32)),
+         ("PPD\nvs DPO", "ppd_vs_dpo_win_rate", (78, 154, 6)),
+         ("control\nvs base", "control_win_rate", (136, 138, 133)))
 
 
 def _save(img: Image.Image, path: str) -> None:
@@ -19,11 +20,12 @@ def _save(img: Image.Image, path: str) -> None:
 
 
 def win_rate_chart(results: dict, path: str) -> None:
-  """Bars of the four win rates against the frozen base, with the 0.5 (no effect) line."""
+  """Bars of the win rates (unseen users unless said), with the 0.5 (no effect) line."""
   w, h, left, bottom, top = 520, 340, 50, 60, 40
   img = Image.new("RGB", (w, h), "white")
   d = ImageDraw.Draw(img)
-  d.text((left, 12), "win rate vs frozen base (hidden per-user rewards)", fill="black")
+  d.text((left, 12), "win rates, unseen users (synthetic judge: hidden per-user rewards)",
+         fill="black")
   y = lambda v: h - bottom - v * (h - bottom - top)
   for v in (0.0, 0.25, 0.5, 0.75, 1.0):
     d.line([(left, y(v)), (w - 10, y(v))], fill=(225, 225, 225))
@@ -34,7 +36,13 @@ def win_rate_chart(results: dict, path: str) -> None:
     v = float(results[key])
     x0 = left + i * slot + slot * 0.2
     d.rectangle([x0, y(v), x0 + slot * 0.6, y(0.0)], fill=colour)
-    d.text((x0, y(v) - 14), f"{v:.2f}", fill="black")
+    lo, hi = results.get("ci95", {}).get(key, (None, None))
+    if lo is not None:                      # the 95% interval over users
+      xm = x0 + slot * 0.3
+      d.line([(xm, y(lo)), (xm, y(hi))], fill="black", width=2)
+      for yy in (y(lo), y(hi)):
+        d.line([(xm - 6, yy), (xm + 6, yy)], fill="black", width=2)
+    d.text((x0, y(max(v, hi or v)) - 14), f"{v:.2f}", fill="black")
     d.multiline_text((x0, h - bottom + 6), label, fill="black")
   _save(img, path)
 

@@ -57,13 +57,8 @@ def _synthetic_cases(source, ids, items: int, fixed) -> list[UserCase]:
   for u in ids:
     p = source.user_pairs(int(u))
     shots = source.fewshot
-    # The winner alternates between Image 1 and Image 2, so "preferred" carries no position cue.
-    context = []
-    for k in range(shots):
-      win, lose, caption = p["winners"][k], p["losers"][k], p["captions"][k]
-      context.append(prompts_lib.Pair(caption, win, lose, 1) if k % 2 == 0 else
-                     prompts_lib.Pair(caption, lose, win, 2))
-    context = tuple(context)
+    context = judge_lib.context_from_pairs(p["winners"][:shots], p["losers"][:shots],
+                                           p["captions"][:shots])
     later = fixed or p["captions"][shots:shots + items]
     out.append(UserCase(int(u), context, tuple(later)))
   return out

@@ -16,7 +16,9 @@ tokens its features fill. With several images per prompt (always: two per pair),
 encodes each image at the base resolution only, (image_size / patch_size)^2 patches plus one
 newline feature ("default" feature selection drops one), whatever the image's size.
 
-Torch and transformers are imported lazily: the JAX side imports this package without them.
+ChatVLM holds what the families share (users/qwen2_vl.py is the other one, a judge option);
+VLM is OneVision. Torch and transformers are imported lazily: the JAX side imports this
+package without them.
 """
 import dataclasses
 import hashlib
@@ -94,11 +96,17 @@ def batch_seed(seed: int, first_key: str) -> int:
   return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def chat_text(segments: list, image_text: str) -> str:
-  """One user turn with the system prompt, in ChatML, ready for the assistant's answer."""
+def chat_turn(user_text: str) -> str:
+  """One user turn with the system prompt, in ChatML (the turn format of both Qwen2-based
+  families, OneVision and Qwen2-VL), ready for the assistant's answer."""
   return ("<|im_start|>system\n" + prompts.SYSTEM_PROMPT + "<|im_end|>\n"
-          "<|im_start|>user\n" + prompts.render(segments, image_text) + "<|im_end|>\n"
+          "<|im_start|>user\n" + user_text + "<|im_end|>\n"
           "<|im_start|>assistant\n")
+
+
+def chat_text(segments: list, image_text: str) -> str:
+  """chat_turn with every image spelt as the same image_text (OneVision's fixed count)."""
+  return chat_turn(prompts.render(segments, image_text))
 
 
 def _torch_dtype(name: str, device: str):
@@ -112,15 +120,19 @@ def _torch_dtype(name: str, device: str):
     raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
 
 
-class VLM:
-  """A loaded LLaVA-OneVision checkpoint with its tokenizer and (PIL) image processor."""
+class ChatVLM:
+  """What every wrapped family shares (a ChatML chat model with image placeholders): the
+  tokenizer checks, the end-of-turn and pad ids, left padding and generate(). A family adds
+  load() and inputs() (how its images are spelt and fed); evals/judge_local.py needs no more."""
+
+  IMAGE_TOKEN = "<image>"     # the placeholder, when the tokenizer does not name its image_token
 
   def __init__(self, model, tokenizer, image_processor, model_id: str):
     self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
     self.model_id = model_id
     self.tokenizer.padding_side = "left"          # batched generation continues on the right
     cfg = model.config
-    self.image_token = getattr(tokenizer, "image_token", None) or "<image>"
+    self.image_token = getattr(tokenizer, "image_token", None) or self.IMAGE_TOKEN
     ids = tokenizer.encode(self.image_token, add_special_tokens=False)
     if ids != [cfg.image_token_id]:
       raise ValueError(f"{model_id}: the tokenizer spells {self.image_token!r} as {ids}, the "
@@ -132,6 +144,37 @@ class VLM:
     self.num_layers = cfg.text_config.num_hidden_layers
     self.hidden_size = cfg.text_config.hidden_size
     self.placeholder_ids = placeholder_ids(cfg, tokenizer, model_id)
+
+  @property
+  def device(self):
+    return self.model.device
+
+  def describe(self) -> dict:
+    """What the store records about the model."""
+    return {"id": self.model_id, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
+            "dtype": str(self.model.dtype).replace("torch.", "")}
+
+  def generate(self, inputs: dict, decoding: Decoding, seed: int):
+    """-> [B, prompt + new] token ids; rows that stopped early are padded with pad_id."""
+    import torch
+    torch.manual_seed(seed)
+    kw = ({"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p,
+           "top_k": decoding.top_k} if decoding.mode == "sample" else {"do_sample": False})
+    with torch.inference_mode():
+      return self.model.generate(**inputs, max_new_tokens=decoding.max_new_tokens,
+                                 eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                                 suppress_tokens=self.suppressed_ids(), **kw)
+
+  def suppressed_ids(self) -> list[int]:
+    """Ids generate() must never emit: the placeholders, whose count the final-state forward
+    pass checks against the image features (one generated <image> too many and it raises), plus
+    whatever the checkpoint's generation config already suppresses (passing ours replaces it)."""
+    own = self.model.generation_config.suppress_tokens or []
+    return sorted(set(own) | set(self.placeholder_ids))
+
+
+class VLM(ChatVLM):
+  """A loaded LLaVA-OneVision checkpoint with its tokenizer and (PIL) image processor."""
 
   @classmethod
   def load(cls, model_id: str, *, dtype: str = "auto", device: str | None = None) -> "VLM":
@@ -151,20 +194,11 @@ class VLM:
     return cls(model.to(device).eval(), tokenizer, processor, model_id)
 
   @property
-  def device(self):
-    return self.model.device
-
-  @property
   def tokens_per_image(self) -> int:
     """<image> tokens of one image in a multi-image prompt: base patches + one newline."""
     cfg = self.model.config
     patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     return patches + 1 - (cfg.vision_feature_select_strategy == "default")
-
-  def describe(self) -> dict:
-    """What the store records about the model."""
-    return {"id": self.model_id, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
-            "dtype": str(self.model.dtype).replace("torch.", "")}
 
   def inputs(self, prompt_list: list[tuple[list, list]], suffixes=None) -> dict:
     """[(segments, PIL images)] -> the model's tensors, left-padded to one length. suffixes:
@@ -179,24 +213,6 @@ class VLM:
            "pixel_values": pix["pixel_values"].to(self.model.dtype),
            "image_sizes": pix["image_sizes"], "batch_num_images": pix["batch_num_images"]}
     return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in out.items()}
-
-  def generate(self, inputs: dict, decoding: Decoding, seed: int):
-    """-> [B, prompt + new] token ids; rows that stopped early are padded with pad_id."""
-    import torch
-    torch.manual_seed(seed)
-    kw = ({"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p,
-           "top_k": decoding.top_k} if decoding.mode == "sample" else {"do_sample": False})
-    with torch.inference_mode():
-      return self.model.generate(**inputs, max_new_tokens=decoding.max_new_tokens,
-                                 eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                                 suppress_tokens=self.suppressed_ids(), **kw)
-
-  def suppressed_ids(self) -> list[int]:
-    """Ids generate() must never emit: the placeholders, whose count the final-state forward
-    pass checks against the image features (one generated <image> too many and it raises), plus
-    whatever the checkpoint's generation config already suppresses (passing ours replaces it)."""
-    own = self.model.generation_config.suppress_tokens or []
-    return sorted(set(own) | set(self.placeholder_ids))
 
   def final_states(self, inputs: dict, sequences, layers: str) -> tuple[np.ndarray, list[str]]:
     """Hidden state(s) of each row's final generated token, from one forward pass over the
