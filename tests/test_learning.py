@@ -11,8 +11,8 @@ from ppd_jax.models import split_params
 
 def test_demo_steps_raise_implicit_accuracy_on_training_users(tmp_path):
   c = ppd.get_config("demo")
-  c.total_steps = 40
-  c.checkpoint_every = 40
+  c.total_steps = 60
+  c.checkpoint_every = 60
   trainer.train_and_evaluate(c, str(tmp_path))
 
   run = inference.load_trained(str(tmp_path))

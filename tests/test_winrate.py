@@ -94,3 +94,24 @@ def test_bad_flags_are_named(ppd):
     winrate.user_cases(ppd, "all", 2, 1)
   with pytest.raises(winrate.WinrateError, match="two users"):
     winrate.Opponent("control", ppd, cases[:1])
+
+
+def test_the_profile_caption_opponent_appends_each_users_profile(ppd, tmp_path, monkeypatch):
+  cases = winrate.user_cases(ppd, "unseen", 2, 1)
+  with pytest.raises(winrate.WinrateError, match="--against=profile_caption"):
+    winrate.Opponent("profile_caption", ppd, cases)           # the demo's users have no text
+
+  class Store:
+    def profile(self, user_id):
+      return f"bright {user_id}"
+  monkeypatch.setattr(ppd.source, "store", Store(), raising=False)
+  opponent = winrate.Opponent("profile_caption", ppd, cases)
+  [path] = opponent.images(cases[1], str(tmp_path / "profile"), seed=4)
+  zero = np.zeros((ppd.config.model.user_tokens, ppd.config.model.user_embed_dim), np.float32)
+  caption = cases[1].prompts[0]
+  augmented = f"{caption} User profile: bright {cases[1].user_id}"
+  expected, plain = (inference.generate(ppd, [t], zero, user_scale=0.0, seed=4)[0]
+                     for t in (augmented, caption))
+  got = image_io.load_png(path)
+  assert np.abs(got - (image_io.to_uint8(expected) / 127.5 - 1)).max() < 1e-6
+  assert np.abs(got - (image_io.to_uint8(plain) / 127.5 - 1)).max() > 0.1

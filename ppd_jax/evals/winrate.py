@@ -1,6 +1,7 @@
 """Win rates of PPD against an opponent, judged with each user's own 4 pairs (Section 5.2).
 
-  python -m ppd_jax.evals.winrate --run=W_PPD --against=base|control|run:W_OTHER[@STEP] \
+  python -m ppd_jax.evals.winrate --run=W_PPD \
+      --against=base|control|profile_caption|run:W_OTHER[@STEP] \
       --users=unseen|seen --out=DIR [--max_users=50] [--items=8] [--prompts=FILE] \
       [--judge=api|local|synthetic ...] [--seed=0]
 
@@ -10,6 +11,8 @@ from); the prompts are the captions of its next `--items` pairs (or the first it
 same x_T (user k's chunk seed: seed + k):
   * base     the PPD run's frozen base (user branch off);
   * control  the PPD run with another user's embedding (the next user of the list);
+  * profile_caption  the frozen base with the user's VLM profile text appended to every prompt
+             (users/profile_caption.py; untrained caption augmentation);
   * run:W    another run: a Diffusion-DPO run with its one shared embedding; a run trained with
              data.profile_in_caption gets the user's profile text appended to every prompt (the
              caption-augmentation baseline).
@@ -114,6 +117,12 @@ class Opponent:
       self.run, self.tag = ppd_run, "control"
       ids = [c.user_id for c in cases]
       self.other = dict(zip(ids, ids[1:] + ids[:1]))
+    elif spec == "profile_caption":
+      if getattr(ppd_run.source, "store", None) is None:
+        raise WinrateError("--against=profile_caption needs users with profile texts (a "
+                           "Pick-a-Pic run whose user store the VLM wrote); this run's users "
+                           "have none")
+      self.run, self.tag = ppd_run, "profile_caption"
     elif spec.startswith("run:"):
       from ppd_jax import inference
       workdir, _, step = spec[len("run:"):].partition("@")
@@ -121,7 +130,8 @@ class Opponent:
       self.tag = "run-" + os.path.basename(os.path.normpath(workdir)) + (f"-{step}" if step
                                                                           else "")
     else:
-      raise WinrateError(f"--against={spec!r}: base, control or run:WORKDIR[@STEP]")
+      raise WinrateError(f"--against={spec!r}: base, control, profile_caption or "
+                         "run:WORKDIR[@STEP]")
 
   def images(self, case: UserCase, folder: str, seed: int) -> list[str]:
     prompts = [prompt_sets.Prompt(p) for p in case.prompts]
@@ -134,7 +144,7 @@ class Opponent:
       emb = self.run.source.user_embedding(self.other[case.user_id])
       return table1.generate_set(self.run, emb, 1.0, prompts, folder, seed, chunk, _quiet)
     d = self.run.config.data
-    if d.get("profile_in_caption", False):
+    if self.spec == "profile_caption" or d.get("profile_in_caption", False):
       from ppd_jax.users import profile_caption
       profile = self.run.source.store.profile(case.user_id)
       prompts = [prompt_sets.Prompt(profile_caption.with_profile(p.text, profile))
@@ -266,7 +276,7 @@ if __name__ == "__main__":
   from absl import flags
   from ppd_jax.evals import judge_backends
   flags.DEFINE_string("run", None, "WORKDIR[@STEP] of the PPD run")
-  flags.DEFINE_string("against", "base", "base, control or run:WORKDIR[@STEP]")
+  flags.DEFINE_string("against", "base", "base, control, profile_caption or run:WORKDIR[@STEP]")
   flags.DEFINE_string("users", "unseen", "seen (training) or unseen (test) users")
   flags.DEFINE_integer("max_users", 0, "at most this many users (0: all)")
   flags.DEFINE_integer("items", 8, "prompts per user")

@@ -42,3 +42,32 @@ class Dense(_GatherKernel, nn.Dense):
 
 class Conv(_GatherKernel, nn.Conv):
   """flax.linen.Conv whose kernel is gathered at use under FSDP."""
+
+
+class ConvTranspose(nn.Module):
+  """PyTorch's ConvTranspose2d(k, stride, padding) on NHWC, with the kernel in the layout
+  weights/convert.py gives a transposed conv ([kh, kw, in, out], `transposed=`):
+
+      y = conv_transpose(x, flip_hw(kernel), stride, pad k - 1 - padding on every side) + bias
+
+  (the transpose of a stride-s conv: PyTorch's kernel is the forward conv's, so it is flipped).
+  The kernel is gathered at use under FSDP like Dense's and Conv's."""
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int = 0
+  dtype: object = None
+  param_dtype: object = jax.numpy.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = gather_for_use(self.param("kernel", nn.initializers.lecun_normal(),
+                                       (k, k, x.shape[-1], self.features), self.param_dtype))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    dtype = self.dtype or x.dtype
+    pad = ((k - 1 - self.padding,) * 2,) * 2
+    y = jax.lax.conv_transpose(x.astype(dtype), kernel[::-1, ::-1].astype(dtype),
+                               (self.stride, self.stride), pad,
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias.astype(dtype)

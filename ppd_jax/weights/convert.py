@@ -8,6 +8,9 @@ split at ".", with each all-digit part joined to the one before it by "_", and t
 
     Linear.weight      [out, in]              ->  kernel [in, out]
     Conv2d.weight      [out, in, kh, kw]      ->  kernel [kh, kw, in, out]   (HWIO)
+    ConvTranspose2d.weight [in, out, kh, kw]  ->  kernel [kh, kw, in, out]   (no flip; only for
+                                                  the module paths `transposed` names: the Flax
+                                                  module applies PyTorch's transposed conv to it)
     *Norm.weight       [C]                    ->  scale
     Embedding.weight   [N, C]                 ->  embedding (unchanged)
 
@@ -44,13 +47,14 @@ _LITERAL_NAMES = {"linear_1", "linear_2"}   # module names that end in _N withou
 
 def torch_key(path: tuple[str, ...]) -> str:
   """Inverse of flax_path for error messages: ('a', 'b_0', 'weight') -> 'a.b.0.weight'."""
-  parts = [p if p in _LITERAL_NAMES else re.sub(r"_(\d+)$", r".\1", p) for p in path]
+  parts = [p if p in _LITERAL_NAMES else
+           re.sub(r"(?:_\d+)+$", lambda m: m.group(0).replace("_", "."), p) for p in path]
   return ".".join(parts)
 
 
-def _to_flax_leaf(leaf: str, value: np.ndarray) -> np.ndarray:
+def _to_flax_leaf(leaf: str, value: np.ndarray, transposed: bool = False) -> np.ndarray:
   if leaf == "kernel" and value.ndim == 4:
-    return value.transpose(2, 3, 1, 0)
+    return value.transpose(2, 3, 0, 1) if transposed else value.transpose(2, 3, 1, 0)
   if leaf == "kernel" and value.ndim == 2:
     return value.T
   return value
@@ -58,7 +62,7 @@ def _to_flax_leaf(leaf: str, value: np.ndarray) -> np.ndarray:
 
 def to_flax(state_dict: Mapping[str, np.ndarray], target: Any, *, what: str = "weights",
             rename: Callable[[str], str | None] = lambda k: k,
-            dtype=np.float32) -> dict:
+            dtype=np.float32, transposed: str | None = None) -> dict:
   """PyTorch-named arrays -> nested Flax params with exactly the target tree's paths and shapes.
 
   target: nested dict whose leaves have `.shape` (ShapeDtypeStructs or arrays).
@@ -67,7 +71,10 @@ def to_flax(state_dict: Mapping[str, np.ndarray], target: Any, *, what: str = "w
   what: names the source in errors (a file or folder).
   dtype: the leaves' dtype (a copy); None keeps each source dtype and copies nothing (the leaves
     are views, transposed where the layout says so): the converters' check before writing.
+  transposed: a regex; a 4-D kernel whose Flax module path ("a/b_0/c") it fully matches comes
+    from a ConvTranspose2d ([in, out, kh, kw]).
   """
+  is_transposed = re.compile(transposed).fullmatch if transposed else lambda _: None
   by_path: dict[tuple[str, ...], tuple[str, np.ndarray]] = {}
   for key, value in state_dict.items():
     canonical = rename(key)
@@ -83,7 +90,7 @@ def to_flax(state_dict: Mapping[str, np.ndarray], target: Any, *, what: str = "w
       continue
     key, value = by_path[source]
     used.add(source)
-    value = _to_flax_leaf(leaf, np.asarray(value))
+    value = _to_flax_leaf(leaf, np.asarray(value), bool(is_transposed("/".join(path[:-1]))))
     if tuple(value.shape) != tuple(leaf_shape.shape):
       wrong.append(f"{key} {tuple(value.shape)} != {tuple(leaf_shape.shape)}")
       continue
