@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ppd_jax import backbone
+from ppd_jax import backbones
 from ppd_jax import dpo
 from ppd_jax import sharding as shd
 from ppd_jax.diffusion import schedules
@@ -87,8 +87,8 @@ def make_loss_fn(model, schedule: schedules.NoiseSchedule, config) -> Callable:
     t2, eps = twice(t), twice(noise)
     x_t = schedules.add_noise(schedule, x0, eps, t2)
     target = schedules.training_target(schedule, x0, eps, t2)
-    text, added = backbone.unet_conditioning(
-        {k: twice(batch[k]) for k in backbone.TEXT_KEYS if k in batch})
+    text, added = backbones.unet_conditioning(
+        {k: twice(batch[k]) for k in backbones.TEXT_KEYS if k in batch})
     user = twice(batch["user_embedding"])
 
     reference = jax.lax.stop_gradient(

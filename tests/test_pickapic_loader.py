@@ -7,7 +7,7 @@ import pytest
 from array_record.python import array_record_module
 
 import pickapic_fixtures
-from ppd_jax import backbone as backbone_lib
+from ppd_jax import backbones
 from ppd_jax import config_validation
 from ppd_jax import trainer
 from ppd_jax.data import images
@@ -169,7 +169,7 @@ def poisoned(folders):
   pairs and whose VAE gives inf for one image of another training pair."""
   c = pickapic_fixtures.config(folders["pretrained"])
   config_validation.prepare(c, stage="precompute")
-  backbone = backbone_lib.build_backbone(c)
+  backbone = backbones.build_backbone(c)
   train = np.load(os.path.join(folders["shards"], "records-train.npz"))
   text = int(np.bincount(train["caption_id"]).argmax())       # the most used caption
   other = int(train["pair"][train["caption_id"] != text][0])

@@ -9,7 +9,7 @@ import pytest
 from array_record.python import array_record_module
 
 import pickapic_fixtures
-from ppd_jax import backbone as backbone_lib
+from ppd_jax import backbones
 from ppd_jax import config_validation
 from ppd_jax.data import images
 from ppd_jax.data import pickapic
@@ -30,7 +30,7 @@ def inputs(tmp_path_factory):
 def backbone(inputs):
   c = pickapic_fixtures.config(inputs["pretrained"])
   config_validation.prepare(c, stage="precompute")     # the tiny folder's sizes
-  return backbone_lib.build_backbone(c)
+  return backbones.build_backbone(c)
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_sdxl_shards_carry_pooled_text_and_each_pair_size_conditioning(inputs, t
   source = pickapic_source.PickapicPairs(c, log=lambda m: None)
   batch = source.gather(np.arange(len(source)))
   index = pickapic.PickapicIndex.load(os.path.join(out, "index"))
-  backbone = backbone_lib.build_backbone(c)
+  backbone = backbones.build_backbone(c)
   rows = pickapic.read_pairs(index, batch["pair"])
   captions = [r["caption"] for r in rows]
   direct = backbone.encode_captions(captions)

@@ -15,7 +15,7 @@ import tiny_sd
 from safetensors.numpy import load_file, save_file
 
 from configs import ppd
-from ppd_jax import backbone
+from ppd_jax import backbones
 from ppd_jax import config_validation
 from ppd_jax import models
 from ppd_jax import state as state_lib
@@ -77,7 +77,7 @@ def test_text_conditioning_matches_the_diffusers_pipeline(folders, kind):
   """Tokenizer from the folder + Flax CLIP == the pipeline's encode_prompt (SDXL: both encoders'
   penultimate states, pooled projection, zeros for the empty prompt)."""
   c = _config(folders[kind])
-  ours = backbone.build_backbone(c).encode_captions(CAPTIONS)
+  ours = backbones.build_backbone(c).encode_captions(CAPTIONS)
   if kind == "sdxl":
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folders[kind])
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_text_conditioning_matches_the_diffusers_pipeline(folders, kind):
 
 def test_vae_latents_and_decode_match_diffusers(folders):
   c = _config(folders["sd15"])
-  bb = backbone.build_backbone(c)
+  bb = backbones.build_backbone(c)
   ref = diffusers.AutoencoderKL.from_pretrained(os.path.join(folders["sd15"], "vae")).eval()
   images = np.random.RandomState(1).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
   with torch.no_grad():
@@ -153,7 +153,7 @@ def test_fp16_variant_and_shards_load_the_same_weights(folders, tmp_path):
 
 def test_both_clip_key_layouts_load(folders, tmp_path):
   c = _config(folders["sd15"])
-  want = backbone.build_backbone(c).encode_captions(CAPTIONS)["text_embedding"]
+  want = backbones.build_backbone(c).encode_captions(CAPTIONS)["text_embedding"]
   legacy = _copy(folders["sd15"], tmp_path, "legacy_clip")
   path = os.path.join(legacy, "text_encoder", "model.safetensors")
   weights = load_file(path)
@@ -162,7 +162,7 @@ def test_both_clip_key_layouts_load(folders, tmp_path):
   old["text_model.embeddings.position_ids"] = np.arange(tiny_sd.TEXT_LENGTH)[None]
   save_file(old, path)
   c = _config(legacy)
-  got = backbone.build_backbone(c).encode_captions(CAPTIONS)["text_embedding"]
+  got = backbones.build_backbone(c).encode_captions(CAPTIONS)["text_embedding"]
   np.testing.assert_array_equal(got, want)
 
 

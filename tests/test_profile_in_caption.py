@@ -7,7 +7,7 @@ import pytest
 
 import pickapic_fixtures
 from configs import ppd
-from ppd_jax import backbone as backbone_lib
+from ppd_jax import backbones
 from ppd_jax import config_validation
 from ppd_jax.data import pickapic
 from ppd_jax.data import pickapic_source
@@ -33,7 +33,7 @@ def made(tmp_path_factory):
                                          empty_file=False, bad_schema_file=False)
   plain_config = pickapic_fixtures.config(inputs["pretrained"], storage_dtype="float16")
   config_validation.prepare(plain_config, stage="precompute")
-  backbone = backbone_lib.build_backbone(plain_config)
+  backbone = backbones.build_backbone(plain_config)
   plain = os.path.join(root, "plain")
   precompute.run(plain_config, inputs["parquet"], plain, backbone=backbone, log=_quiet)
   store = os.path.join(root, "users.safetensors")

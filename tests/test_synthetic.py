@@ -8,7 +8,7 @@ import pytest
 
 from configs import ppd
 from ppd_jax.demo_world import base_pool
-from ppd_jax.demo_world import pixel_backbone
+from ppd_jax.backbones import pixel as pixel_backbone
 from ppd_jax.demo_world import shape_properties
 from ppd_jax.demo_world import synthetic
 from ppd_jax.demo_world import synthetic_users

@@ -228,8 +228,8 @@ class PickapicPairs:
   def backbone(self):
     """The caption encoder and VAE, built on first use: training reads precomputed data only."""
     if self._backbone is None:
-      from ppd_jax import backbone as backbone_lib
-      self._backbone = backbone_lib.build_backbone(self._config)
+      from ppd_jax import backbones
+      self._backbone = backbones.build_backbone(self._config)
     return self._backbone
 
   def encode_captions(self, captions: list[str]) -> dict:

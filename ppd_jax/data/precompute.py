@@ -276,8 +276,8 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
   d = config.data
   output = os.path.abspath(output)
   if backbone is None:
-    from ppd_jax import backbone as backbone_lib
-    backbone = backbone_lib.build_backbone(config)
+    from ppd_jax import backbones
+    backbone = backbones.build_backbone(config)
   factor = 2 ** (len(backbone.pipe.vae.block_out_channels) - 1) if hasattr(backbone, "pipe") else 1
   if backbone.pixel_size != config.model.sample_size * factor:
     raise ValueError(f"the backbone encodes {backbone.pixel_size} px images, the model's "

@@ -12,7 +12,7 @@ import time
 
 import ml_collections
 
-from ppd_jax import backbone
+from ppd_jax import backbones
 from ppd_jax import config_validation
 from ppd_jax import inference
 from ppd_jax import metrics as metrics_lib
@@ -35,7 +35,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, log=metrics_lib.lo
   workdir = os.path.abspath(workdir)
 
   log("[1/4] frozen base samples for the users to label (cached)")
-  base_pool.load_or_make(config, backbone.build_backbone(config), log)
+  base_pool.load_or_make(config, backbones.build_backbone(config), log)
 
   log("[2/4] PPD: training the user branch on per-user preferences")
   trainer.train_and_evaluate(config, os.path.join(workdir, "ppd"))

@@ -115,6 +115,6 @@ def with_backbone(config, backbone=None, log=print):
   """(backbone, pool): the run's caption encoder and decoder (built from config when None) and
   the cached pool sampled with it, what every demo-world source starts from."""
   if backbone is None:
-    from ppd_jax import backbone as backbone_lib
-    backbone = backbone_lib.build_backbone(config)
+    from ppd_jax import backbones
+    backbone = backbones.build_backbone(config)
   return backbone, load_or_make(config, backbone, log)

@@ -103,7 +103,7 @@ class SyntheticPreferences:
   """
 
   def __init__(self, config, backbone=None, log=print):
-    """backbone: the run's caption encoder and VAE (backbone.py); default: built from config."""
+    """backbone: the run's caption encoder and VAE (ppd_jax/backbones); default: built from config."""
     d, m = config.data, config.model
     if d.pairs_per_user < d.fewshot:
       raise ValueError(f"config.data.pairs_per_user={d.pairs_per_user} must be at least "
@@ -218,7 +218,7 @@ class SyntheticPreferences:
             "captions": p["captions"][:self.fewshot]}
 
   def encode_captions(self, captions: list[str]) -> dict:
-    """Text conditioning dict (backbone.py): text_embedding [N, L, D], ...; "" is unconditional."""
+    """Text conditioning dict (ppd_jax/backbones): text_embedding [N, L, D], ...; "" is unconditional."""
     return self.backbone.encode_captions(captions)
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppd_jax import backbone
+from ppd_jax import backbones
 from ppd_jax.diffusion import samplers
 
 
@@ -25,7 +25,7 @@ from ppd_jax.diffusion import samplers
 def _generate(model, schedule, params, noise, text, null_text, user, user_scale, guidance_scale,
               rng, *, num_steps, eta, clip_sample, sampler):
   def apply(x, t, cond):
-    context, added = backbone.unet_conditioning(cond["text"])
+    context, added = backbones.unet_conditioning(cond["text"])
     return model.apply({"params": params}, x, t, context, cond["user"], cond["scale"], added)
 
   b = noise.shape[0]
@@ -60,7 +60,7 @@ def sample_images(model, schedule, params, text, null_text, noise: np.ndarray,
                   batch_size: int = 64, decode=None, progress=None) -> np.ndarray:
   """Images [N, H, W, C] in [-1, 1].
 
-  text: caption conditioning, [N, L, D] or a dict of [N, ...] arrays (backbone.py: SDXL adds
+  text: caption conditioning, [N, L, D] or a dict of [N, ...] arrays (backbones/: SDXL adds
   pooled text and time_ids); null_text: the empty caption's, with a leading dim of 1 or N. noise
   [N, H, W, C] (x_T), user [N, T, E] user embeddings or None for the base model. clip_sample
   (DDIM) clips each step's x0 prediction to [-1, 1]: pixel-space models need it, since at the

@@ -1,29 +1,10 @@
-"""The frozen encoders around the UNet: captions -> text conditioning, images <-> the UNet's x0.
-
-    StableDiffusionBackbone (SD)     CLIP text encoder(s) + tokenizer(s); x0 = VAE latents
-    PixelBackbone (the demo)         demo_world/pixel_backbone.py: hash caption encoder, x0 is
-                                     the image itself (the demo's world stays in demo_world/)
-
-Text conditioning is a dict of arrays with a leading batch dim, the keys the UNet reads:
-    text_embedding          [N, L, D]    cross-attention context
-    pooled_text_embedding   [N, P]       SDXL only: pooled text for the add embedding
-    time_ids                [N, 6]       SDXL only: (orig H, W, crop top, left, target H, W)
-"""
+"""Stable Diffusion 1.x / 2.x / SDXL as a backbone (backbones/__init__.py's interface): the CLIP
+text encoder(s) and the VAE of a diffusers folder (weights/pretrained.py), run in JAX."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-TEXT_KEYS = ("text_embedding", "pooled_text_embedding", "time_ids")
-
-
-def unet_conditioning(text: dict) -> tuple[jax.Array, dict | None]:
-  """A text-conditioning dict -> (encoder_hidden_states, added_cond or None) for the UNet."""
-  if "pooled_text_embedding" not in text:
-    return text["text_embedding"], None
-  return text["text_embedding"], {"text_embeds": text["pooled_text_embedding"],
-                                  "time_ids": text["time_ids"]}
 
 
 def _chunked(fn, x: np.ndarray, size: int) -> np.ndarray:
@@ -106,11 +87,3 @@ class StableDiffusionBackbone:
     """Scaled latents -> images in [-1, 1] (clipped)."""
     images = _chunked(self._vae_fns[1], np.asarray(latents, np.float32), self.batch_size)
     return np.clip(images, -1.0, 1.0)
-
-
-def build_backbone(config):
-  """The run's backbone: Stable Diffusion when config.model.pretrained is set, else pixel space."""
-  if config.model.get("pretrained"):
-    return StableDiffusionBackbone(config)
-  from ppd_jax.demo_world import pixel_backbone
-  return pixel_backbone.PixelBackbone(config)

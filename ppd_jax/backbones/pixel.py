@@ -1,5 +1,5 @@
-"""The demo's backbone (backbone.py's interface): captions -> the hash text encoder's embedding,
-and x0 is the image itself (pixel space, no VAE)."""
+"""The demo's backbone (backbones/__init__.py's interface): captions -> demo_world's hash text
+encoder, and x0 is the image itself (pixel space, no VAE)."""
 import numpy as np
 
 from ppd_jax.demo_world import synthetic
