@@ -20,6 +20,9 @@ $(VENV)/.test: $(VENV)/.base
 	# open_clip's model code is the reference for the HPS conversion test; --no-deps because its
 	# torchvision dependency breaks transformers here (the test stubs the one name it imports).
 	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
+	# timm's EfficientNetV2-S is the reference for tests/test_effnet.py; --no-deps for the same
+	# reason (the test stubs torchvision while importing it; no torchvision code runs).
+	$(PY) -m pip install -q --no-deps timm==1.0.31
 	touch $@
 
 demo: $(VENV)/.base
