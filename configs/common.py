@@ -30,6 +30,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dpo = ml_collections.ConfigDict()
   c.dpo.beta = 5000.0         # Diffusion-DPO's beta; see ppd_jax/dpo.py for the convention
   c.dpo.reduction = "mean"    # squared error per sample: "mean" over elements or "sum"
+  c.dpo.weighting = "none"    # "none" (Diffusion-DPO) | "p2": z scaled by each pair's 1 - abar_t
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-5

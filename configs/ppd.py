@@ -183,6 +183,79 @@ def _pickapic(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigD
   return c
 
 
+def _cascade(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+  """PPD on Stable Cascade, the paper's backbone: the user branch in Stage C (lite: 1.0B, whose
+  32 attention blocks' user K/V are the paper's "about 150M" trained parameters; full: 3.6B).
+  `--config.model.pretrained=PRIOR` / `--config.model.decoder=DECODER` for local copies of the
+  hub folders; the prior's config.json then decides the architecture (weights/pretrained_cascade)."""
+  from ppd_jax.models import cascade as cascade_arch
+  lite = size == "lite"
+  c.total_steps = 2000
+  c.log_every = 10
+  c.checkpoint_every = 250
+  c.eval_every = 250
+  c.batch_size = 64
+  c.dpo.beta = 5000.0
+  c.dpo.weighting = "none"          # "p2": Stage C's own 1 - abar weight on each pair's z
+  c.optim.lr = 1e-5
+  c.optim.warmup_steps = 100
+  m = ml_collections.ConfigDict()
+  m.family = "cascade"
+  m.cascade = dict(cascade_arch.PRIOR_LITE if lite else cascade_arch.PRIOR)
+  m.sample_size = 24                # Stage C's grid: 768 px effnet input (1024 px images)
+  m.in_channels = 16
+  m.user_embed_dim = 3584           # LLaVA-OneVision (Qwen2-7B) hidden size
+  m.user_tokens = 1
+  m.user_tokens_per_embedding = 4
+  m.dtype = "bfloat16"
+  m.remat = True
+  m.attention_impl = "auto"
+  m.base = "random"
+  m.pretrained = "stabilityai/stable-cascade-prior"
+  m.variant = ""                    # "bf16" reads the hub's *.bf16.safetensors
+  m.prior_subfolder = "prior_lite" if lite else "prior"
+  m.decoder = "stabilityai/stable-cascade"
+  m.decoder_subfolder = "decoder_lite" if lite else "decoder"
+  m.decoder_steps = 10              # StableCascadeDecoderPipeline's defaults
+  m.decoder_guidance_scale = 0.0
+  c.model = m
+  c.diffusion.process = "cascade"
+  c.diffusion.cosine_s = 0.008
+  d = c.data
+  d.source = "synthetic"
+  d.num_users = 32
+  d.num_unseen_users = 8
+  d.pairs_per_user = 8
+  d.pool_per_caption = 4
+  d.text_length = 77
+  c.sample.sampler = "ddpm_wuerstchen"
+  c.sample.num_steps = 20           # StableCascadePriorPipeline's defaults
+  c.sample.guidance_scale = 4.0
+  c.eval.num_items = 2
+  c.eval.train_users = 4
+  c.eval.interpolation_pairs = 1
+  return c
+
+
+def _pickapic_cascade(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+  """The paper's setting: Pick-a-Pic v2 pairs with their labellers' VLM embeddings on Stage C."""
+  c = _cascade(c, size)
+  c.batch_size = 768
+  c.grad_accum_steps = 6
+  c.optim.lr = 3e-6
+  c.total_steps = 1000
+  c.checkpoint_every = 100
+  c.eval_every = 100
+  d = c.data
+  d.source = "pickapic"
+  d.shards = ""
+  d.user_embeddings = ""
+  c.model.user_tokens = 0
+  c.model.user_embed_dim = 0
+  d.worker_count = 0
+  return c
+
+
 def _multireward(c: ml_collections.ConfigDict, row: str) -> ml_collections.ConfigDict:
   """PPD's multi-reward experiment on SD 1.5: one epoch of the relabelled pairs (~1000 steps at
   768 pairs, the real-user schedule). `row` picks the Table 1 row."""
@@ -245,6 +318,9 @@ _VARIANTS = {
     "sdxl": lambda c: _stable_diffusion(c, "sdxl"),
     "pickapic_sd15": lambda c: _pickapic(c, "sd15"),
     "pickapic_sdxl": lambda c: _pickapic(c, "sdxl"),
+    "cascade_lite": lambda c: _cascade(c, "lite"),
+    "cascade": lambda c: _cascade(c, "full"),
+    "pickapic_cascade_lite": lambda c: _pickapic_cascade(c, "lite"),
     **{("multireward_sd15" if row == "ppd" else f"multireward_sd15_{row}"):
        (lambda c, row=row: _multireward(c, row)) for row in _MULTIREWARD_ROWS},
 }

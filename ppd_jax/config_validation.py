@@ -43,8 +43,12 @@ def prepare(c: ml_collections.ConfigDict, stage: str = "train") -> None:
   if pretrained:
     _require(c.model.base == "random", "model.base", c.model.base,
              f"set either model.base or model.pretrained (={pretrained!r}), not both")
+    from ppd_jax import backbones
     from ppd_jax.weights import hf_folder
-    from ppd_jax.weights import pretrained as pretrained_lib
+    if backbones.is_cascade(c.model):
+      from ppd_jax.weights import pretrained_cascade as pretrained_lib
+    else:
+      from ppd_jax.weights import pretrained as pretrained_lib
     try:
       pretrained_lib.apply_to_config(c)
     except hf_folder.FolderError as e:
@@ -85,11 +89,13 @@ def _user_inputs(d) -> str:
 
 def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
   """Raises ConfigError on the first invalid field (a pretrained folder must be resolved first)."""
+  from ppd_jax import backbones
+  cascade = backbones.is_cascade(c.model)
+  unet_only = () if cascade else ("diffusion.num_train_timesteps", "model.layers_per_block",
+                                  "model.cross_attention_dim", "model.norm_num_groups")
   for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "batch_size",
-                "grad_accum_steps", "diffusion.num_train_timesteps", "sample.num_steps",
-                "model.sample_size", "model.layers_per_block", "model.cross_attention_dim",
-                "model.user_tokens_per_embedding", "model.norm_num_groups", "data.fewshot",
-                "data.text_length"):
+                "grad_accum_steps", "sample.num_steps", "model.sample_size",
+                "model.user_tokens_per_embedding", "data.fewshot", "data.text_length") + unet_only:
     _positive_int(c, field)
   # 0: the user store's shape; resolved by prepare() for training, unknown while precomputing.
   from_store = stage == "precompute" and c.data.source == "pickapic"
@@ -105,6 +111,8 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
            "must be a positive number (Diffusion-DPO uses 5000 with reduction='mean')")
   _require(c.dpo.reduction in ("mean", "sum"), "dpo.reduction", c.dpo.reduction,
            "must be 'mean' or 'sum'")
+  _require(c.dpo.get("weighting", "none") in ("none", "p2"), "dpo.weighting",
+           c.dpo.get("weighting"), "must be 'none' (Diffusion-DPO) or 'p2' (1 - abar_t)")
 
   lr = c.optim.lr
   _require(isinstance(lr, (int, float)) and 0 < lr < 1, "optim.lr", lr, "must be in (0, 1)")
@@ -119,6 +127,37 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
            c.mesh.data, "must be -1 (all remaining devices) or a positive integer")
   _positive_int(c, "mesh.fsdp")
 
+  d = c.diffusion
+  process = d.get("process", "ddpm")
+  _require(process == ("cascade" if cascade else "ddpm"), "diffusion.process", process,
+           "must be 'cascade' for model.family='cascade' and 'ddpm' otherwise")
+  sampler_ok = ("ddpm_wuerstchen",) if cascade else ("ddim", "euler", "dpmpp_2m")
+  _require(c.sample.sampler in sampler_ok, "sample.sampler", c.sample.sampler,
+           f"must be one of {sampler_ok} for this model")
+  if cascade:
+    _validate_cascade_model(c)
+  else:
+    _validate_unet_model(c)
+  _validate_data_and_sampling(c, stage)
+
+
+def _validate_cascade_model(c: ml_collections.ConfigDict) -> None:
+  m = c.model
+  _require(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype,
+           "must be 'float32' or 'bfloat16'")
+  _require(m.base == "random", "model.base", m.base,
+           "must be 'random' for Stable Cascade (the base comes from model.pretrained)")
+  try:
+    from ppd_jax.models import build_model
+    model = build_model({**m.to_dict(), "user_tokens": m.user_tokens or 1,
+                         "user_embed_dim": m.user_embed_dim or 1})
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from e
+  _require(m.in_channels == model.config.in_channels, "model.in_channels", m.in_channels,
+           f"must equal model.cascade.in_channels={model.config.in_channels}")
+
+
+def _validate_unet_model(c: ml_collections.ConfigDict) -> None:
   d = c.diffusion
   _require(d.prediction_type in ("epsilon", "v_prediction"), "diffusion.prediction_type",
            d.prediction_type, "must be 'epsilon' or 'v_prediction'")
@@ -165,6 +204,9 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
 
+
+def _validate_data_and_sampling(c: ml_collections.ConfigDict, stage: str) -> None:
+  m = c.model
   _require(c.data.source in ("synthetic", "synthetic_rewards", "pickapic"), "data.source",
            c.data.source, "must be 'synthetic', 'synthetic_rewards' or 'pickapic'")
   _validate_profile_in_caption(c)
@@ -202,8 +244,6 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
   if c.data.source == "synthetic_rewards":
     _validate_synthetic_rewards(c)
 
-  _require(c.sample.sampler in ("ddim", "euler", "dpmpp_2m"), "sample.sampler", c.sample.sampler,
-           "must be 'ddim', 'euler' or 'dpmpp_2m'")
   _require(c.sample.guidance_scale >= 0, "sample.guidance_scale", c.sample.guidance_scale,
            "must be >= 0")
   _require(0 <= c.sample.eta <= 1, "sample.eta", c.sample.eta, "must be in [0, 1]")
@@ -297,13 +337,18 @@ def _validate_pickapic(c: ml_collections.ConfigDict, stage: str) -> None:
   _require(made["latent_shape"] == want, "data.shards", d.shards,
            f"holds latents of shape {made['latent_shape']}, the model takes {want} "
            f"(made with model.pretrained={made['pretrained']!r})")
+  from ppd_jax import backbones
   text_dim = manifest["text"]["shapes"]["text_embedding"][-1]
-  _require(text_dim == m.cross_attention_dim, "data.shards", d.shards,
-           f"holds text embeddings of size {text_dim}, the model's cross_attention_dim is "
-           f"{m.cross_attention_dim} (made with model.pretrained={made['pretrained']!r})")
-  if m.addition_embed_type == "text_time":
-    _require("pooled_text_embedding" in manifest["text"]["keys"], "data.shards", d.shards,
-             "holds no pooled text embeddings: it was not made for an SDXL model")
+  if backbones.is_cascade(m):
+    want_dim, name = m.cascade["clip_text_in_channels"], "model.cascade.clip_text_in_channels"
+  else:
+    want_dim, name = m.cross_attention_dim, "cross_attention_dim"
+  _require(text_dim == want_dim, "data.shards", d.shards,
+           f"holds text embeddings of size {text_dim}, the model's {name} is "
+           f"{want_dim} (made with model.pretrained={made['pretrained']!r})")
+  for key in set(backbones.extra_text_keys(m)) - {"time_ids"}:   # time_ids: per pair
+    _require(key in manifest["text"]["keys"], "data.shards", d.shards,
+             f"holds no {key}: it was not made for this model family")
   if _user_inputs(d) != "store":
     from ppd_jax.data import pickapic_source
     shape = pickapic_source.user_shape(d)

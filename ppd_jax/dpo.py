@@ -52,11 +52,15 @@ def squared_error(target: jax.Array, prediction: jax.Array, reduction: str = "me
 
 
 def dpo_terms(policy_err_w: jax.Array, policy_err_l: jax.Array, ref_err_w: jax.Array,
-              ref_err_l: jax.Array, beta: float) -> DPOTerms:
-  """The loss of each pair from its four per-sample errors (w: preferred, l: dispreferred)."""
+              ref_err_l: jax.Array, beta: float, weight: jax.Array | None = None) -> DPOTerms:
+  """The loss of each pair from its four per-sample errors (w: preferred, l: dispreferred).
+
+  weight [B]: omega(lambda_t) per pair (None: 1, Diffusion-DPO's choice), z = omega z."""
   policy_diff = policy_err_w - policy_err_l
   reference_diff = ref_err_w - ref_err_l
   z = -0.5 * beta * (policy_diff - reference_diff)
+  if weight is not None:
+    z = weight * z
   # -log sigmoid(z) = softplus(-z), stable for large |z|.
   return DPOTerms(jax.nn.softplus(-z), z, policy_diff, reference_diff)
 

@@ -46,7 +46,8 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
   tx, _ = step_lib.make_optimizer(config)
   state, base, state_sh, _ = state_lib.create_train_state(
       model, tx, mesh, config.seed, config.model.base, config.model.get("pretrained", ""),
-      config.model.get("variant", ""), frozen_dtype=jnp.float32)   # the weights as loaded
+      config.model.get("variant", ""), frozen_dtype=jnp.float32,   # the weights as loaded
+      prior_subfolder=config.model.get("prior_subfolder", "prior_lite"))
   state = checkpointer.restore(ckpt_lib.abstract_like(state, state_sh), step=step)
   checkpointer.close()
   return TrainedRun(config=config, model=model,

@@ -47,7 +47,7 @@ def _define_flags():
   flags.DEFINE_float("guidance_scale", None, "classifier-free guidance (default: the run's config)")
   flags.DEFINE_integer("num_steps", None, "DDIM steps (default: the run's config)")
   flags.DEFINE_float("eta", None, "DDIM eta, 0 = deterministic (default: the run's config)")
-  flags.DEFINE_enum("sampler", None, ["ddim", "euler", "dpmpp_2m"],
+  flags.DEFINE_enum("sampler", None, ["ddim", "euler", "dpmpp_2m", "ddpm_wuerstchen"],
                     "sampler (default: the run's config.sample.sampler)")
   flags.DEFINE_integer("step", None, "checkpoint step to use (default: the latest)")
   flags.mark_flags_as_required(["workdir", "prompt", "out"])

@@ -19,7 +19,7 @@ BATCH_AXES = ("data", "fsdp")
 # Biases, norms and small output layers are replicated; every other kernel is split on its output
 # dimension over "fsdp" (with fsdp=1 this is replication too).
 UNET_RULES: tuple[tuple[str, P], ...] = (
-    (r"(bias|scale|embedding)$", P()),
+    (r"(bias|scale|embedding|gamma|beta)$", P()),   # gamma, beta: Stable Cascade's GRN
     (r"conv_out/kernel$", P()),
     (r"kernel$", P("fsdp")),
 )

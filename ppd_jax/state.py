@@ -53,9 +53,15 @@ def state_shardings(model, tx, mesh):
                     nonfinite_streak=counter), base_sh
 
 
-def load_base(base: str, pretrained: str, variant: str, model, shapes) -> dict:
+def load_base(base: str, pretrained: str, variant: str, model, shapes,
+              prior_subfolder: str = "prior_lite") -> dict:
   """The frozen base as nested host numpy arrays matching `shapes`: from a diffusers folder
   (pretrained) or a .npz of models/base_weights.py (base)."""
+  from ppd_jax.models import personalized_cascade
+  if pretrained and isinstance(model, personalized_cascade.PersonalizedCascade):
+    from ppd_jax.weights import pretrained_cascade
+    prior = pretrained_cascade.open_prior(pretrained, prior_subfolder, variant)
+    return {"unet": pretrained_cascade.load_prior(prior, shapes["unet"])}
   if pretrained:
     from ppd_jax.weights import pretrained as pretrained_lib
     pipe = pretrained_lib.open_pipeline(pretrained, variant)
@@ -64,7 +70,7 @@ def load_base(base: str, pretrained: str, variant: str, model, shapes) -> dict:
 
 
 def create_train_state(model, tx, mesh, seed: int, base: str = "random", pretrained: str = "",
-                       variant: str = "", frozen_dtype=None):
+                       variant: str = "", frozen_dtype=None, prior_subfolder: str = "prior_lite"):
   """Returns (state, base_params, state_shardings, base_shardings).
 
   The base comes from a seeded init (base == "random" and no pretrained folder), a weights file
@@ -97,16 +103,17 @@ def create_train_state(model, tx, mesh, seed: int, base: str = "random", pretrai
   # init as dead code; the file's arrays go straight to their shardings.
   state = jax.jit(lambda r: init(r)[1], out_shardings=st_sh, compiler_options=options)(key)
   shapes = jax.eval_shape(lambda r: init(r)[0], key)
-  loaded = frozen_storage(load_base(base, pretrained, variant, model, shapes), frozen_dtype)
+  loaded = frozen_storage(load_base(base, pretrained, variant, model, shapes, prior_subfolder),
+                          frozen_dtype)
   base_params = jax.tree.map(lambda x, s: jax.make_array_from_callback(
       x.shape, s, lambda index: x[index]), loaded, base_sh)
   return state, base_params, st_sh, base_sh
 
 
 def initial_base_params(model, seed: int, base: str = "random", pretrained: str = "",
-                        variant: str = ""):
+                        variant: str = "", prior_subfolder: str = "prior_lite"):
   """The frozen base as host numpy arrays, without a mesh (the synthetic source samples with it)."""
   if base == "random" and not pretrained:
     return jax.device_get(split_params(init_params(model, jax.random.key(seed)))[0])
   shapes = split_params(jax.eval_shape(lambda: init_params(model, jax.random.key(seed))))[0]
-  return load_base(base, pretrained, variant, model, shapes)
+  return load_base(base, pretrained, variant, model, shapes, prior_subfolder)

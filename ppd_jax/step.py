@@ -27,18 +27,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ppd_jax import backbones
 from ppd_jax import dpo
 from ppd_jax import sharding as shd
-from ppd_jax.diffusion import schedules
 from ppd_jax.models import merge_params
 
 # Keys of a batch the step reads; anything else the loader yields (ids, ...) stays on the host.
 BATCH_KEYS = ("preferred", "dispreferred", "text_embedding", "user_embedding")
-SDXL_KEYS = ("pooled_text_embedding", "time_ids")
 
 
 def batch_keys(model_cfg) -> tuple[str, ...]:
-  """What the step reads: SDXL's UNet also takes the pooled text and the size time_ids."""
-  extra = SDXL_KEYS if model_cfg.get("addition_embed_type") == "text_time" else ()
-  return BATCH_KEYS + extra
+  """What the step reads: the pairs, the user and the backbone's text conditioning keys."""
+  return BATCH_KEYS + backbones.extra_text_keys(model_cfg)
 
 
 @flax.struct.dataclass
@@ -74,32 +71,38 @@ def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x[:, 0], x[:, 1]
 
 
-def make_loss_fn(model, schedule: schedules.NoiseSchedule, config) -> Callable:
+def make_loss_fn(model, schedule, config) -> Callable:
   """loss(user_params, base_params, batch, t, noise) -> (loss, metrics) for one micro-batch.
+
+  schedule: schedules.NoiseSchedule or cascade_schedule.CascadeSchedule (their draw_t / diffuse).
 
   metrics include "z" [B], the per-pair implicit reward margin, for validation."""
   beta, reduction, kind = config.dpo.beta, config.dpo.reduction, config.loss
+  weighting = config.dpo.get("weighting", "none")
 
   def loss_fn(user_params, base_params, batch, t, noise):
     # Both images of a pair see the same t and eps; rows interleaved (module docstring).
     x0 = interleave_pairs(batch["preferred"], batch["dispreferred"])
     twice = lambda x: jnp.repeat(x, 2, axis=0)
     t2, eps = twice(t), twice(noise)
-    x_t = schedules.add_noise(schedule, x0, eps, t2)
-    target = schedules.training_target(schedule, x0, eps, t2)
+    # x_t, what the network sees as time (t, or Stable Cascade's r in float32), its target and
+    # the p2 weight 1 - abar_t: the schedule's own forward process (schedules.py, cascade_schedule).
+    x_t, model_t, target, p2 = schedule.diffuse(x0, eps, t2)
     text, added = backbones.unet_conditioning(
         {k: twice(batch[k]) for k in backbones.TEXT_KEYS if k in batch})
     user = twice(batch["user_embedding"])
 
     reference = jax.lax.stop_gradient(
-        model.apply({"params": base_params}, x_t, t2, text, None, 0.0, added))
+        model.apply({"params": base_params}, x_t, model_t, text, None, 0.0, added))
     ref_w, ref_l = split_pairs(dpo.squared_error(target, reference, reduction))
 
     params = merge_params(base_params, user_params)
-    policy = model.apply({"params": params}, x_t, t2, text, user, 1.0, added)
+    policy = model.apply({"params": params}, x_t, model_t, text, user, 1.0, added)
     pol_w, pol_l = split_pairs(dpo.squared_error(target, policy, reduction))
 
-    terms = dpo.dpo_terms(pol_w, pol_l, ref_w, ref_l, beta)
+    # dpo.weighting: none (Diffusion-DPO's omega = 1) or p2 (z scaled by each pair's 1 - abar_t).
+    weight = split_pairs(p2)[0] if weighting == "p2" else None
+    terms = dpo.dpo_terms(pol_w, pol_l, ref_w, ref_l, beta, weight)
     metrics = dpo.dpo_metrics(terms, pol_w, pol_l, ref_w, ref_l)
     if kind == "sft":
       metrics.update(dpo.sft_metrics(pol_w))
@@ -109,10 +112,9 @@ def make_loss_fn(model, schedule: schedules.NoiseSchedule, config) -> Callable:
 
 
 def draw_t_and_noise(key: jax.Array, batch: dict, schedule) -> tuple[jax.Array, jax.Array]:
-  """One timestep and one noise per pair."""
+  """One timestep (the schedule's own draw: integer or continuous) and one noise per pair."""
   rng_t, rng_eps = jax.random.split(key)
-  b = batch["preferred"].shape[0]
-  t = jax.random.randint(rng_t, (b,), 0, schedule.num_train_timesteps)
+  t = schedule.draw_t(rng_t, batch["preferred"].shape[0])
   return t, jax.random.normal(rng_eps, batch["preferred"].shape, jnp.float32)
 
 

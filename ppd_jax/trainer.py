@@ -65,7 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   state, base_params, state_sh, base_sh = state_lib.create_train_state(
       model, tx, mesh, config.seed, config.model.base, config.model.pretrained,
-      config.model.variant)
+      config.model.variant, prior_subfolder=config.model.get("prior_subfolder", "prior_lite"))
   if resume_step is not None:
     state = checkpointer.restore(ckpt_lib.abstract_like(state, state_sh), data_iter)
   start = int(jax.device_get(state.step))

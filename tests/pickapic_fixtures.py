@@ -105,6 +105,11 @@ class PoisonedBackbone:
   def __getattr__(self, name):
     return getattr(self._inner, name)
 
+  @property
+  def latent_encoder(self):
+    from ppd_jax.models import vae as vae_lib
+    return (lambda p, x: vae_lib.images_to_latents(self.vae, p, x)), self._inner.vae_params
+
   def encode_captions(self, captions: list[str]) -> dict:
     out = {k: np.array(v) for k, v in self._inner.encode_captions(captions).items()}
     for i, caption in enumerate(captions):

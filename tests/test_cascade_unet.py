@@ -86,9 +86,9 @@ def stage_b():
 def user_model(stage_c):
   """PersonalizedCascade on TINY_C: jitted base (no user branch) and user (scale [B]) calls."""
   model = pc.PersonalizedCascade(stage_c["cfg"])
-  base = jax.jit(lambda p, inp: model.apply({"params": p}, **inp))
-  user = jax.jit(lambda p, inp, u, s: model.apply({"params": p}, **inp, user_embedding=u,
-                                                  user_scale=s))
+  base = jax.jit(lambda p, inp: model.apply({"params": p}, **pc.call_inputs(inp)))
+  user = jax.jit(lambda p, inp, u, s: model.apply({"params": p}, **pc.call_inputs(inp),
+                                                  user_embedding=u, user_scale=s))
   return model, base, user
 
 
@@ -294,7 +294,8 @@ def test_remat_traces_the_same_tree_under_grad(stage_c):
   assert jax.tree.structure(params) == jax.tree.structure(pc.abstract_params(
       pc.PersonalizedCascade(stage_c["cfg"])))
   u = jnp.zeros((B, 1, USER_DIM))
-  loss = lambda p: model.apply({"params": p}, **stage_c["inp"], user_embedding=u).sum()
+  loss = lambda p: model.apply({"params": p}, **pc.call_inputs(stage_c["inp"]),
+                               user_embedding=u).sum()
   remat = lambda f: [e for e in _eqns(jax.make_jaxpr(f)(params).jaxpr)
                      if e.primitive.name.startswith(("remat", "checkpoint"))]
   assert len(remat(loss)) == 18                             # TINY_C: 9 blocks down, 9 up

@@ -19,5 +19,8 @@ class PixelBackbone:
   def to_latents(self, images: np.ndarray) -> np.ndarray:
     return np.asarray(images, np.float32)
 
-  def to_images(self, latents: np.ndarray) -> np.ndarray:
+  latent_factor = 1   # pixels per latent cell
+  latent_encoder = None   # x0 is the image
+
+  def to_images(self, latents: np.ndarray, text: dict | None = None, seed: int = 0) -> np.ndarray:
     return np.asarray(latents, np.float32)

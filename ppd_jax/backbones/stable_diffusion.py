@@ -38,6 +38,7 @@ class StableDiffusionBackbone:
     self.batch_size = batch_size
     self.pixel_size = config.model.sample_size * 2 ** (len(self.pipe.vae.block_out_channels) - 1)
     self.identity = ("sd", self.pipe.folder, self.pipe.variant)
+    self.latent_factor = 2 ** (len(self.pipe.vae.block_out_channels) - 1)
 
   @functools.cached_property
   def _encode_fns(self):
@@ -79,11 +80,17 @@ class StableDiffusionBackbone:
     decode = jax.jit(lambda z: vae_lib.latents_to_images(self.vae, self.vae_params, z))
     return encode, decode
 
+  @property
+  def latent_encoder(self):
+    """(images_to_latents(params, images), params), jittable: precompute shards it itself."""
+    from ppd_jax.models import vae as vae_lib
+    return (lambda p, x: vae_lib.images_to_latents(self.vae, p, x)), self.vae_params
+
   def to_latents(self, images: np.ndarray) -> np.ndarray:
     """[N, P, P, 3] images in [-1, 1] -> scaled latents [N, P/f, P/f, C]."""
     return _chunked(self._vae_fns[0], np.asarray(images, np.float32), self.batch_size)
 
-  def to_images(self, latents: np.ndarray) -> np.ndarray:
-    """Scaled latents -> images in [-1, 1] (clipped)."""
+  def to_images(self, latents: np.ndarray, text: dict | None = None, seed: int = 0) -> np.ndarray:
+    """Scaled latents -> images in [-1, 1] (clipped); deterministic, the text is not read."""
     images = _chunked(self._vae_fns[1], np.asarray(latents, np.float32), self.batch_size)
     return np.clip(images, -1.0, 1.0)

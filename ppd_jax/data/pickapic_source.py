@@ -147,7 +147,7 @@ class PickapicPairs:
     self._records, self._flip = rows[kept], flip[kept]
     self.record_user_ids = table["user_id"][kept]
     self.record_pairs = table["pair"][kept]
-    self.with_time_ids = config.model.addition_embed_type == "text_time"
+    self.with_time_ids = config.model.get("addition_embed_type") == "text_time"
     self.text = shards.TextStore(self.folder, self.manifest)
     users = dict(np.load(os.path.join(self.folder, "index", "users.npz")))
     self.train_user_ids = users["user_id"][users["split"] == pickapic.TRAIN]

@@ -29,6 +29,7 @@ import time
 import jax
 import numpy as np
 
+from ppd_jax import backbones
 from ppd_jax import metrics
 from ppd_jax.data import images as images_lib
 from ppd_jax.data import manifest as manifest_lib
@@ -68,8 +69,9 @@ def settings_of(config, backbone, store=None) -> dict:
                 "backbone": [str(x) for x in backbone.identity],
                 "resolution": int(backbone.pixel_size),
                 "latent_shape": [m.sample_size, m.sample_size, m.in_channels],
-                "cross_attention_dim": m.cross_attention_dim,
-                "addition_embed_type": m.addition_embed_type},
+                **({"family": "cascade", "decoder": m.decoder} if backbones.is_cascade(m) else
+                   {"cross_attention_dim": m.cross_attention_dim,
+                    "addition_embed_type": m.addition_embed_type})},
       "data": {"fewshot": d.fewshot, "validation_fraction": d.validation_fraction,
                "test_fraction": d.test_fraction, "split_seed": d.split_seed,
                "storage_dtype": d.storage_dtype, "text_chunk": d.text_chunk,
@@ -138,15 +140,14 @@ def make_image_encoder(backbone, batch: int):
   """(encode, padded batch): images [k <= batch, S, S, 3] -> latents, split over local devices."""
   devices = jax.local_devices()
   per = -(-batch // len(devices)) * len(devices)
-  if not hasattr(backbone, "vae"):                       # pixel space: x0 is the image
+  if backbone.latent_encoder is None:                   # pixel space: x0 is the image
     return (lambda x: np.asarray(x, np.float32)), per
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from ppd_jax.models import vae as vae_lib
   mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
   rows, whole = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
-  params = jax.device_put(backbone.vae_params, whole)
-  fn = jax.jit(lambda p, x: vae_lib.images_to_latents(backbone.vae, p, x),
-               in_shardings=(whole, rows), out_shardings=rows)
+  images_to_latents, weights = backbone.latent_encoder   # the VAE, Stable Cascade's effnet
+  params = jax.device_put(weights, whole)
+  fn = jax.jit(images_to_latents, in_shardings=(whole, rows), out_shardings=rows)
 
   def encode(images: np.ndarray):
     k = len(images)
@@ -278,7 +279,7 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
   if backbone is None:
     from ppd_jax import backbones
     backbone = backbones.build_backbone(config)
-  factor = 2 ** (len(backbone.pipe.vae.block_out_channels) - 1) if hasattr(backbone, "pipe") else 1
+  factor = backbone.latent_factor
   if backbone.pixel_size != config.model.sample_size * factor:
     raise ValueError(f"the backbone encodes {backbone.pixel_size} px images, the model's "
                      f"sample_size {config.model.sample_size} needs "

@@ -73,7 +73,8 @@ def make_pool(config, backbone, log=print) -> Pool:
 
   model = build_model(config.model)
   params = state_lib.initial_base_params(model, config.seed, config.model.base,
-                                         config.model.pretrained, config.model.variant)
+                                         config.model.pretrained, config.model.variant,
+                                         config.model.get("prior_subfolder", "prior_lite"))
   captions = synthetic.captions_list()
   caption_ids = np.repeat(np.arange(len(captions), dtype=np.int32), config.data.pool_per_caption)
   seed = int(np.random.SeedSequence([_STREAM_POOL_NOISE, config.seed]).generate_state(1)[0])

@@ -40,6 +40,13 @@ class CascadeSchedule:
     """theta(0) = s / (1 + s) pi / 2; abar's normaliser is cos^2(theta0)."""
     return self.s / (1.0 + self.s) * math.pi / 2
 
+  # The training-side interface the step uses for every schedule (schedules.NoiseSchedule's).
+  def draw_t(self, key, batch_size: int):
+    return draw_t(self, key, batch_size)
+
+  def diffuse(self, x0, noise, t):
+    return diffuse(self, x0, noise, t)
+
 
 def from_diffusers_config(config: dict) -> CascadeSchedule:
   """A hub scheduler_config.json (DDPMWuerstchenScheduler) -> CascadeSchedule.

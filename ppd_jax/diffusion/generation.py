@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppd_jax import backbones
+from ppd_jax.diffusion import cascade_sampler
 from ppd_jax.diffusion import samplers
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps", "eta", "clip_sample",
-                                             "sampler"))
+                                             "sampler", "cfg"))
 def _generate(model, schedule, params, noise, text, null_text, user, user_scale, guidance_scale,
-              rng, *, num_steps, eta, clip_sample, sampler):
+              rng, *, num_steps, eta, clip_sample, sampler, cfg):
   def apply(x, t, cond):
     context, added = backbones.unet_conditioning(cond["text"])
     return model.apply({"params": params}, x, t, context, cond["user"], cond["scale"], added)
@@ -31,6 +32,9 @@ def _generate(model, schedule, params, noise, text, null_text, user, user_scale,
   b = noise.shape[0]
   cond = {"text": text, "user": user, "scale": jnp.broadcast_to(user_scale, (b,))}
   uncond = {"text": null_text, "user": user, "scale": jnp.zeros((b,), jnp.float32)}
+  if sampler == "ddpm_wuerstchen":   # Stable Cascade's continuous-t chain, [cond; uncond] CFG
+    return cascade_sampler.sample(apply, noise, rng, num_steps, guidance_scale, cond, uncond,
+                                  cfg=cfg, schedule=schedule)
   options = {"eta": eta, "clip_sample": clip_sample} if sampler == "ddim" else {}
   return samplers.sample(apply, schedule, noise, cond, uncond, num_steps=num_steps,
                          guidance_scale=guidance_scale, rng=rng, sampler=sampler,
@@ -65,8 +69,9 @@ def sample_images(model, schedule, params, text, null_text, noise: np.ndarray,
   [N, H, W, C] (x_T), user [N, T, E] user embeddings or None for the base model. clip_sample
   (DDIM) clips each step's x0 prediction to [-1, 1]: pixel-space models need it, since at the
   first trailing timestep (abar ~ 0) x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies any
-  error in eps. decode maps each chunk's final latents to images (a VAE decoder; None: pixel
-  space). progress, if given, is called with a one-line status after each chunk.
+  error in eps. decode(latents, text=, seed=) maps each chunk's final latents to images (the
+  backbone's to_images: a VAE decoder, Stable Cascade's Stage B + A; None: pixel space).
+  sampler "ddpm_wuerstchen" is Stable Cascade's (cascade_sampler.py; CFG iff guidance_scale > 1). progress, if given, is called with a one-line status after each chunk.
   """
   n = len(noise)
   text = _as_text_dict(text)
@@ -82,9 +87,11 @@ def sample_images(model, schedule, params, text, null_text, noise: np.ndarray,
                    jnp.float32(user_scale), jnp.float32(guidance_scale),
                    jax.random.fold_in(jax.random.key(seed), first),
                    num_steps=int(num_steps), eta=float(eta), clip_sample=bool(clip_sample),
-                   sampler=sampler)
+                   sampler=sampler, cfg=cascade_sampler.guidance_enabled(guidance_scale))
     x0 = np.asarray(x0)[:rows.stop - rows.start]
-    out.append(np.clip(x0 if decode is None else decode(x0), -1.0, 1.0))
+    if decode is not None:   # the backbone's to_images; Stable Cascade's Stage B reads the text
+      x0 = decode(x0, text={k: np.asarray(v[rows]) for k, v in text.items()}, seed=seed + first)
+    out.append(np.clip(x0, -1.0, 1.0))
     if progress is not None:
       rate = rows.stop / (time.perf_counter() - start)
       progress(f"  sampled {rows.stop}/{n} images  {rate:.1f} images/s  "

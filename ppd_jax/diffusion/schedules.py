@@ -16,6 +16,7 @@ Everything that takes a timestep is jittable.
 import math
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,6 +35,16 @@ class NoiseSchedule:
   alphas_cumprod: jnp.ndarray   # [T] float32, abar_t
   num_train_timesteps: int = flax.struct.field(pytree_node=False, default=1000)
   prediction_type: str = flax.struct.field(pytree_node=False, default="epsilon")
+
+  # The training-side interface the step uses for every schedule (CascadeSchedule has the same).
+  def draw_t(self, key, batch_size: int):
+    """[B] int32 training timesteps, uniform over 0 .. T-1."""
+    return jax.random.randint(key, (batch_size,), 0, self.num_train_timesteps)
+
+  def diffuse(self, x0, noise, t):
+    """(x_t, what the network is conditioned on (t itself), target, 1 - abar_t [B])."""
+    weight = 1.0 - self.alphas_cumprod[jnp.asarray(t)]
+    return add_noise(self, x0, noise, t), t, training_target(self, x0, noise, t), weight
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -84,8 +95,12 @@ def make_schedule(num_train_timesteps: int = 1000,
       prediction_type=prediction_type)
 
 
-def schedule_from_config(diffusion_cfg) -> NoiseSchedule:
-  """`config.diffusion` (see configs/common.py) -> NoiseSchedule."""
+def schedule_from_config(diffusion_cfg):
+  """`config.diffusion` (see configs/common.py) -> the run's schedule: a NoiseSchedule (integer
+  t, SD) or, with process = "cascade", cascade_schedule.CascadeSchedule (continuous t)."""
+  if diffusion_cfg.get("process", "ddpm") == "cascade":
+    from ppd_jax.diffusion import cascade_schedule
+    return cascade_schedule.CascadeSchedule(s=float(diffusion_cfg.get("cosine_s", 0.008)))
   return make_schedule(
       num_train_timesteps=diffusion_cfg.num_train_timesteps,
       beta_schedule=diffusion_cfg.beta_schedule,

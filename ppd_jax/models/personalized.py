@@ -59,6 +59,10 @@ def build_model(model_cfg) -> PersonalizedUNet:
   architecture field and is skipped; any other unknown field is an error, not silently ignored.
   """
   fields = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+  if fields.get("family", "unet") == "cascade":
+    from ppd_jax.models import personalized_cascade
+    return personalized_cascade.build_model(fields)
+  fields.pop("family", None)
   for key in ("base", "pretrained", "variant"):   # where weights come from, not architecture
     fields.pop(key, None)
   fields["addition_embed_type"] = fields.get("addition_embed_type") or None
@@ -83,6 +87,10 @@ def init_params(model: PersonalizedUNet, rng: jax.Array, batch_size: int = 1) ->
   Params do not depend on the spatial or text length, so the dummy input is the smallest valid one
   (2^(num_blocks-1) pixels, 1 text token): a cheaper init pass, the same tree.
   """
+  from ppd_jax.models import personalized_cascade
+  if isinstance(model, personalized_cascade.PersonalizedCascade):
+    inputs = personalized_cascade.example_inputs(model.config, batch_size)
+    return flax.core.unfreeze(jax.jit(model.init)(rng, **inputs)["params"])
   cfg = model.config
   side = 2 ** (len(cfg.block_out_channels) - 1)
   sample = jnp.zeros((batch_size, side, side, cfg.in_channels), jnp.float32)

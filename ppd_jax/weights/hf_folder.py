@@ -15,7 +15,9 @@ import numpy as np
 from safetensors import safe_open
 
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                "text_encoder": "model", "text_encoder_2": "model"}
+                "text_encoder": "model", "text_encoder_2": "model",
+                **{sub: "diffusion_pytorch_model"   # Stable Cascade's components
+                   for sub in ("prior", "prior_lite", "decoder", "decoder_lite", "vqgan")}}
 # What a snapshot download fetches: configs, tokenizer files and safetensors (never .bin / .ckpt).
 _HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model"]
 _MODEL_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]

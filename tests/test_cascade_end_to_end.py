@@ -1,0 +1,120 @@
+"""Stable Cascade through the command line on tiny diffusers-format folders (tiny_cascade_folders):
+precompute (EfficientNet latents, CLIP text with the mask) -> train (Diffusion-DPO on Stage C)
+-> sample (Stage C -> Stage B -> Stage A -> PNG), plus the text path against diffusers' own
+StableCascadePriorPipeline.encode_prompt."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pickapic_fixtures
+import tiny_cascade_folders
+
+pytest.importorskip("diffusers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.prior_subfolder=prior", "--config.model.decoder_subfolder=decoder",
+        "--config.model.sample_size=4", "--config.model.dtype=float32",
+        "--config.model.remat=False", "--config.data.text_length=16"]
+
+
+def _run(*args) -> str:
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert done.returncode == 0, f"{args}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+  return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cascade")
+  prior = tiny_cascade_folders.save_prior(str(root / "prior"))
+  decoder = tiny_cascade_folders.save_decoder(str(root / "decoder"))
+  from ppd_jax.data import make_pickapic
+  make_pickapic.write_synthetic_pickapic(str(root / "parquet"), num_users=12,
+                                         pairs_per_user=(4, 8), num_files=1, seed=0)
+  return {"root": root, "prior": prior, "decoder": decoder,
+          "models": [f"--config.model.pretrained={prior}", f"--config.model.decoder={decoder}"]}
+
+
+@pytest.fixture(scope="module")
+def run(folders):
+  root = folders["root"]
+  config = "--config=configs/ppd.py:pickapic_cascade_lite"
+  shards = str(root / "shards")
+  _run("ppd_jax.data.precompute", config, *folders["models"], *TINY,
+       "--config.data.storage_dtype=float32", f"--input={root / 'parquet'}", f"--output={shards}")
+  users = pickapic_fixtures.write_user_store(str(root / "users.safetensors"), shards, dim=16)
+  log = _run("ppd_jax.train", config, f"--workdir={root / 'run'}", *folders["models"], *TINY,
+             f"--config.data.shards={shards}", f"--config.data.user_embeddings={root}/users"
+             ".safetensors", "--config.batch_size=4", "--config.grad_accum_steps=1",
+             "--config.total_steps=4", "--config.log_every=1", "--config.checkpoint_every=4",
+             "--config.optim.lr=0.02", "--config.optim.warmup_steps=0")
+  return {"shards": shards, "log": log, "workdir": str(root / "run"), "users": users}
+
+
+def test_precompute_writes_stage_c_latents_and_both_text_keys(run):
+  with open(os.path.join(run["shards"], "manifest.json")) as f:
+    manifest = json.load(f)
+  assert manifest["model"]["latent_shape"] == [4, 4, 16]
+  assert manifest["model"]["resolution"] == 128                       # 4 cells x 32 px
+  assert manifest["text"]["shapes"] == {"text_embedding": [16, 24], "pooled_text_embedding": [24]}
+
+
+def test_train_starts_at_log2_and_learns(run):
+  lines = [line for line in run["log"].splitlines() if line.startswith("step ")]
+  assert lines[0].startswith("step 1/4  loss 0.6931"), lines   # to_v_user = 0: policy == ref
+  assert "params: frozen base 173,584" in run["log"]            # TINY_C, no user branch
+  losses = [float(line.split("loss ")[1].split()[0]) for line in lines]
+  assert losses[-1] != losses[0]                                 # the user branch moved
+  assert os.path.isdir(os.path.join(run["workdir"], "checkpoints", "4"))
+
+
+def _png(path):
+  from PIL import Image
+  return np.asarray(Image.open(path).convert("RGB"), np.int16)
+
+
+def test_sample_runs_stage_c_b_a_and_the_user_changes_the_image(run, tmp_path):
+  user = str(next(iter(run["users"])))
+  outs = {}
+  for scale in ("1", "0"):
+    out = tmp_path / scale
+    log = _run("ppd_jax.sample", f"--workdir={run['workdir']}", f"--user={user}",
+               "--prompt=red circle", f"--out={out}", "--num_steps=3", f"--user_scale={scale}")
+    assert "wrote 1 image(s) of 168px" in log                   # int(4 x 10.67) = 42, Paella x4
+    (png,) = [p for p in os.listdir(out) if p.endswith(".png")]
+    outs[scale] = _png(out / png)
+  assert outs["1"].shape == (168, 168, 3) and outs["1"].std() > 1.0
+  assert np.abs(outs["1"] - outs["0"]).max() > 0                 # scale 0 is the base: differs
+
+
+def test_text_path_matches_the_prior_pipeline(folders):
+  """clip_text = hidden_states[-1] with the mask, pooled = text_embeds, "" encoded (not zeros),
+  against diffusers' StableCascadePriorPipeline.encode_prompt on the same folder."""
+  import ml_collections
+  import torch
+  from diffusers import StableCascadePriorPipeline
+
+  from ppd_jax.backbones import stable_cascade
+  cfg = ml_collections.ConfigDict({"model": {
+      "pretrained": folders["prior"], "prior_subfolder": "prior", "variant": "",
+      "sample_size": 4, "decoder": ""}})
+  backbone = stable_cascade.StableCascadeBackbone(cfg)
+  prompts = ["red circle", "a big dark dog photo of a cat"]
+  ours = backbone.encode_captions(prompts + [""])
+  pipe = StableCascadePriorPipeline.from_pretrained(folders["prior"])
+  with torch.no_grad():
+    text, pooled, neg_text, neg_pooled = pipe.encode_prompt(
+        device="cpu", batch_size=2, num_images_per_prompt=1, do_classifier_free_guidance=True,
+        prompt=prompts, negative_prompt=["", ""])
+  want_text = np.concatenate([text.numpy(), neg_text.numpy()[:1]])
+  want_pooled = np.concatenate([pooled.numpy(), neg_pooled.numpy()[:1]])[:, 0]
+  scale = np.abs(want_text).max()
+  assert np.abs(ours["text_embedding"] - want_text).max() <= 1e-5 * scale
+  assert np.abs(ours["pooled_text_embedding"] - want_pooled).max() <= 1e-5 * scale
+  assert np.abs(ours["text_embedding"][-1]).max() > 0.1          # the empty prompt is encoded
