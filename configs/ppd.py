@@ -112,10 +112,9 @@ def _demo_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def _stable_diffusion(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """PPD on a published Stable Diffusion checkpoint (`--config.model.pretrained=PATH` for a local
-  copy). The fields below mirror its config files; a pretrained folder's own files win."""
-  arch = sd_architectures.ARCHITECTURES[name]
+def _pretrained_run(c: ml_collections.ConfigDict) -> None:
+  """What every published-checkpoint variant (SD, Stable Cascade) shares: the training schedule,
+  the synthetic users' world at this scale, and a small evaluation."""
   c.total_steps = 2000
   c.log_every = 10
   c.checkpoint_every = 250
@@ -124,6 +123,44 @@ def _stable_diffusion(c: ml_collections.ConfigDict, name: str) -> ml_collections
   c.dpo.beta = 5000.0               # Diffusion-DPO's value for SD 1.5 and SDXL
   c.optim.lr = 1e-5
   c.optim.warmup_steps = 100
+  d = c.data
+  d.source = "synthetic"
+  d.num_users = 32
+  d.num_unseen_users = 8
+  d.pairs_per_user = 8
+  d.pool_per_caption = 4
+  d.text_length = 77
+  c.eval.num_items = 2
+  c.eval.train_users = 4
+  c.eval.interpolation_pairs = 1
+
+
+def _pickapic_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The paper's real-user setting on any backbone: Pick-a-Pic v2 pairs, each conditioned on its
+  labeller's VLM embedding (users/store.py), one epoch at an effective batch of 768."""
+  c.batch_size = 768                # 8 GPUs x 16 pairs x 6 accumulation steps in the paper
+  c.grad_accum_steps = 6
+  c.optim.lr = 3e-6                 # the paper's real-user learning rate
+  c.total_steps = 1000              # about one epoch of Pick-a-Pic v2's ~0.8M kept pairs
+  c.checkpoint_every = 100
+  c.eval_every = 100                # the validation users' pairs (precompute's validation split)
+  d = c.data
+  d.source = "pickapic"
+  d.shards = ""                     # --config.data.shards=SHARD_DIR
+  d.user_embeddings = ""            # --config.data.user_embeddings=USERS.safetensors
+  # [tokens, dim] of a user embedding: 0 takes them from the store (users.embed's default keeps
+  # every layer, [L + 1, H]; --layers=last gives [1, H], expanded to K user tokens).
+  c.model.user_tokens = 0
+  c.model.user_embed_dim = 0
+  d.worker_count = 0                # one reader gives ~3000 pairs/s (benchmarks/data.py)
+  return c
+
+
+def _stable_diffusion(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """PPD on a published Stable Diffusion checkpoint (`--config.model.pretrained=PATH` for a local
+  copy). The fields below mirror its config files; a pretrained folder's own files win."""
+  arch = sd_architectures.ARCHITECTURES[name]
+  _pretrained_run(c)
 
   m = c.model
   m.pretrained = arch["model_id"]
@@ -145,42 +182,16 @@ def _stable_diffusion(c: ml_collections.ConfigDict, name: str) -> ml_collections
   for field, value in arch["scheduler"].items():
     setattr(c.diffusion, field, value)
 
-  d = c.data
-  d.source = "synthetic"            # Pick-a-Pic v2 arrives with its reader (issue 5)
-  d.num_users = 32
-  d.num_unseen_users = 8
-  d.pairs_per_user = 8
-  d.pool_per_caption = 4
-  d.text_length = 77
   c.sample.sampler = "dpmpp_2m"
   c.sample.num_steps = 25
   c.sample.guidance_scale = 7.5
-  c.eval.num_items = 2
-  c.eval.train_users = 4
-  c.eval.interpolation_pairs = 1
   return c
 
 
 def _pickapic(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   """The paper's real-user setting on Stable Diffusion: Pick-a-Pic v2 pairs, each conditioned on
   its labeller's VLM embedding (users/store.py), one epoch at an effective batch of 768."""
-  c = _stable_diffusion(c, name)
-  c.batch_size = 768                # 8 GPUs x 16 pairs x 6 accumulation steps in the paper
-  c.grad_accum_steps = 6
-  c.optim.lr = 3e-6                 # the paper's real-user learning rate
-  c.total_steps = 1000              # about one epoch of Pick-a-Pic v2's ~0.8M kept pairs
-  c.checkpoint_every = 100
-  c.eval_every = 100                # the validation users' pairs (precompute's validation split)
-  d = c.data
-  d.source = "pickapic"
-  d.shards = ""                     # --config.data.shards=SHARD_DIR
-  d.user_embeddings = ""            # --config.data.user_embeddings=USERS.safetensors
-  # [tokens, dim] of a user embedding: 0 takes them from the store (users.embed's default keeps
-  # every layer, [L + 1, H]; --layers=last gives [1, H], expanded to K user tokens).
-  c.model.user_tokens = 0
-  c.model.user_embed_dim = 0
-  d.worker_count = 0                # one reader gives ~3000 pairs/s (benchmarks/data.py)
-  return c
+  return _pickapic_run(_stable_diffusion(c, name))
 
 
 def _cascade(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
@@ -190,15 +201,8 @@ def _cascade(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDi
   hub folders; the prior's config.json then decides the architecture (weights/pretrained_cascade)."""
   from ppd_jax.models import cascade as cascade_arch
   lite = size == "lite"
-  c.total_steps = 2000
-  c.log_every = 10
-  c.checkpoint_every = 250
-  c.eval_every = 250
-  c.batch_size = 64
-  c.dpo.beta = 5000.0
+  _pretrained_run(c)
   c.dpo.weighting = "none"          # "p2": Stage C's own 1 - abar weight on each pair's z
-  c.optim.lr = 1e-5
-  c.optim.warmup_steps = 100
   m = ml_collections.ConfigDict()
   m.family = "cascade"
   m.cascade = dict(cascade_arch.PRIOR_LITE if lite else cascade_arch.PRIOR)
@@ -221,39 +225,15 @@ def _cascade(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDi
   c.model = m
   c.diffusion.process = "cascade"
   c.diffusion.cosine_s = 0.008
-  d = c.data
-  d.source = "synthetic"
-  d.num_users = 32
-  d.num_unseen_users = 8
-  d.pairs_per_user = 8
-  d.pool_per_caption = 4
-  d.text_length = 77
   c.sample.sampler = "ddpm_wuerstchen"
   c.sample.num_steps = 20           # StableCascadePriorPipeline's defaults
   c.sample.guidance_scale = 4.0
-  c.eval.num_items = 2
-  c.eval.train_users = 4
-  c.eval.interpolation_pairs = 1
   return c
 
 
 def _pickapic_cascade(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
   """The paper's setting: Pick-a-Pic v2 pairs with their labellers' VLM embeddings on Stage C."""
-  c = _cascade(c, size)
-  c.batch_size = 768
-  c.grad_accum_steps = 6
-  c.optim.lr = 3e-6
-  c.total_steps = 1000
-  c.checkpoint_every = 100
-  c.eval_every = 100
-  d = c.data
-  d.source = "pickapic"
-  d.shards = ""
-  d.user_embeddings = ""
-  c.model.user_tokens = 0
-  c.model.user_embed_dim = 0
-  d.worker_count = 0
-  return c
+  return _pickapic_run(_cascade(c, size))
 
 
 def _multireward(c: ml_collections.ConfigDict, row: str) -> ml_collections.ConfigDict:
