@@ -2,7 +2,8 @@
 # One run on a lent GPU machine (one H100 / H200) that prints the figures the README quotes:
 #   torch   the SD 1.5 PPD train step the PyTorch way (benchmarks/torch_train_step.py)
 #   jax     ours (benchmarks/jax_gpu_check.py): attention kernels chosen, the SD 1.5 train step,
-#           50-step CFG sampling, the SDXL train step at the largest batch that fits
+#           50-step CFG sampling, the Stable Cascade Stage C lite train step (the paper's
+#           backbone), the SDXL train step at the largest batch that fits
 #   rewards the ViT-H/14 CLIP reward (PickScore / HPS shape), ours against transformers' CLIPModel
 #           on the same random weights, bf16, batch 64 (benchmarks/rewards.py)
 # and the ratio ours / PyTorch for the SD 1.5 step. Whole run: under 8 minutes (GPU_CHECK_BUDGET_S,
@@ -18,7 +19,7 @@
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
 # Output: $OUT/gpu_check.json if OUT is set, else gpu_check.json in the repo root, printed at
-# the end; beside it setup.log, processes.txt and one log per process (8 files, within what the
+# the end; beside it setup.log, processes.txt and one log per process (9 files, within what the
 # device tool brings back); without OUT the logs go to a /tmp folder named on the last line.
 #
 # Environment it sets, and why:
@@ -118,12 +119,12 @@ EOF
 
 # Pieces ---------------------------------------------------------------------------------------
 case $MODE in
-  full) BUDGET=${GPU_CHECK_BUDGET_S:-470}; CAP_TORCH=90; CAP_SD15=150; CAP_SAMPLE=90
-        CAP_REWARDS=60 ;;
+  full) BUDGET=${GPU_CHECK_BUDGET_S:-470}; CAP_TORCH=80; CAP_SD15=130; CAP_SAMPLE=80
+        CAP_REWARDS=50; CAP_CASCADE=90 ;;
   tiny) BUDGET=${GPU_CHECK_BUDGET_S:-900}; CAP_TORCH=120; CAP_SD15=300; CAP_SAMPLE=200
-        CAP_REWARDS=120 ;;
+        CAP_REWARDS=120; CAP_CASCADE=120 ;;
   dry) BUDGET=${GPU_CHECK_BUDGET_S:-600}; CAP_TORCH=90; CAP_SD15=300; CAP_SAMPLE=200
-       CAP_REWARDS=120 ;;
+       CAP_REWARDS=120; CAP_CASCADE=120 ;;
 esac
 FLAGS=()
 [[ $MODE == tiny ]] && FLAGS=(--tiny)
@@ -163,6 +164,7 @@ run_piece jax_sample "$CAP_SAMPLE" sample "${JAX[@]}" --pieces=sample
 REWARD_FLAGS=(--batch=64 --dtype=bfloat16)
 [[ $MODE != full ]] && REWARD_FLAGS=(--tiny)
 run_piece rewards "$CAP_REWARDS" rewards "$PY" "$REPO/benchmarks/rewards.py" "${REWARD_FLAGS[@]}"
+run_piece jax_cascade "$CAP_CASCADE" cascade_lite_train "${JAX[@]}" --pieces=cascade_lite_train
 run_piece jax_sdxl 100000 sdxl_train "${JAX[@]}" --pieces=sdxl_train
 
 # Summary --------------------------------------------------------------------------------------
@@ -214,6 +216,8 @@ head["sd15_train_peak_memory_gib"] = {"ours": get("sd15_train", "peak_memory_gib
                                       "pytorch": get("torch_sd15_train", "peak_memory_gib")}
 head["sdxl_train"] = {k: get("sdxl_train", k) for k in ("batch", "pairs_per_s", "mfu",
                                                           "peak_memory_gib")}
+head["cascade_lite_train"] = {k: get("cascade_lite_train", k) for k in (
+    "pairs", "pairs_per_s", "mfu", "peak_memory_gib", "base_params", "user_params")}
 head["sample_50_step_cfg"] = {k: get("sample", k) for k in ("images", "images_per_s", "mfu")}
 head["sample_50_step_cfg"]["vae_decode"] = "not included"
 head["rewards_vit_h14"] = {k: get("rewards", k) for k in (

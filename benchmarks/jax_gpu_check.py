@@ -18,6 +18,9 @@ next one still runs):
               diffusion/generation.sample_images (the jitted lax.scan sampler) on the SD 1.5 UNet
               with the user branch on: images/s for a batch of 8 latents. The VAE decode is NOT
               included (random weights have no VAE; it would be one decoder pass per image).
+  cascade_lite_train  configs/ppd.py:cascade_lite (Stable Cascade's Stage C lite, 1.0B, the
+              paper's backbone), random base, bf16, remat, 24x24x16 latents, 77 CLIP bigG tokens
+              + pooled text, 16 pairs: as sd15_train (pairs/s, MFU, memory).
   sdxl_train  configs/ppd.py:sdxl, random base, bf16, 128x128 latents, pooled text + time_ids,
               at the largest batch that fits (capped at --sdxl_max_batch): the step is compiled
               ahead of time at two probe batches (16, 32: compiling allocates no activations,
@@ -46,7 +49,7 @@ import traceback
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # ppd_jax/, configs/
 
-PIECES = ("attention", "sd15_train", "sample", "sdxl_train")
+PIECES = ("attention", "sd15_train", "sample", "sdxl_train", "cascade_lite_train")
 
 # Tiny UNets for --tiny (CPU): the SD 1.5 and SDXL layouts (block types, SDXL's linear
 # projections, text_time embedding, several transformer layers) at a few thousand parameters.
@@ -62,6 +65,14 @@ TINY_MODEL = {
                  transformer_layers_per_block=(1, 2), cross_attention_dim=32, norm_num_groups=8,
                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
                  user_embed_dim=64),
+    "cascade_lite": dict(sample_size=8, user_embed_dim=64, cascade=dict(
+        in_channels=16, out_channels=16, conditioning_dim=32, block_out_channels=(32, 32),
+        num_attention_heads=(2, 2), down_num_layers_per_block=(1, 2),
+        up_num_layers_per_block=(2, 1), down_blocks_repeat_mappers=(1, 1),
+        up_blocks_repeat_mappers=(1, 1), clip_text_in_channels=24,
+        clip_text_pooled_in_channels=24, clip_image_in_channels=16, switch_level=(False,),
+        block_types_per_layer=(("SDCascadeResBlock", "SDCascadeTimestepBlock",
+                                "SDCascadeAttnBlock"),) * 2)),
 }
 TINY_TEXT_LENGTH = 8
 
@@ -162,10 +173,14 @@ def batch_shapes(c, b: int) -> dict:
   """{key: shape} of the global batch the step reads (step.batch_keys)."""
   m = c.model
   r = m.sample_size
+  cascade = m.get("family") == "cascade"
+  text_dim = m.cascade["clip_text_in_channels"] if cascade else m.cross_attention_dim
   shapes = {"preferred": (b, r, r, m.in_channels), "dispreferred": (b, r, r, m.in_channels),
-            "text_embedding": (b, c.data.text_length, m.cross_attention_dim),
+            "text_embedding": (b, c.data.text_length, text_dim),
             "user_embedding": (b, m.user_tokens, m.user_embed_dim)}
-  if m.addition_embed_type == "text_time":
+  if cascade:
+    shapes["pooled_text_embedding"] = (b, m.cascade["clip_text_pooled_in_channels"])
+  elif m.addition_embed_type == "text_time":
     shapes["pooled_text_embedding"] = (
         b, m.projection_class_embeddings_input_dim - 6 * m.addition_time_embed_dim)
     shapes["time_ids"] = (b, 6)
@@ -417,10 +432,11 @@ def piece_attention(opts, clock) -> dict:
   return out
 
 
-def piece_sd15_train(opts, clock) -> dict:
+def piece_sd15_train(opts, clock, variant: str = "sd15") -> dict:
+  """configs/ppd.py:VARIANT's train step (sd15, or cascade_lite for piece_cascade_lite_train)."""
   pairs = opts.pairs or (4 if opts.tiny else 16)
-  c = make_config("sd15", opts, pairs)
-  out = {"piece": "sd15_train", "tiny": opts.tiny, "dry": opts.dry, "pairs": pairs,
+  c = make_config(variant, opts, pairs)
+  out = {"piece": f"{variant}_train", "tiny": opts.tiny, "dry": opts.dry, "pairs": pairs,
          **model_facts(c), **device_facts()}
   problem = config_problem(c)
   if problem:
@@ -448,6 +464,10 @@ def piece_sd15_train(opts, clock) -> dict:
     out.update(throughput_facts(future_value(flops, out), timing["median_s"], pairs))
   out["peak_memory_gib"] = gib(device_memory()[1])
   return out
+
+
+def piece_cascade_lite_train(opts, clock) -> dict:
+  return piece_sd15_train(opts, clock, variant="cascade_lite")
 
 
 def piece_sample(opts, clock) -> dict:
@@ -657,7 +677,7 @@ def piece_sdxl_train(opts, clock) -> dict:
 
 
 RUNNERS = {"attention": piece_attention, "sd15_train": piece_sd15_train, "sample": piece_sample,
-           "sdxl_train": piece_sdxl_train}
+           "sdxl_train": piece_sdxl_train, "cascade_lite_train": piece_cascade_lite_train}
 
 
 def main(argv=None):

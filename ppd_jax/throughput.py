@@ -52,7 +52,7 @@ def step_flops(config, batch_shapes: dict) -> float:
   micro = {k: jax.ShapeDtypeStruct((v.shape[0] // accum,) + tuple(v.shape[1:]), v.dtype)
            for k, v in batch_shapes.items()}
   b = micro["preferred"].shape[0]
-  t = jax.ShapeDtypeStruct((b,), jnp.int32)
+  t = jax.eval_shape(lambda k: schedule.draw_t(k, b), jax.random.key(0))   # int32 or float32
   noise = jax.ShapeDtypeStruct(micro["preferred"].shape, jnp.float32)
   cost = jax.jit(grads).lower(user, base, micro, t, noise).cost_analysis()
   return float(cost["flops"]) * accum

@@ -118,3 +118,128 @@ def test_text_path_matches_the_prior_pipeline(folders):
   assert np.abs(ours["text_embedding"] - want_text).max() <= 1e-5 * scale
   assert np.abs(ours["pooled_text_embedding"] - want_pooled).max() <= 1e-5 * scale
   assert np.abs(ours["text_embedding"][-1]).max() > 0.1          # the empty prompt is encoded
+
+
+def _exported_processor(folder):
+  """The ppd_cascade.py that export wrote, imported from that folder as a user would."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("ppd_cascade_exported",
+                                                os.path.join(folder, "ppd_cascade.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_export_runs_in_the_prior_pipeline_as_ours(run, folders, tmp_path, monkeypatch):
+  """export on the command line, then diffusers' StableCascadePriorPipeline (its own text encoder,
+  scheduler and [cond; uncond] CFG) with the exported processor against our Stage C chain from the
+  same x_T and per-step noise: equal, and the user changes the pipeline's latents."""
+  import torch
+  from diffusers import StableCascadePriorPipeline
+  from diffusers.schedulers import scheduling_ddpm_wuerstchen
+  from safetensors.torch import load_file
+
+  import tiny_cascade as tc
+  from ppd_jax import inference
+  from ppd_jax.backbones import stable_cascade
+  from ppd_jax.diffusion import cascade_sampler
+
+  out = tmp_path / "export"
+  log = _run("ppd_jax.export", f"--workdir={run['workdir']}", f"--out={out}")
+  assert "6 attention blocks" in log and "ppd_cascade.attach" in log
+  assert sorted(os.listdir(out)) == ["ppd_cascade.py", "ppd_cascade_user.json",
+                                     "ppd_cascade_user.safetensors"]
+  with open(out / "ppd_cascade_user.json") as f:
+    meta = json.load(f)
+  assert (meta["user_embed_dim"], meta["prior_subfolder"], meta["step"]) == (16, "prior", 4)
+  assert meta["num_cross_attention_layers"] == 6
+
+  prompts, steps, w = ["red circle", "a big dark dog"], 3, 4.0
+  rng = np.random.RandomState(0)
+  x_T = rng.randn(2, 4, 4, 16).astype(np.float32)
+  noise = rng.randn(steps, 2, 4, 4, 16).astype(np.float32)
+  embedding = next(iter(run["users"].values()))                       # [1, 16]
+
+  pipe = StableCascadePriorPipeline.from_pretrained(folders["prior"])
+  tc.patch_r_embedding(pipe.prior)
+  user = _exported_processor(str(out)).attach(
+      pipe.prior, load_file(str(out / "ppd_cascade_user.safetensors")))
+
+  def theirs(scale):
+    draws = iter(noise)
+    monkeypatch.setattr(scheduling_ddpm_wuerstchen, "randn_tensor",
+                        lambda shape, **kw: tc.nchw(next(draws)))
+    user.set(torch.from_numpy(embedding), num_images=len(prompts), scale=scale)
+    with torch.no_grad():
+      got = pipe(prompts, height=160, width=160, num_inference_steps=steps, guidance_scale=w,
+                 latents=tc.nchw(x_T), output_type="pt").image_embeddings
+    return tc.nhwc(got)
+
+  trained = inference.load_trained(run["workdir"])
+  text = stable_cascade.StableCascadeBackbone(trained.config).encode_captions(prompts + ["", ""])
+
+  def eps_fn(x, r, c):   # c: the [cond; uncond] rows of `half` below, concatenated
+    return trained.model.apply({"params": trained.params}, x, r, c["text_embedding"], c["user"],
+                               c["scale"], {"text_embeds": c["pooled_text_embedding"]})
+
+  def half(rows, scale):   # sample's rule: the user branch off (scale 0) in the uncond half
+    return {k: v[rows] for k, v in text.items()} | {
+        "user": np.stack([embedding] * 2), "scale": np.full(2, scale, np.float32)}
+
+  ours = np.asarray(cascade_sampler.sample(eps_fn, x_T, None, steps, w, half(slice(0, 2), 1.0),
+                                           half(slice(2, 4), 0.0), noise=noise,
+                                           schedule=trained.schedule))
+  with_user, base = theirs(1.0), theirs(0.0)
+  err, effect = np.abs(with_user - ours).max(), np.abs(with_user - base).max()
+  assert err <= 1e-4 * np.abs(ours).max(), (err, effect)
+  assert effect > 100 * err, (err, effect)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 2.0])     # the pipeline's default (no CFG), and CFG
+def test_stage_b_and_a_match_the_decoder_pipeline(folders, monkeypatch, guidance):
+  """Stage C latents -> images: our Stage B loop and Stage A against diffusers'
+  StableCascadeDecoderPipeline as a whole (its text encoder, effnet conditioning, [cond; uncond]
+  with a zero effnet, scheduler, Paella decode) from the same x_T and per-step noise."""
+  import ml_collections
+  import torch
+  from diffusers import DDPMWuerstchenScheduler
+  from diffusers import StableCascadeDecoderPipeline
+  from diffusers import StableCascadeUNet
+  from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+  from diffusers.schedulers import scheduling_ddpm_wuerstchen
+  from transformers import CLIPTextModelWithProjection
+  from transformers import CLIPTokenizer
+
+  import tiny_cascade as tc
+  from ppd_jax.backbones import stable_cascade
+  steps, prompts = 3, ["red circle", "a big dark dog"]
+  backbone = stable_cascade.StableCascadeBackbone(ml_collections.ConfigDict({"model": {
+      "pretrained": folders["prior"], "prior_subfolder": "prior", "variant": "",
+      "sample_size": 4, "decoder": folders["decoder"], "decoder_subfolder": "decoder",
+      "decoder_steps": steps, "decoder_guidance_scale": guidance}}))
+  rng = np.random.RandomState(1)
+  latents = rng.randn(2, 4, 4, 16).astype(np.float32)
+  shape = backbone.stage_b_shape(latents.shape)
+  assert shape == (42, 42, 4)                                          # int(4 x 10.67)
+  x_T = rng.randn(2, *shape).astype(np.float32)
+  noise = rng.randn(steps, 2, *shape).astype(np.float32)
+
+  # from_pretrained cannot resolve PaellaVQModel (not top-level in diffusers): parts one by one
+  folder = folders["decoder"]
+  pipe = StableCascadeDecoderPipeline(
+      decoder=StableCascadeUNet.from_pretrained(folder, subfolder="decoder"),
+      tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+      text_encoder=CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder"),
+      scheduler=DDPMWuerstchenScheduler.from_pretrained(folder, subfolder="scheduler"),
+      vqgan=PaellaVQModel.from_pretrained(folder, subfolder="vqgan"))
+  tc.patch_r_embedding(pipe.decoder)
+  draws = iter(noise)
+  monkeypatch.setattr(scheduling_ddpm_wuerstchen, "randn_tensor",
+                      lambda shape, **kw: tc.nchw(next(draws)))
+  with torch.no_grad():
+    theirs = pipe(image_embeddings=tc.nchw(latents), prompt=prompts, num_inference_steps=steps,
+                  guidance_scale=guidance, latents=tc.nchw(x_T), output_type="np").images
+  ours = backbone.decode_from_noise(latents, backbone.encode_captions(prompts), x_T, noise)
+  assert ours.shape == theirs.shape == (2, 168, 168, 3)
+  assert theirs.std() > 0.05                                           # not a flat image
+  assert np.abs((ours + 1) / 2 - theirs).max() < 1e-4

@@ -34,17 +34,6 @@ def _max_err(a, b) -> float:
   return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
-def _patch_r_embedding(model):
-  """diffusers' r embedding with our float32 frequency table (the reference doc, 5.1): its exp
-  differs from XLA's by an ulp, which moves the 1e4-rad phases by up to 5e-4. Tested apart."""
-  def embed(self, r, max_positions=10000):
-    dim = self.config.timestep_ratio_embedding_dim
-    phase = (r * max_positions)[:, None] * torch.from_numpy(cascade_ops.ratio_frequencies(dim))
-    return torch.cat([phase.sin(), phase.cos()], dim=1)
-  model.get_timestep_ratio_embedding = types.MethodType(embed, model)
-  return model
-
-
 def _inputs(config: dict, size, seed: int = 0) -> dict:
   """NHWC numpy inputs: Stage C gets text and image tokens, Stage B an effnet map."""
   rng = np.random.RandomState(seed)
@@ -66,7 +55,7 @@ def _torch_forward(model, inp: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def stage_c():
-  model = _patch_r_embedding(tc.torch_unet(tc.TINY_C))
+  model = tc.patch_r_embedding(tc.torch_unet(tc.TINY_C))
   cfg = cascade.config_from_diffusers(tc.TINY_C, user_embed_dim=USER_DIM)
   state = tc.state_dict(model)
   inp = _inputs(tc.TINY_C, (6, 5))                           # non-square
@@ -76,7 +65,7 @@ def stage_c():
 
 @pytest.fixture(scope="module")
 def stage_b():
-  model = _patch_r_embedding(tc.torch_unet(tc.TINY_B, seed=1))
+  model = tc.patch_r_embedding(tc.torch_unet(tc.TINY_B, seed=1))
   cfg = cascade.config_from_diffusers(tc.TINY_B)
   state = tc.state_dict(model)
   return dict(cfg=cfg, state=state, params=tc.flax_params(state, cfg), torch=model)

@@ -44,6 +44,24 @@ def torch_unet(config: dict, seed: int = 0, grn_std: float = 0.5):
   return model
 
 
+def patch_r_embedding(model):
+  """diffusers' r embedding with our float32 frequency table (the reference doc, 5.1): its exp
+  differs from XLA's by an ulp, which moves the 1e4-rad phases by up to 5e-4. Tested apart
+  (test_cascade_unet.py, against the unpatched torch and a float64 formula)."""
+  import types
+
+  import torch
+
+  from ppd_jax.models import cascade_ops
+
+  def embed(self, r, max_positions=10000):
+    dim = self.config.timestep_ratio_embedding_dim
+    phase = (r * max_positions)[:, None] * torch.from_numpy(cascade_ops.ratio_frequencies(dim))
+    return torch.cat([phase.sin(), phase.cos()], dim=1)
+  model.get_timestep_ratio_embedding = types.MethodType(embed, model)
+  return model
+
+
 def state_dict(model) -> dict:
   return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 

@@ -93,33 +93,57 @@ class StableCascadeBackbone:
   # --- Stage C latents -> images ----------------------------------------------------------------
 
   @functools.cached_property
-  def _decode_fn(self):
+  def _chain_fn(self):
+    """chain(latents, pooled, null_pooled, x_T, key, noise) -> images: Stage B's DDPM-Wuerstchen
+    loop from x_T (per-step z from `key`, or `noise` [steps, *x_T.shape]), then Stage A."""
     from ppd_jax.diffusion import cascade_sampler
     from ppd_jax.models import paella
     stage_b, params_b = self._lib.load_stage_b(self.decoder, dtype=self.dtype)
     vqgan, vq_vars = self._lib.load_vqgan(self.decoder)
-    scale, steps = self.decoder.latent_dim_scale, self.decoder_steps
-    w = self.decoder_guidance_scale
+    steps, w = self.decoder_steps, self.decoder_guidance_scale
     cfg = cascade_sampler.guidance_enabled(w)
 
     def eps_fn(x, r, c):
       return stage_b.apply({"params": params_b}, x, r, c["pooled"][:, None], effnet=c["effnet"])
 
-    def run(latents, pooled, null_pooled, seeds):
-      _, h, w_, _ = latents.shape
-      shape = (int(h * scale), int(w_ * scale), stage_b.config.in_channels)
-      keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(0), s))(seeds)
-      x_T = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+    def chain(latents, pooled, null_pooled, x_T, key, noise):
       # The decoder pipeline's CFG (off at its default w = 0): uncond = zero effnet, the
       # empty prompt's pooled text.
       cond = {"effnet": latents, "pooled": pooled}
       uncond = {"effnet": jnp.zeros_like(latents),
                 "pooled": jnp.broadcast_to(null_pooled, pooled.shape)}
-      z = cascade_sampler.sample(eps_fn, x_T, jax.random.fold_in(keys[0], 1), steps, w, cond,
-                                 uncond, cfg=cfg)
+      z = cascade_sampler.sample(eps_fn, x_T, key, steps, w, cond, uncond, cfg=cfg, noise=noise)
       return paella.latents_to_images(vqgan, vq_vars["params"], z)
 
+    return jax.jit(chain), stage_b.config.in_channels
+
+  def stage_b_shape(self, latents_shape) -> tuple[int, int, int]:
+    """Stage B's latent grid for Stage C latents [.., h, w, 16]: int(h x 10.67), int(w x 10.67)."""
+    h, w = latents_shape[-3:-1]
+    scale = self.decoder.latent_dim_scale
+    return int(h * scale), int(w * scale), self._chain_fn[1]
+
+  @functools.cached_property
+  def _decode_fn(self):
+    chain, _ = self._chain_fn
+
+    def run(latents, pooled, null_pooled, seeds):
+      shape = self.stage_b_shape(latents.shape)
+      keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(0), s))(seeds)
+      x_T = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+      return chain(latents, pooled, null_pooled, x_T, jax.random.fold_in(keys[0], 1), None)
+
     return jax.jit(run)
+
+  def decode_from_noise(self, latents: np.ndarray, text: dict, x_T: np.ndarray,
+                        noise: np.ndarray) -> np.ndarray:
+    """to_images with Stage B's x_T [N, *stage_b_shape] and per-step noise [steps, N, ...] given
+    (no clip): to reproduce another implementation's draws exactly."""
+    chain, _ = self._chain_fn
+    return np.asarray(chain(np.asarray(latents, np.float32),
+                            np.asarray(text["pooled_text_embedding"], np.float32),
+                            self._null_pooled, np.asarray(x_T, np.float32), None,
+                            np.asarray(noise, np.float32)))
 
   @functools.cached_property
   def _null_pooled(self) -> np.ndarray:

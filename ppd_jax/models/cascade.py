@@ -193,6 +193,27 @@ def num_downscales(cfg: CascadeConfig) -> int:
   return 0 if cfg.switch_level is not None else len(cfg.block_out_channels) - 1
 
 
+def block_kinds(cfg: CascadeConfig, level: int, layers_n: int) -> list[str]:
+  """The block types of one level's ModuleList, in order: block_types_per_layer[level] repeated
+  layers_n times (diffusers' down_blocks.<i>.<j> / up_blocks.<u>.<j>)."""
+  types = cfg.block_types_per_layer[level]
+  return [types[j % len(types)] for j in range(layers_n * len(types))]
+
+
+def attention_blocks(cfg: CascadeConfig) -> list[tuple[str, int]]:
+  """(block name, channels) of every SDCascadeAttnBlock in the order diffusers registers them:
+  down levels 0..n-1, then up levels deepest first; names as params (`down_blocks_1_5`)."""
+  n, out = len(cfg.block_out_channels), []
+  for prefix, layers_per_level in (("down_blocks", cfg.down_num_layers_per_block),
+                                   ("up_blocks", cfg.up_num_layers_per_block)):
+    for u, layers_n in enumerate(layers_per_level):
+      level = u if prefix == "down_blocks" else n - 1 - u
+      for j, kind in enumerate(block_kinds(cfg, level, layers_n)):
+        if kind == A:
+          out.append((f"{prefix}_{u}_{j}", cfg.block_out_channels[level]))
+  return out
+
+
 def example_inputs(cfg: CascadeConfig, batch: int = 1) -> dict:
   """The smallest valid inputs (params do not depend on sizes): for eval_shape and init."""
   side = cfg.patch_size * 2 ** num_downscales(cfg)
@@ -223,8 +244,7 @@ class StableCascadeUNet(nn.Module):
                c.attention_impl, name=name)
 
   def _level(self, prefix: str, level: int, layers_n: int):
-    types = self.config.block_types_per_layer[level]
-    kinds = [types[j % len(types)] for j in range(layers_n * len(types))]
+    kinds = block_kinds(self.config, level, layers_n)
     return [(k, self._block(k, level, f"{prefix}_{j}")) for j, k in enumerate(kinds)]
 
   @nn.compact

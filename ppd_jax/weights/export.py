@@ -128,18 +128,26 @@ def single_token_projector(cfg: unet_lib.UNetConfig) -> bool:
   return cfg.user_tokens == 1
 
 
-def _expected(cfg: unet_lib.UNetConfig) -> dict[Path, tuple[str, bool, tuple[int, ...]]]:
-  """Every user-branch leaf -> (IP-Adapter key, transpose, our shape), in the file's key order."""
-  e, d = cfg.user_embed_dim, cfg.cross_attention_dim
+def projector_shapes(cfg, token_dim: int) -> dict[Path, tuple[int, ...]]:
+  """Every user_projector leaf -> its shape (user_projector.py): one-token (proj, norm) when
+  cfg.user_tokens == 1, else Full (proj_0, proj_2, proj_3); token_dim = D, the token width."""
+  e, d = cfg.user_embed_dim, token_dim
   if single_token_projector(cfg):
     kd = cfg.user_tokens_per_embedding * d
-    projector = _SINGLE_TOKEN_PROJECTOR
     shapes = {"proj": {"kernel": (e, kd), "bias": (kd,)}, "norm": {"scale": (d,), "bias": (d,)}}
   else:
-    projector = _FULL_PROJECTOR
     shapes = {"proj_0": {"kernel": (e, e), "bias": (e,)},
               "proj_2": {"kernel": (e, d), "bias": (d,)}, "proj_3": {"scale": (d,), "bias": (d,)}}
-  out = {path: (key, t, shapes[path[1]][path[2]]) for path, (key, t) in projector.items()}
+  return {("user_projector", m, leaf): shape for m, leaves in shapes.items()
+          for leaf, shape in leaves.items()}
+
+
+def _expected(cfg: unet_lib.UNetConfig) -> dict[Path, tuple[str, bool, tuple[int, ...]]]:
+  """Every user-branch leaf -> (IP-Adapter key, transpose, our shape), in the file's key order."""
+  d = cfg.cross_attention_dim
+  projector = _SINGLE_TOKEN_PROJECTOR if single_token_projector(cfg) else _FULL_PROJECTOR
+  shapes = projector_shapes(cfg, d)
+  out = {path: (key, t, shapes[path]) for path, (key, t) in projector.items()}
   for k, (attn2, channels) in enumerate(cross_attention_layers(cfg)):
     for ours, theirs in (("to_k_user", "to_k_ip"), ("to_v_user", "to_v_ip")):
       out[attn2 + (ours, "kernel")] = (f"ip_adapter.{2 * k + 1}.{theirs}.weight", True,
@@ -166,8 +174,17 @@ def ip_adapter_state_dict(user_params: Mapping[str, Any],
         f"{DIFFUSERS_IMAGE_PROJ_TOKENS}), so a file with {k} tokens fails to load there (size "
         f"mismatch); only runs with model.user_tokens_per_embedding="
         f"{DIFFUSERS_IMAGE_PROJ_TOKENS} can be exported")
+  return convert_user_branch(user_params, _expected(unet_config), "ip_adapter_state_dict",
+                             "this UNetConfig's")
+
+
+def convert_user_branch(user_params: Mapping[str, Any],
+                        expected: Mapping[Path, tuple[str, bool, tuple[int, ...]]],
+                        what: str, whose: str) -> dict[str, np.ndarray]:
+  """User-branch leaves -> {key: float32 array in PyTorch layout}, for exactly `expected`
+  (path -> (key, transpose, our shape)): a missing, unexpected or misshaped leaf is a WeightsError
+  naming it, since a silently misplaced layer would load without complaint and give wrong images."""
   flat = traverse_util.flatten_dict(flax.core.unfreeze(user_params))
-  expected = _expected(unet_config)
   missing = [p for p in expected if p not in flat]
   extra = sorted(p for p in flat if p not in expected)
   wrong = [f"{'/'.join(p)} {tuple(np.shape(flat[p]))} != {shape}"
@@ -178,12 +195,12 @@ def ip_adapter_state_dict(user_params: Mapping[str, Any],
     problems.append(f"{len(missing)} missing user param(s): "
                     + ", ".join("/".join(p) for p in missing[:5]))
   if extra:
-    problems.append(f"{len(extra)} unexpected param(s) (not in this UNetConfig's user branch): "
+    problems.append(f"{len(extra)} unexpected param(s) (not in {whose} user branch): "
                     + ", ".join("/".join(p) for p in extra[:5]))
   if wrong:
     problems.append(f"{len(wrong)} param(s) of the wrong shape: {', '.join(wrong[:5])}")
   if problems:
-    raise WeightsError("ip_adapter_state_dict: " + "; ".join(problems))
+    raise WeightsError(f"{what}: " + "; ".join(problems))
   out = {}
   for path, (key, transpose, _) in expected.items():
     value = np.asarray(flat[path], np.float32)
@@ -225,7 +242,7 @@ def usage_snippet(folder: str, weight_name: str, user_scale: float = 1.0,
       "              cross_attention_kwargs={'ip_adapter_masks': [mask]}).images\n")
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
   """write(tmp_path) next to `path`, then os.replace: readers never see a half-written file."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
@@ -249,30 +266,32 @@ def metadata_path(weights_path: str) -> str:
 
 
 def save_ip_adapter(path: str, state_dict: Mapping[str, np.ndarray],
-                    metadata: Mapping[str, Any]) -> tuple[str, str]:
+                    metadata: Mapping[str, Any],
+                    layer_suffix: str = "to_k_ip.weight") -> tuple[str, str]:
   """Writes `path` (.safetensors, diffusers' loader needs that suffix) and its JSON next to it.
 
   metadata: what using the file needs (user_embed_dim, user_tokens, cross_attention_dim, step,
-  variant, usage...), written as <stem>.json and, as strings, into the safetensors header.
+  variant, usage...), written as <stem>.json and, as strings, into the safetensors header; the
+  JSON also counts the attention layers (keys ending in layer_suffix: one per layer).
   Returns (weights path, JSON path).
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   if not path.endswith(".safetensors"):
-    raise ValueError(f"{path}: the IP-Adapter file must end in .safetensors (diffusers reads "
+    raise ValueError(f"{path}: the weights file must end in .safetensors (diffusers reads "
                      "other suffixes with torch.load)")
   tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
   header = {"format": "pt", **{k: v if isinstance(v, str) else json.dumps(v)
                                for k, v in metadata.items()}}
-  _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+  atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
   info = dict(metadata, weight_name=os.path.basename(path), num_tensors=len(tensors),
-              num_cross_attention_layers=sum(k.endswith("to_k_ip.weight") for k in tensors))
+              num_cross_attention_layers=sum(k.endswith(layer_suffix) for k in tensors))
   json_path = metadata_path(path)
 
   def write_json(tmp):
     with open(tmp, "w") as f:
       json.dump(info, f, indent=2)
       f.write("\n")
-  _atomic_write(json_path, write_json)
+  atomic_write(json_path, write_json)
   return path, json_path
 
 
