@@ -20,9 +20,11 @@ TINY = ["--config.model.prior_subfolder=prior", "--config.model.decoder_subfolde
         "--config.model.remat=False", "--config.data.text_length=16"]
 
 
-def _run(*args) -> str:
+def _run(*args, cache: str | None = None) -> str:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  if cache:   # the base pool's cache (demo_world/base_pool.py), kept inside the test's folder
+    env["PPD_JAX_CACHE"] = cache
   done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=900)
   assert done.returncode == 0, f"{args}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
@@ -243,3 +245,22 @@ def test_stage_b_and_a_match_the_decoder_pipeline(folders, monkeypatch, guidance
   assert ours.shape == theirs.shape == (2, 168, 168, 3)
   assert theirs.std() > 0.05                                           # not a flat image
   assert np.abs((ours + 1) / 2 - theirs).max() < 1e-4
+
+
+def test_synthetic_users_world_on_stable_cascade(folders, tmp_path):
+  """configs/ppd.py:cascade_lite as it is (data.source = synthetic): the base pool is sampled
+  through Stage C -> B -> A, the synthetic users label it, training runs, sample for a user."""
+  workdir = tmp_path / "run"
+  log = _run("ppd_jax.train", "--config=configs/ppd.py:cascade_lite", f"--workdir={workdir}",
+             *folders["models"], *TINY, "--config.total_steps=2",
+             "--config.batch_size=4", "--config.checkpoint_every=2", "--config.log_every=1",
+             "--config.model.user_embed_dim=8", "--config.sample.num_steps=2",
+             "--config.data.num_users=4", "--config.data.num_unseen_users=1",
+             "--config.data.pool_per_caption=2", "--config.model.decoder_steps=2",
+             cache=str(tmp_path / "cache"))
+  assert "sampling the base-model pool: 36 images" in log and "ddpm_wuerstchen" in log
+  assert "step 1/2  loss 0.6931" in log
+  out = tmp_path / "images"
+  log = _run("ppd_jax.sample", f"--workdir={workdir}", "--user=1", "--prompt=red circle",
+             f"--out={out}", "--num_steps=2", cache=str(tmp_path / "cache"))
+  assert "wrote 1 image(s) of 168px" in log

@@ -2,6 +2,7 @@
 
     encode_captions(captions) -> text conditioning dict      to_latents(images) -> x0
     to_images(x0, text=None, seed=0) -> images in [-1, 1]     pixel_size, latent_factor, identity
+    weight_folders() -> the local folders its images depend on (what a cached base pool keys on)
 
     pixel.py              the demo (pixel space): demo_world's hash caption encoder; x0 is the image
     stable_diffusion.py   SD 1.x / 2.x / SDXL: CLIP text encoder(s) + tokenizer(s); x0 = VAE latents

@@ -24,3 +24,6 @@ class PixelBackbone:
 
   def to_images(self, latents: np.ndarray, text: dict | None = None, seed: int = 0) -> np.ndarray:
     return np.asarray(latents, np.float32)
+
+  def weight_folders(self) -> list[str]:
+    return []   # no pretrained weights: the base is config.model.base

@@ -44,6 +44,10 @@ class StableCascadeBackbone:
     self.identity = ("cascade", self.prior.folder, self.prior.subfolder, self._decoder_args[0],
                      m.variant)
 
+  def weight_folders(self) -> list[str]:
+    """Stage C's folder, and the decoder's (Stage B and A make the images)."""
+    return [self.prior.folder, self.decoder.folder]
+
   # --- text ---------------------------------------------------------------------------------
 
   @functools.cached_property

@@ -51,6 +51,9 @@ class StableDiffusionBackbone:
                     return_tensors="np").input_ids
     return np.asarray(ids, np.int32)
 
+  def weight_folders(self) -> list[str]:
+    return [self.pipe.folder]
+
   def encode_captions(self, captions: list[str]) -> dict:
     from ppd_jax.models import clip_text
     captions = list(captions)

@@ -52,7 +52,7 @@ def pool_key(config, backbone) -> str:
   from ppd_jax.models import base_weights
   base = config.model.base
   if config.model.get("pretrained"):
-    base = _folder_fingerprint(backbone.pipe.folder)
+    base = [_folder_fingerprint(folder) for folder in backbone.weight_folders()]
   fields = {
       "version": _VERSION, "seed": config.seed, "per_caption": config.data.pool_per_caption,
       "text_length": config.data.text_length, "text_seed": synthetic.TEXT_ENCODER_SEED,
