@@ -8,7 +8,13 @@ With `user` None the user branch is not built at all: the frozen base model.
 Inputs are split into chunks of `batch_size` (the last one padded), so one compiled program serves
 any number of images; image i depends only on its own noise, caption and user, never on the
 chunking (for eta = 0).
+
+Inside `step_listener(fn)` every denoiser evaluation of the compiled loop calls fn() on the host
+(jax.debug.callback): one per sampling step for every sampler here (CFG batches both branches into
+one call), so a caller can show progress (the web demo, ppd_jax/serve). Outside it the compiled
+loop has no callback at all.
 """
+import contextlib
 import functools
 import time
 
@@ -21,11 +27,33 @@ from ppd_jax.diffusion import cascade_sampler
 from ppd_jax.diffusion import samplers
 
 
+_listener = {"fn": None}   # process-wide: XLA runs host callbacks on its own threads
+
+
+def _evaluated():
+  fn = _listener["fn"]
+  if fn is not None:
+    fn()
+
+
+@contextlib.contextmanager
+def step_listener(fn):
+  """Calls fn() after each denoiser evaluation of sample_images (module doc). Process-wide, so
+  one generation at a time should listen (the web demo runs one at a time)."""
+  previous, _listener["fn"] = _listener["fn"], fn
+  try:
+    yield
+  finally:
+    _listener["fn"] = previous
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num_steps", "eta", "clip_sample",
-                                             "sampler", "cfg"))
+                                             "sampler", "cfg", "report"))
 def _generate(model, schedule, params, noise, text, null_text, user, user_scale, guidance_scale,
-              rng, *, num_steps, eta, clip_sample, sampler, cfg):
+              rng, *, num_steps, eta, clip_sample, sampler, cfg, report=False):
   def apply(x, t, cond):
+    if report:   # ordered: the host sees the steps in order, once each
+      jax.debug.callback(_evaluated, ordered=True)
     context, added = backbones.unet_conditioning(cond["text"])
     return model.apply({"params": params}, x, t, context, cond["user"], cond["scale"], added)
 
@@ -71,7 +99,8 @@ def sample_images(model, schedule, params, text, null_text, noise: np.ndarray,
   first trailing timestep (abar ~ 0) x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies any
   error in eps. decode(latents, text=, seed=) maps each chunk's final latents to images (the
   backbone's to_images: a VAE decoder, Stable Cascade's Stage B + A; None: pixel space).
-  sampler "ddpm_wuerstchen" is Stable Cascade's (cascade_sampler.py; CFG iff guidance_scale > 1). progress, if given, is called with a one-line status after each chunk.
+  sampler "ddpm_wuerstchen" is Stable Cascade's (cascade_sampler.py; CFG iff guidance_scale > 1).
+  progress, if given, is called with a one-line status after each chunk.
   """
   n = len(noise)
   text = _as_text_dict(text)
@@ -87,7 +116,8 @@ def sample_images(model, schedule, params, text, null_text, noise: np.ndarray,
                    jnp.float32(user_scale), jnp.float32(guidance_scale),
                    jax.random.fold_in(jax.random.key(seed), first),
                    num_steps=int(num_steps), eta=float(eta), clip_sample=bool(clip_sample),
-                   sampler=sampler, cfg=cascade_sampler.guidance_enabled(guidance_scale))
+                   sampler=sampler, cfg=cascade_sampler.guidance_enabled(guidance_scale),
+                   report=_listener["fn"] is not None)
     x0 = np.asarray(x0)[:rows.stop - rows.start]
     if decode is not None:   # the backbone's to_images; Stable Cascade's Stage B reads the text
       x0 = decode(x0, text={k: np.asarray(v[rows]) for k, v in text.items()}, seed=seed + first)

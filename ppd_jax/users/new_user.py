@@ -6,7 +6,9 @@ decoding and layers recorded in the run's store (users/embed.py); for the demo, 
 embedder over the images' pixels (users/fewshot.py).
 
 The pairs file is a JSON list (or JSONL) of {"caption", "image_1", "image_2", "preferred": 1|2}
-with image paths relative to it; the first N readable pairs are used.
+with image paths relative to it or data URIs (users/shots.py); the first N readable pairs are
+used. The web demo (ppd_jax/serve) embeds through `embed_pairs_text` on the very file it offers
+for download, so `sample --pairs` on that file gives the same user.
 """
 import numpy as np
 from PIL import Image
@@ -19,7 +21,10 @@ from ppd_jax.users import vlm as vlm_lib
 
 def read_pairs(path: str, n: int, log=print) -> list[prompts.Pair]:
   """The first n readable pairs of the file; an error naming the file when there are fewer."""
-  rows, problems = shots.read_rows(path)
+  return _first_pairs(*shots.read_rows(path), path, n, log)
+
+
+def _first_pairs(rows, problems, path: str, n: int, log) -> list[prompts.Pair]:
   out = []
   for r in rows:
     try:
@@ -52,13 +57,32 @@ def vlm_settings(store) -> tuple[str, vlm_lib.Decoding, str, str]:
 
 def embed_new_user(run, path: str, *, vlm_model: str | None = None, log=print):
   """-> ([tokens, dim] float32 embedding, profile text or None) for the pairs in `path`."""
-  n = run.config.data.fewshot
-  pairs = read_pairs(path, n, log)
+  return embed_pairs(run, read_pairs(path, run.config.data.fewshot, log), vlm_model=vlm_model)
+
+
+def embed_pairs_text(run, text: str, name: str = "pairs.json", *, vlm=None, log=print):
+  """embed_new_user on a pairs file's content (a JSON list; images as data URIs)."""
+  rows, problems = shots.parse_rows(text, name, as_json_list=True)
+  return embed_pairs(run, _first_pairs(rows, problems, name, run.config.data.fewshot, log),
+                     vlm=vlm)
+
+
+def load_vlm(run, vlm_model: str | None = None):
+  """The VLM the run's users were embedded with (None for the demo's stand-in embedder)."""
+  if run.config.data.source == "synthetic":
+    return None
+  model, _, _, dtype = vlm_settings(run.source.store)
+  return vlm_lib.VLM.load(vlm_model or model, dtype=dtype)
+
+
+def embed_pairs(run, pairs: list[prompts.Pair], *, vlm_model: str | None = None, vlm=None):
+  """-> ([tokens, dim] embedding, profile or None): the run's embedder on the labelled pairs
+  (vlm: an already loaded load_vlm(run), else it is loaded here)."""
   source = run.source
   if run.config.data.source == "synthetic":
     return _stand_in(source, pairs, run.config.model), None
-  model, decoding, layers, dtype = vlm_settings(source.store)
-  vlm = vlm_lib.VLM.load(vlm_model or model, dtype=dtype)
+  _, decoding, layers, _ = vlm_settings(source.store)
+  vlm = vlm or load_vlm(run, vlm_model)
   emb, response = vlm_lib.embed_pairs(vlm, pairs, decoding, layers, seed=decoding.seed)
   if emb.shape != (source.store.tokens, source.store.dim):
     raise ValueError(f"the VLM gave a [{emb.shape[0]}, {emb.shape[1]}] embedding, the run's "

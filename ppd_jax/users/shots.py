@@ -5,8 +5,9 @@ Three inputs (users/embed.py --pairs):
     the training data recorded) or a parquet folder (indexed here with the config's split
     parameters). A pair's id is its position in the index, as in the training records.
   * A JSONL file (or a JSON list) of {"user_id", "caption", "image_1", "image_2", "preferred"
-    (1 or 2)[, "pair_id"]} with image paths relative to the file. A pair's id is its "pair_id",
-    else its 0-based line (list position).
+    (1 or 2)[, "pair_id"]} with image paths relative to the file, or the images themselves as
+    data URIs ("data:image/png;base64,...": a file that travels alone, as the web demo's
+    download). A pair's id is its "pair_id", else its 0-based line (list position).
   * A relabel folder (data/relabel.py): the reward users, each shown its pairs under its
     reward's labels (users/reward_shots.py). A pair's id is its row of labels-train.npz.
 
@@ -16,6 +17,7 @@ reader's order (Pick-a-Pic: the seeded order of data/pickapic.py; JSONL: file or
 with fewer distinct subsets gets fewer samples. A pair whose image cannot be read is replaced by
 the user's next unused pair, as the training reader does, and counted.
 """
+import base64
 import dataclasses
 import io
 import json
@@ -26,6 +28,9 @@ import numpy as np
 from PIL import Image
 
 from ppd_jax.users import prompts
+
+
+DATA_URI = "data:image/"   # an image given inline: data:image/png;base64,<bytes>
 
 
 class PairsError(ValueError):
@@ -66,7 +71,12 @@ def read_rows(path: str) -> tuple[list[dict], list[str]]:
       text = f.read()
   except OSError as e:
     raise PairsError(f"--pairs={path}: {e}") from None
-  if path.endswith(".json"):
+  return parse_rows(text, path, path.endswith(".json"))
+
+
+def parse_rows(text: str, path: str, as_json_list: bool) -> tuple[list[dict], list[str]]:
+  """read_rows on the file's text: `path` names it in messages and anchors relative images."""
+  if as_json_list:
     try:
       raw = json.loads(text)
     except ValueError as e:
@@ -107,7 +117,16 @@ def _row(raw, i: int, folder: str, where: str) -> dict:
       raise PairsError(f"{where}: {key} must be an integer, got {raw[key]!r}")
   if not isinstance(raw["caption"], str):
     raise PairsError(f"{where}: caption must be a string")
-  image = lambda k: os.path.join(folder, os.fspath(raw[k]))
+  def image(key):
+    value = raw[key]
+    if isinstance(value, str) and value.startswith(DATA_URI):
+      try:
+        return base64.b64decode(value[len(DATA_URI):].split(",", 1)[1], validate=True)
+      except (ValueError, IndexError) as e:
+        raise PairsError(f"{where}: {key} is not a base64 data URI ({e})") from None
+    if not isinstance(value, str):
+      raise PairsError(f"{where}: {key} must be a path or a data URI")
+    return os.path.join(folder, value)
   return {"pair_id": int(raw.get("pair_id", i)), "user_id": raw.get("user_id"),
           "caption": raw["caption"], "image_1": image("image_1"), "image_2": image("image_2"),
           "preferred": int(raw["preferred"]), "where": where}
