@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from torch_layout import nchw, nhwc
 from ppd_jax.models import effnet
 from ppd_jax.weights import convert
 
@@ -75,14 +76,6 @@ def ref(timm_efficientnet):
   return backbone, mapper, state, effnet.variables_from_state_dict(state)
 
 
-def _nchw(x) -> "torch.Tensor":
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
-
-
-def _nhwc(t) -> np.ndarray:
-  return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
 def _rel_err(actual, expected) -> float:
   expected = np.asarray(expected, np.float32)
   return float(np.max(np.abs(np.asarray(actual, np.float32) - expected)) / np.max(np.abs(expected)))
@@ -102,13 +95,13 @@ def test_features_and_mapper_match_timm(ref, shape):
   backbone, mapper, _, variables = ref
   x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
   with torch.no_grad():
-    want_feats = backbone.forward_features(_nchw(x))
+    want_feats = backbone.forward_features(nchw(x))
     want_x0 = mapper(want_feats)
   feats, x0 = _features_and_x0(variables, jnp.asarray(x))
   grid = (shape[1] // 32, shape[2] // 32)
   assert feats.shape == (shape[0], *grid, 1280) and x0.shape == (shape[0], *grid, 16)
-  assert _rel_err(feats, _nhwc(want_feats)) < TOL
-  assert _rel_err(x0, _nhwc(want_x0)) < TOL
+  assert _rel_err(feats, nhwc(want_feats)) < TOL
+  assert _rel_err(x0, nhwc(want_x0)) < TOL
 
 
 # Stability-AI's effnet_preprocess (train/train_c.py), written out here, not taken from effnet.py.
@@ -120,7 +113,7 @@ def _torch_preprocess(images: np.ndarray, size: int) -> "torch.Tensor":
   """Stability-AI's path on [0, 1] images: torchvision's Resize(size, BILINEAR, antialias=True)
   on a float tensor is interpolate(align_corners=False, antialias=True) to (short = size, long =
   int(size * long / short)); then Normalize(ImageNet mean, std)."""
-  x = _nchw((images + 1) / 2)
+  x = nchw((images + 1) / 2)
   h, w = x.shape[-2:]
   out = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
   if (h, w) != out:
@@ -134,7 +127,7 @@ def _torch_preprocess(images: np.ndarray, size: int) -> "torch.Tensor":
 def test_preprocess_matches_torch_antialiased_resize(shape):
   images = np.random.default_rng(2).uniform(-1, 1, shape).astype(np.float32)
   got = jax.jit(effnet.preprocess, static_argnums=1)(jnp.asarray(images), 64)
-  want = _nhwc(_torch_preprocess(images, 64))
+  want = nhwc(_torch_preprocess(images, 64))
   assert got.shape == want.shape and min(got.shape[1:3]) == 64
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
 
@@ -148,7 +141,7 @@ def test_encode_end_to_end(ref):
   fn = jax.jit(effnet.images_to_latents, static_argnums=(0, 3))
   got = fn(effnet.EfficientNetEncoder(), variables, jnp.asarray(images), 64)
   assert got.shape == (1, 2, 3, 16)
-  assert _rel_err(got, _nhwc(want)) < TOL
+  assert _rel_err(got, nhwc(want)) < TOL
 
 
 @pytest.mark.parametrize("pixels", [768, 1024, 512])

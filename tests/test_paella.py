@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import torch_layout
+from torch_layout import nchw, nhwc
 from ppd_jax.models import paella
 from ppd_jax.weights import convert
 
@@ -43,18 +45,6 @@ def _randomised_torch_model():
   return ref
 
 
-def _state_dict(ref) -> dict[str, np.ndarray]:
-  return {k: v.numpy() for k, v in ref.state_dict().items()}
-
-
-def _nchw(x) -> "torch.Tensor":
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
-
-
-def _nhwc(t) -> np.ndarray:
-  return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
 def _rel_err(actual, expected) -> float:
   expected = np.asarray(expected, np.float32)
   err = float(np.max(np.abs(np.asarray(actual, np.float32) - expected)))
@@ -65,7 +55,7 @@ def _rel_err(actual, expected) -> float:
 def pair():
   ref = _randomised_torch_model()
   module = paella.PaellaVQModel(paella.PaellaConfig.from_diffusers(dict(ref.config)))
-  return ref, module, paella.variables_from_state_dict(_state_dict(ref), module)
+  return ref, module, paella.variables_from_state_dict(torch_layout.state_dict(ref), module)
 
 
 def _apply(module, method):
@@ -82,7 +72,7 @@ def test_decode_parity(pair, hw):
   latents = np.random.RandomState(0).randn(2, *hw, 4).astype(np.float32)
   out = _apply(module, paella.PaellaVQModel.decode)({"params": variables["params"]}, latents)
   with torch.no_grad():
-    expected = _nhwc(ref.decode(_nchw(latents), force_not_quantize=True).sample)
+    expected = nhwc(ref.decode(nchw(latents), force_not_quantize=True).sample)
   assert out.shape == (2, 4 * hw[0], 4 * hw[1], 3) and out.dtype == jnp.float32
   assert _rel_err(out, expected) <= TOL, _rel_err(out, expected)
 
@@ -97,7 +87,7 @@ def test_encode_parity(pair, images):
   ref, module, variables = pair
   h = _apply(module, paella.PaellaVQModel.encode)(variables, images)
   with torch.no_grad():
-    expected = _nhwc(ref.encode(_nchw(images)).latents)
+    expected = nhwc(ref.encode(nchw(images)).latents)
   assert h.shape == (2, 4, 6, 4)
   assert _rel_err(h, expected) <= TOL, _rel_err(h, expected)
 
@@ -109,8 +99,8 @@ def test_quantized_reconstruction_parity(pair, images):
   _, indices = _apply(module, paella.PaellaVQModel.quantize)(variables, h)
   out = jax.jit(module.apply)(variables, images)
   with torch.no_grad():
-    h_ref = ref.encode(_nchw(images)).latents
-    expected = _nhwc(ref.decode(h_ref, force_not_quantize=False).sample)
+    h_ref = ref.encode(nchw(images)).latents
+    expected = nhwc(ref.decode(h_ref, force_not_quantize=False).sample)
     ref_indices = ref.vquantizer(h_ref)[2][2].numpy()
   np.testing.assert_array_equal(np.asarray(indices).reshape(-1), ref_indices)
   assert len(np.unique(ref_indices)) > 2   # several codes in use: the argmin is exercised
@@ -126,9 +116,9 @@ def test_latents_to_images_matches_the_decoder_pipeline(pair, images):
   x = 2.0 * images - 1.0
   to_latents = jax.jit(paella.images_to_latents, static_argnums=0)(module, variables, x)
   with torch.no_grad():
-    decoded = ref.decode(ref.config.scale_factor * _nchw(latents)).sample
-    expected = 2.0 * _nhwc(decoded.clamp(0, 1)) - 1.0
-    expected_latents = _nhwc(ref.encode(_nchw(images)).latents / ref.config.scale_factor)
+    decoded = ref.decode(ref.config.scale_factor * nchw(latents)).sample
+    expected = 2.0 * nhwc(decoded.clamp(0, 1)) - 1.0
+    expected_latents = nhwc(ref.encode(nchw(images)).latents / ref.config.scale_factor)
   clamped = np.mean(np.abs(expected) == 1.0)
   assert 0.05 < clamped < 0.95, clamped   # the clamp and the interior both matter
   assert _rel_err(out, expected) <= TOL, _rel_err(out, expected)
@@ -161,7 +151,7 @@ def test_param_tree_matches_the_state_dict_key_for_key(pair):
   stats = traverse_util.flatten_dict(variables["batch_stats"])
   assert {convert.torch_key(p) for p in stats} == {"down_blocks.3.1.running_mean",
                                                    "down_blocks.3.1.running_var"}
-  state = _state_dict(ref)
+  state = torch_layout.state_dict(ref)
   for key in ("up_blocks.2.gammas", "up_blocks.3.weight", "down_blocks.3.1.running_var",
               "vquantizer.embedding.weight"):
     dropped = {k: v for k, v in state.items() if k != key}

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import torch_layout
+from torch_layout import nchw, nhwc
 from ppd_jax.models import vae
 from ppd_jax.weights import convert
 
@@ -41,18 +43,6 @@ def _torch_vae(**kw):
   return ref
 
 
-def _state_dict(ref) -> dict[str, np.ndarray]:
-  return {k: v.numpy() for k, v in ref.state_dict().items()}
-
-
-def _nchw(x) -> "torch.Tensor":
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
-
-
-def _nhwc(t) -> np.ndarray:
-  return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
 def _target(module):
   return jax.eval_shape(functools.partial(vae.init_params, module), jax.random.key(0))
 
@@ -69,7 +59,7 @@ def pair(request):
   """(torch model, Flax module, Flax params, images, latents) for one tiny config."""
   ref = _torch_vae(**TINY[request.param])
   module = vae.AutoencoderKL(vae.VAEConfig.from_diffusers(dict(ref.config)))
-  params = convert.to_flax(_state_dict(ref), _target(module))
+  params = convert.to_flax(torch_layout.state_dict(ref), _target(module))
   rng = np.random.RandomState(0)
   images = np.tanh(rng.randn(B, SIZE, SIZE, 3)).astype(np.float32)
   f = module.config.downsample_factor
@@ -89,12 +79,12 @@ def test_encode_decode_parity(pair):
   decoded = jax.jit(functools.partial(module.apply, method=vae.AutoencoderKL.decode))(
       {"params": params}, latents)
   with torch.no_grad():
-    posterior = ref.encode(_nchw(images)).latent_dist
-    expected = ref.decode(_nchw(latents)).sample
+    posterior = ref.encode(nchw(images)).latent_dist
+    expected = ref.decode(nchw(latents)).sample
   assert mean.dtype == logvar.dtype == decoded.dtype == jnp.float32
-  _assert_close(mean, _nhwc(posterior.mean))
-  _assert_close(logvar, _nhwc(posterior.logvar))
-  _assert_close(decoded, _nhwc(expected))
+  _assert_close(mean, nhwc(posterior.mean))
+  _assert_close(logvar, nhwc(posterior.logvar))
+  _assert_close(decoded, nhwc(expected))
 
 
 def test_latent_scaling_matches_pipelines(pair):
@@ -108,13 +98,13 @@ def test_latent_scaling_matches_pipelines(pair):
   key = jax.random.key(3)
   eps = np.asarray(jax.random.normal(key, latents.shape, jnp.float32))
   with torch.no_grad():
-    posterior = ref.encode(_nchw(images)).latent_dist
+    posterior = ref.encode(nchw(images)).latent_dist
     mode = (posterior.mode() - shift) * cfg.scaling_factor
-    sample = (posterior.mean + posterior.std * _nchw(eps) - shift) * cfg.scaling_factor
-    decoded = ref.decode(_nchw(latents) / cfg.scaling_factor + shift).sample
-  _assert_close(to_latents(module, params, images), _nhwc(mode))
-  _assert_close(to_latents(module, params, images, key), _nhwc(sample))
-  _assert_close(to_images(module, params, latents), _nhwc(decoded))
+    sample = (posterior.mean + posterior.std * nchw(eps) - shift) * cfg.scaling_factor
+    decoded = ref.decode(nchw(latents) / cfg.scaling_factor + shift).sample
+  _assert_close(to_latents(module, params, images), nhwc(mode))
+  _assert_close(to_latents(module, params, images, key), nhwc(sample))
+  _assert_close(to_images(module, params, latents), nhwc(decoded))
 
 
 def test_bfloat16_close_to_float32(pair):
@@ -135,7 +125,7 @@ def test_bfloat16_close_to_float32(pair):
 def sd_state():
   ref = _torch_vae(**TINY["sd"])
   module = vae.AutoencoderKL(vae.VAEConfig.from_diffusers(dict(ref.config)))
-  return _state_dict(ref), _target(module)
+  return torch_layout.state_dict(ref), _target(module)
 
 
 def _legacy(state: dict, conv_shaped: bool = False) -> dict:
@@ -184,7 +174,7 @@ def test_no_attention_tree_matches_diffusers():
   """mid_block_add_attention False: no attentions_0 on either side (eval_shape only)."""
   ref = _torch_vae(block_out_channels=(8, 16), mid_block_add_attention=False)
   module = vae.AutoencoderKL(vae.VAEConfig.from_diffusers(dict(ref.config)))
-  convert.to_flax(_state_dict(ref), _target(module))
+  convert.to_flax(torch_layout.state_dict(ref), _target(module))
 
 
 # Config -------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ the effnet and pixels mappers. Every parameter is random: PyTorch's default init
 and Conv weights and biases, normal noise for GlobalResponseNorm's zero-initialised gamma/beta
 (zeros would make every GRN the identity and hide its bugs).
 """
-import numpy as np
+import torch_layout
+
+# The layout helpers, as the cascade tests call them (tc.nchw, tc.nhwc, tc.state_dict).
+nchw, nhwc, state_dict = torch_layout.nchw, torch_layout.nhwc, torch_layout.state_dict
 
 R, T, A = "SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"
 
@@ -62,10 +65,6 @@ def patch_r_embedding(model):
   return model
 
 
-def state_dict(model) -> dict:
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
-
-
 def flax_params(state: dict, cfg, what: str = "tiny StableCascadeUNet") -> dict:
   """torch state dict (numpy) -> StableCascadeUNet params, the target tree from jax.eval_shape."""
   from ppd_jax.models import cascade
@@ -75,11 +74,3 @@ def flax_params(state: dict, cfg, what: str = "tiny StableCascadeUNet") -> dict:
   return convert.to_flax(state, target, what=what, transposed=cascade.TRANSPOSED)
 
 
-def nchw(x):
-  """NHWC numpy -> NCHW torch tensor (float32)."""
-  import torch
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t) -> np.ndarray:
-  return t.detach().numpy().transpose(0, 2, 3, 1)
