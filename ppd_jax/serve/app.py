@@ -62,17 +62,26 @@ class GenerateRequest(BaseModel):
   mix: list[MixEntry] = Field(default_factory=list, max_length=MAX_MIX)
 
 
-class _Bounded(collections.OrderedDict):
-  """Keeps the newest `limit` entries."""
+class _Bounded:
+  """The newest `limit` entries under server-made ids; thread-safe (routes and the worker)."""
 
   def __init__(self, limit: int):
-    super().__init__()
-    self.limit = limit
+    self._items, self._limit, self._lock = collections.OrderedDict(), limit, threading.Lock()
 
-  def put(self, key, value):
-    self[key] = value
-    while len(self) > self.limit:
-      self.popitem(last=False)
+  def add(self, value) -> str:
+    key = uuid.uuid4().hex
+    with self._lock:
+      self._items[key] = value
+      while len(self._items) > self._limit:
+        self._items.popitem(last=False)
+    return key
+
+  def lookup(self, key: str):
+    """The entry, or None for an unknown or malformed id (never a path)."""
+    if not _ID.match(key):
+      return None
+    with self._lock:
+      return self._items.get(key)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -83,7 +92,6 @@ def create_app(engine: engine_lib.Engine, jobs: jobs_lib.Jobs) -> FastAPI:
   app = FastAPI(title="ppd_jax demo", docs_url=None, redoc_url=None, openapi_url=None)
   app.mount("/static", StaticFiles(directory=STATIC), name="static")
   pair_sets, users = _Bounded(KEEP_PAIR_SETS), _Bounded(KEEP_USERS)
-  lock = threading.Lock()
 
   @app.middleware("http")
   async def limit_body(request: Request, call_next):
@@ -125,33 +133,26 @@ def create_app(engine: engine_lib.Engine, jobs: jobs_lib.Jobs) -> FastAPI:
   def make_pairs(req: PairsRequest):
     def run():
       pairs = engine.make_pairs(req.seed)
-      key = uuid.uuid4().hex
-      with lock:
-        pair_sets.put(key, pairs)
-      return {"pairs": key, "captions": list(pairs.captions),
+      return {"pairs": pair_sets.add(pairs), "captions": list(pairs.captions),
               "images": [[engine_lib.data_uri(im) for im in pair] for pair in pairs.images]}
     return submit("pairs", run, engine.num_steps)
 
   @app.post("/api/user")
   def make_user(req: UserRequest):
-    with lock:
-      pairs = pair_sets.get(req.pairs) if _ID.match(req.pairs) else None
+    pairs = pair_sets.lookup(req.pairs)
     if pairs is None:
       return _error(404, "those pairs are no longer here; ask for new pairs")
     text = engine.pairs_file(pairs, req.preferred)    # ValueError -> 422 below
 
     def run():
       embedding = engine.embed(text)
-      key = uuid.uuid4().hex
-      with lock:
-        users.put(key, {"embedding": embedding, "pairs_file": text})
+      key = users.add({"embedding": embedding, "pairs_file": text})
       return {"user": key, "embedding_shape": list(np.shape(embedding))}
     return submit("user", run, 0)
 
   @app.get("/api/user/{user}/pairs.json")
   def pairs_file(user: str):
-    with lock:
-      entry = users.get(user) if _ID.match(user) else None
+    entry = users.lookup(user)
     if entry is None:
       return _error(404, "unknown user; make one from 4 picks first")
     return Response(entry["pairs_file"], media_type="application/json",
@@ -159,8 +160,7 @@ def create_app(engine: engine_lib.Engine, jobs: jobs_lib.Jobs) -> FastAPI:
 
   @app.post("/api/generate")
   def generate(req: GenerateRequest):
-    with lock:
-      entry = users.get(req.user) if _ID.match(req.user) else None
+    entry = users.lookup(req.user)
     if entry is None:
       return _error(404, "unknown user; make one from 4 picks first")
     embedding = engine.mix(entry["embedding"], req.weight,

@@ -30,7 +30,6 @@ MAX_STORED_USERS = 64   # listed on the page for mixing
 @dataclasses.dataclass(frozen=True)
 class PairSet:
   """Four captions, each with two images of the frozen base (uint8 [4, 2, H, W, 3])."""
-  key: str
   captions: tuple[str, ...]
   images: np.ndarray
 
@@ -90,7 +89,7 @@ class Engine:
     captions = tuple(self.prompts[i] for i in picks)
     doubled = [c for c in captions for _ in range(2)]
     images = self._images(doubled, self._zero_user, 0.0, seed)
-    return PairSet(key=f"p{seed}", captions=captions,
+    return PairSet(captions=captions,
                    images=images.reshape((self.fewshot, 2) + images.shape[1:]))
 
   def pairs_file(self, pairs: PairSet, preferred: list[int]) -> str:
