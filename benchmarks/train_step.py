@@ -1,6 +1,7 @@
 """Train-step throughput of a config, against a forward pass of its frozen base in the same run.
 
   python benchmarks/train_step.py --config=configs/ppd.py:demo [--config.batch_size=64]
+  python benchmarks/train_step.py --config=configs/ppd.py:tiny --repeats=1   (smallest: a smoke run)
 
 A DPO step costs one reference forward (no gradient) plus one policy forward and backward over
 both images of every pair. The backward needs input gradients through the whole UNet but weight
@@ -25,6 +26,7 @@ from ppd_jax.diffusion import schedules
 from ppd_jax.models import build_model
 
 config_flags.DEFINE_config_file("config", "configs/ppd.py:demo", "configs/ppd.py:VARIANT")
+flags.DEFINE_integer("repeats", 10, "timed calls of the step and of the forward, after a warm-up")
 
 
 def _time(fn, repeats: int) -> float:
@@ -59,7 +61,7 @@ def main(_):
   text = jnp.repeat(batch["text_embedding"], 2, axis=0)
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x, t, text, None))
 
-  repeats = 10
+  repeats = flags.FLAGS.repeats
   t_step = _time(train, repeats)
   t_fwd = _time(lambda: forward(base, x), repeats)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; config "
@@ -71,6 +73,9 @@ def main(_):
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   speed = throughput.Throughput(throughput.step_flops(c, shapes), jax.device_count(),
                                 jax.devices()[0].device_kind)(1.0 / t_step)
+  if "tflops_per_device" not in speed:
+    print("FLOPs not counted: no TFLOP/s or MFU")
+    return
   mfu = f", MFU {100 * speed['mfu']:.1f}%" if "mfu" in speed else " (no peak known: no MFU)"
   print(f"{speed['tflops_per_device']:.4g} TFLOP/s per device{mfu}")
 
