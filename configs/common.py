@@ -22,9 +22,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.async_checkpointing = True
 
   # Global batch in preference pairs per optimizer step, split over the mesh's batch axes and,
-  # within each device, over `grad_accum_steps` micro-batches.
+  # within each device, over `grad_accum_steps` micro-batches:
+  #   batch_size = devices x micro-batch x grad_accum_steps   (checked before any work)
   c.batch_size = 16
   c.grad_accum_steps = 1
+  # The most pairs one device takes in one micro-step (what fits its memory). > 0: accumulation
+  # follows from it and the device count, the fewest micro-steps of at most this many pairs
+  # (ppd_jax/batch_plan.py); 0: grad_accum_steps as given.
+  c.per_device_batch = 0
 
   c.loss = "dpo"              # "dpo" (Diffusion-DPO) or "sft" (plain MSE on preferred images)
   c.dpo = ml_collections.ConfigDict()
@@ -76,9 +81,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.user_tokens_per_embedding = 4  # K: tokens made of a one-token embedding (user_tokens=1)
   c.model.dtype = "float32"         # compute dtype of the frozen base: "float32" | "bfloat16"
   c.model.remat = False             # rematerialise blocks in the backward pass
-  # Attention kernel per layer (ppd_jax/models/attention_kernels.py): "auto" picks cuDNN's fused
-  # attention on GPU where it supports the layer, Pallas flash on TPU, else query chunks whose
-  # float32 logits fit 1 GiB per device; or force "xla", "chunked", "cudnn", "tpu_flash".
+  # Attention kernel per layer, of the UNet and of the SD VAE's mid blocks (precompute, decoding)
+  # (ppd_jax/models/attention_kernels.py): "auto" picks cuDNN's fused attention on GPU where it
+  # supports the layer, Pallas flash on TPU, else query chunks whose float32 logits fit 1 GiB per
+  # device; or force "xla", "chunked", "cudnn", "tpu_flash".
   c.model.attention_impl = "auto"
   c.model.base = "random"           # source of the frozen base weights ("random": seeded init)
   # A diffusers-format pipeline folder or hub id (SD 1.x / 2.x / SDXL). When set, it is the frozen

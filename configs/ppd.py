@@ -138,8 +138,9 @@ def _pretrained_run(c: ml_collections.ConfigDict) -> None:
 def _pickapic_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The paper's real-user setting on any backbone: Pick-a-Pic v2 pairs, each conditioned on its
   labeller's VLM embedding (users/store.py), one epoch at an effective batch of 768."""
-  c.batch_size = 768                # 8 GPUs x 16 pairs x 6 accumulation steps in the paper
-  c.grad_accum_steps = 6
+  # The paper's 8 GPUs x 16 pairs x 6 accumulation steps. Accumulation follows from the backbone's
+  # per_device_batch and the device count (1, 2, 4 or 8 GPUs: 48, 24, 12, 6 micro-steps at 16).
+  c.batch_size = 768
   c.optim.lr = 3e-6                 # the paper's real-user learning rate
   c.total_steps = 1000              # about one epoch of Pick-a-Pic v2's ~0.8M kept pairs
   c.checkpoint_every = 100
@@ -154,6 +155,25 @@ def _pickapic_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.user_embed_dim = 0
   d.worker_count = 0                # one reader gives ~3000 pairs/s (benchmarks/data.py)
   return c
+
+
+# Pairs per device per micro-step that fit an 80 GB GPU (80e9 B = 74.5 GiB), from the
+# ahead-of-time memory figures in README.md ("Benchmarks": benchmarks/memory.py, XLA's buffer
+# assignment on the CPU, which overstates a GPU's temporaries). A pair is 2 images, each through
+# the reference and the policy UNet.
+_PER_DEVICE_BATCH = {
+    # 16 pairs on one device: 46.9 GiB of temporaries (memory.py --what=attention, chunked
+    # attention, bf16, remat, 64x64 latents) + 1.94 GiB of arguments (--what=fsdp, fsdp=1):
+    # ~49 GiB. The paper's 16 pairs per GPU.
+    "sd15": 16,
+    # Not measured: 96x96 latents are 2.25x SD 1.5's tokens, so ~2.25 x 46.9 / 16 = 6.6 GiB per
+    # pair; 8 pairs ~53 GiB + ~2 GiB of arguments (an estimate, to confirm with memory.py).
+    "sd21": 8,
+    # 8 pairs per device: 138.6 GiB of temporaries + 8.93 GiB of arguments (--what=fsdp,
+    # fsdp=1): ~17.3 GiB per pair, so 4 pairs (~78 GiB) do not fit and 2 (~44 GiB) do (scaled
+    # from the 8-pair figure; some temporaries do not grow with the batch, so this errs high).
+    "sdxl": 2,
+}
 
 
 def _stable_diffusion(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -179,6 +199,7 @@ def _stable_diffusion(c: ml_collections.ConfigDict, name: str) -> ml_collections
   m.user_tokens = 1                 # the final token's hidden state
   m.dtype = "bfloat16"              # frozen-base compute; params and the user branch stay float32
   m.remat = True
+  c.per_device_batch = _PER_DEVICE_BATCH[name]
   for field, value in arch["scheduler"].items():
     setattr(c.diffusion, field, value)
 
@@ -213,6 +234,10 @@ def _cascade(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDi
   m.user_tokens_per_embedding = 4
   m.dtype = "bfloat16"
   m.remat = True
+  # Not measured yet (benchmarks/gpu_check.sh's Stage C piece reports memory_analysis() and
+  # halves from 16 until it fits): Stage C works on 24x24 latents (576 tokens, 1/7 of SD 1.5's
+  # 4096), so lite takes the paper's 16; the full Stage C (3.6x lite's parameters) half that.
+  c.per_device_batch = 16 if lite else 8
   m.attention_impl = "auto"
   m.base = "random"
   m.pretrained = "stabilityai/stable-cascade-prior"

@@ -103,6 +103,8 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
     _positive_int(c, field, allow_zero=from_store)
   for field in ("seed", "optim.warmup_steps", "data.worker_count"):
     _positive_int(c, field, allow_zero=True)
+  if "per_device_batch" in c:   # 0: grad_accum_steps as given; else derived (batch_plan.py)
+    _positive_int(c, "per_device_batch", allow_zero=True)
   _validate_training_safety(c)
 
   _require(c.loss in ("dpo", "sft"), "loss", c.loss, "must be 'dpo' or 'sft'")
@@ -121,8 +123,9 @@ def validate(c: ml_collections.ConfigDict, stage: str = "train") -> None:
   _require(0 <= c.optim.b2 < 1, "optim.b2", c.optim.b2, "must be in [0, 1)")
   _require(c.optim.grad_clip >= 0, "optim.grad_clip", c.optim.grad_clip, "must be >= 0 (0: off)")
 
-  _require(c.batch_size % c.grad_accum_steps == 0, "batch_size", c.batch_size,
-           f"must be divisible by grad_accum_steps={c.grad_accum_steps}")
+  if not c.get("per_device_batch", 0):   # else grad_accum_steps follows from it per device count
+    _require(c.batch_size % c.grad_accum_steps == 0, "batch_size", c.batch_size,
+             f"must be divisible by grad_accum_steps={c.grad_accum_steps}")
   _require(c.mesh.data == -1 or (isinstance(c.mesh.data, int) and c.mesh.data > 0), "mesh.data",
            c.mesh.data, "must be -1 (all remaining devices) or a positive integer")
   _positive_int(c, "mesh.fsdp")

@@ -18,6 +18,7 @@ from absl import logging
 
 from ppd_jax import checkpoint
 from ppd_jax import inference
+from ppd_jax import storage
 from ppd_jax.models import cascade
 from ppd_jax.models import split_params
 from ppd_jax.weights import export as export_lib
@@ -35,12 +36,13 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 
 def _check_flags(workdir: str, out: str, weight_name: str | None) -> None:
-  """Fails before any loading; also keeps Orbax from creating checkpoints/ in a wrong folder."""
-  if not os.path.isdir(workdir):
+  """Fails before any loading; also keeps Orbax from creating checkpoints/ in a wrong folder.
+  Both folders may be URLs (gs://...): they go through ppd_jax.storage."""
+  if not storage.path(workdir).is_dir():
     raise ValueError(f"--workdir={workdir} does not exist")
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not (storage.path(workdir) / "checkpoints").is_dir():
     raise ValueError(f"--workdir={workdir} has no checkpoints/ folder: not a training run")
-  if os.path.exists(out) and not os.path.isdir(out):
+  if storage.exists(out) and not storage.path(out).is_dir():
     raise ValueError(f"--out={out} is a file, not a folder")
   if weight_name is not None and (os.path.basename(weight_name) != weight_name
                                   or not weight_name.endswith(".safetensors")):
@@ -56,7 +58,7 @@ def _export_cascade(run, out: str, weight_name: str | None) -> None:
   metadata = export_cascade.export_metadata(
       cfg, step=run.step, variant=run.config.get("variant"), base=base,
       prior_subfolder=subfolder, decoder=model_cfg.get("decoder") or None,
-      weight_name=weight_name, folder=os.path.abspath(out))
+      weight_name=weight_name, folder=str(storage.path(out)))
   weights, info, processor = export_cascade.save(out, weight_name, state_dict, metadata)
   _report(run, state_dict, ".to_k_user.weight", "attention blocks", f"prior {base} {subfolder}",
           f"{weights}, {info} and {processor}", metadata)
@@ -71,8 +73,8 @@ def _export_ip_adapter(run, out: str, weight_name: str | None) -> None:
   base = model_cfg.get("pretrained") or model_cfg.get("base")
   metadata = export_lib.export_metadata(
       cfg, step=run.step, variant=run.config.get("variant"), base=base,
-      weight_name=weight_name, folder=os.path.abspath(out))
-  weights, info = export_lib.save_ip_adapter(os.path.join(out, weight_name), state_dict,
+      weight_name=weight_name, folder=str(storage.path(out)))
+  weights, info = export_lib.save_ip_adapter(str(storage.path(out) / weight_name), state_dict,
                                              metadata)
   _report(run, state_dict, "to_k_ip.weight", "cross-attention layers", f"base {base}",
           f"{weights} and {info}", metadata)

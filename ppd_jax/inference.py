@@ -2,7 +2,6 @@
 """
 import dataclasses
 import functools
-import os
 from typing import Any, Sequence
 
 import jax
@@ -14,6 +13,7 @@ from ppd_jax import checkpoint as ckpt_lib
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
+from ppd_jax import storage
 from ppd_jax.data import sources
 from ppd_jax.diffusion import generation
 from ppd_jax.diffusion import schedules
@@ -38,8 +38,7 @@ class TrainedRun:
 
 def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
   """Restores the user branch of W/checkpoints (latest or `step`) onto its re-made base."""
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                       async_save=False)
+  checkpointer = ckpt_lib.Checkpointer(storage.path(workdir) / "checkpoints", async_save=False)
   config = ml_collections.ConfigDict(checkpointer.restore_config(step))
   mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
   model = build_model(config.model)

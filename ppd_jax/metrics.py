@@ -1,69 +1,78 @@
 """Where a run's numbers go: W/metrics.jsonl (one JSON object per logged step), TensorBoard event
-files under W/tensorboard, and a progress line on the console (step, loss, pairs/s, ETA)."""
+files under W/tensorboard, and a progress line on the console (step, loss, pairs/s, ETA).
+W may be a URL (gs://...): every file goes through ppd_jax.storage."""
 import json
-import os
 import time
 
 import jax
+
+from ppd_jax import storage
 
 
 class MetricsWriter:
   """Writes from process 0 only. On resume, rows past the restored step are dropped first, so the
   file always describes one consistent run."""
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
+    workdir = storage.path(workdir)
+    self.path = workdir / "metrics.jsonl"
+    self._tb, self._mirror = None, None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     _truncate_after(self.path, resume_step)
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+    tb_dir = workdir / "tensorboard"
+    if storage.is_url(tb_dir):
+      # tensorboardX's own gs:// writer covers GCS alone, through a second client
+      # (google-cloud-storage) with its own credentials: events go to a local folder instead,
+      # copied to the URL through the path layer at each flush.
+      self._mirror = storage.LocalMirror(tb_dir)
     # A resumed run rewrites the steps after its checkpoint (or all of them, when a killed run
     # left events but no checkpoint); purge_step makes TensorBoard drop the earlier run's events
     # from that step on, so the curves do not overlap.
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+    self._tb = SummaryWriter(self._mirror.local if self._mirror else str(tb_dir),
+                             purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    storage.append_text(self.path, json.dumps(row) + "\n")
     for k, v in row.items():
       if k != "step":
         self._tb.add_scalar(k, v, int(step))
     self._tb.flush()
+    if self._mirror is not None:
+      self._mirror.sync()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._mirror is not None:
+      self._mirror.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
+def _truncate_after(path, step: int) -> None:
   """Keeps the rows up to `step`. A line that does not parse (the torn last line of a killed
   run) is dropped with a warning instead of stopping every later resume. Written atomically."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return
   rows = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-        keep = row["step"] <= step
-      except (ValueError, KeyError, TypeError):
-        log(f"warning: {path} line {number} is not a metrics row (a run killed while writing "
-            f"it?); dropped: {line.strip()[:80]!r}")
-        continue
-      if keep:
-        rows.append(line if line.endswith("\n") else line + "\n")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(rows)
-  os.replace(tmp, path)
+  for number, line in enumerate(storage.read_text(path).splitlines(keepends=True), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      keep = row["step"] <= step
+    except (ValueError, KeyError, TypeError):
+      log(f"warning: {path} line {number} is not a metrics row (a run killed while writing "
+          f"it?); dropped: {line.strip()[:80]!r}")
+      continue
+    if keep:
+      rows.append(line if line.endswith("\n") else line + "\n")
+  storage.write_text(path, "".join(rows))
 
 
 class Progress:

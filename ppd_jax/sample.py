@@ -22,8 +22,10 @@ from absl import flags
 from absl import logging
 
 from ppd_jax import checkpoint
+from ppd_jax import compile_cache
 from ppd_jax import images
 from ppd_jax import inference
+from ppd_jax import storage
 from ppd_jax.users import new_user
 from ppd_jax.users import profile_caption
 
@@ -87,26 +89,24 @@ def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "empty"
 
 
-def update_listing(out_dir: str, entries: list[dict]) -> None:
+def update_listing(out_dir, entries: list[dict]) -> None:
   """Merges `entries` into out_dir/prompts.jsonl by image name (a rerun overwrites its PNGs, so
   its lines replace theirs), written atomically."""
-  path = os.path.join(out_dir, "prompts.jsonl")
+  path = storage.path(out_dir) / "prompts.jsonl"
   rows = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          row = json.loads(line)
-          rows[row["image"]] = row
+  if path.exists():
+    for line in path.read_text().splitlines():
+      if line.strip():
+        row = json.loads(line)
+        rows[row["image"]] = row
   rows.update({e["image"]: e for e in entries})
-  with open(path + ".tmp", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows.values())
-  os.replace(path + ".tmp", path)
+  storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows.values()))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  compile_cache.setup()   # before any compile: reuse the last run's compiles
   f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
   try:
@@ -129,7 +129,7 @@ def main(argv):
   except (ValueError, KeyError, OSError, checkpoint.CheckpointError) as e:
     sys.exit(f"ppd_jax.sample: {e}")
 
-  os.makedirs(f.out, exist_ok=True)
+  out = storage.makedirs(f.out)   # a local folder or a URL (gs://bucket/samples)
   tag = "+".join(f"{uid}x{w:g}" for uid, w in mix)
   written, listing = [], []
   for i in range(f.num_images):
@@ -138,12 +138,11 @@ def main(argv):
                                num_steps=f.num_steps, guidance_scale=f.guidance_scale, eta=f.eta,
                                sampler=f.sampler)
     for prompt, image in zip(f.prompt, batch):
-      path = os.path.join(f.out, f"{_slug(prompt)}_{tag}_s{seed}_{i}.png")
+      path = out / f"{_slug(prompt)}_{tag}_s{seed}_{i}.png"
       images.save_png(image, path)
       written.append(path)
-      listing.append({"image": os.path.basename(path), "prompt": prompt, "users": tag,
-                      "seed": seed})
-  update_listing(f.out, listing)
+      listing.append({"image": path.name, "prompt": prompt, "users": tag, "seed": seed})
+  update_listing(out, listing)
   side = batch.shape[1] if len(written) else run.config.model.sample_size
   print(f"wrote {len(written)} image(s) of {side}px from step {run.step} "
         f"to {f.out}")

@@ -1,7 +1,8 @@
 """Device mesh, batch sharding and regex partition rules for parameters.
 
 The mesh has two axes: "data" (pure data parallelism) and "fsdp" (data parallelism whose devices
-also split the parameters and optimizer state). A batch is split over both. A parameter's
+also split the parameters and optimizer state); on TPU the device grid follows the chips' physical
+topology and slices (device_grid). A batch is split over both. A parameter's
 PartitionSpec comes from the first rule whose regex matches its path ("a/b/kernel"); the spec is
 right-aligned to the array (P("fsdp") on a conv kernel [kh, kw, in, out] shards `out`). A parameter
 that no rule matches, or whose sharded dimension the axis does not divide, is an error.
@@ -28,15 +29,45 @@ UNET_RULES: tuple[tuple[str, P], ...] = (
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ("data", "fsdp") mesh over all devices; data=-1 takes every device fsdp leaves."""
   devices = list(devices if devices is not None else jax.devices())
+  grid = device_grid(data, fsdp, devices)
+  return Mesh(grid, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def device_grid(data: int, fsdp: int, devices: Sequence) -> np.ndarray:
+  """The [data, fsdp] array of devices behind make_mesh.
+
+  TPU: from the physical topology, so that each fsdp group (a row: the parameter all-gathers)
+  is a ring of neighbouring chips. One slice: mesh_utils.create_device_mesh((data, fsdp)).
+  Several slices (devices carry slice_index): "data" is the axis across the slow data-centre
+  network, mesh_utils.create_hybrid_device_mesh((data / slices, fsdp), (slices, 1)), so each
+  fsdp group stays inside one slice; only the gradient all-reduce of "data" crosses slices.
+  Elsewhere (CPU, GPU), or where mesh_utils cannot place the devices: the devices in order
+  (by slice first on TPU), reshaped.
+  """
   if data == -1:
-    if len(devices) % fsdp:
+    if fsdp < 1 or len(devices) % fsdp:
       raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
     data = len(devices) // fsdp
   if data * fsdp != len(devices):
     raise ValueError(f"config.mesh.data={data} x config.mesh.fsdp={fsdp} != {len(devices)} "
                      "devices")
-  grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
-  return Mesh(grid, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  if not devices or devices[0].platform != "tpu":
+    return np.asarray(devices, dtype=object).reshape(data, fsdp)
+  slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+  if data % len(slices):
+    raise ValueError(f"config.mesh.data={data} is not a multiple of the {len(slices)} TPU "
+                     f"slices: each fsdp group (config.mesh.fsdp={fsdp}) must stay in one slice")
+  from jax.experimental import mesh_utils  # pylint: disable=C0415
+  try:
+    if len(slices) == 1:
+      return mesh_utils.create_device_mesh((data, fsdp), devices)
+    return mesh_utils.create_hybrid_device_mesh((data // len(slices), fsdp), (len(slices), 1),
+                                                devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # Topologies mesh_utils does not place (holes, odd shapes: jax/_src/mesh_utils.py raises
+    # these three); slices stay contiguous, so fsdp groups still never cross a slice.
+    ordered = sorted(devices, key=lambda d: (getattr(d, "slice_index", 0), d.id))
+    return np.asarray(ordered, dtype=object).reshape(data, fsdp)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -8,13 +8,13 @@ metrics as a run that was never stopped. A changed setting that resuming cannot 
 them in a row stop the run with NonFiniteError, and the checkpoints on disk stay finite.
 """
 import collections
-import os
 import time
 
 import jax
 import ml_collections
 import numpy as np
 
+from ppd_jax import batch_plan
 from ppd_jax import checkpoint as ckpt_lib
 from ppd_jax import config_validation
 from ppd_jax import distributed
@@ -23,6 +23,7 @@ from ppd_jax import preemption
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
+from ppd_jax import storage
 from ppd_jax import throughput as throughput_lib
 from ppd_jax import validation
 from ppd_jax.data import pipeline
@@ -37,15 +38,19 @@ class NonFiniteError(RuntimeError):
   """Too many non-finite steps in a row; the message names the steps, pairs and users."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
                        allow_changed=()) -> step_lib.TrainState:
   """Trains the user branch for config.total_steps steps; returns the final TrainState.
 
   allow_changed: config fields (or sections) a resumed run may change, e.g. ("optim.lr",).
   """
   config_validation.prepare(config)
+  # The device count is known now (distributed.maybe_initialize ran): refuse a batch that does
+  # not divide before model init, data or compile.
+  split = batch_plan.resolve(config, jax.device_count())
+  workdir = storage.check_writable(workdir)   # a URL stays one; a bad bucket fails here, at once
   checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.keep_checkpoints,
+      workdir / "checkpoints", keep=config.keep_checkpoints,
       async_save=config.async_checkpointing)
   resume_step = checkpointer.latest_step()
   if resume_step is not None:   # before any expensive work
@@ -58,16 +63,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tx, lr_schedule = step_lib.make_optimizer(config)
 
   source = sources.build_source(config)
-  dataset = pipeline.make_dataset(
+  data_iter = pipeline.Batches(
       source, config.batch_size, config.seed, jax.process_index(), jax.process_count(),
       config.data.worker_count)
-  data_iter = iter(dataset)
 
   state, base_params, state_sh, base_sh = state_lib.create_train_state(
       model, tx, mesh, config.seed, config.model.base, config.model.pretrained,
       config.model.variant, prior_subfolder=config.model.get("prior_subfolder", "prior_lite"))
   if resume_step is not None:
-    state = checkpointer.restore(ckpt_lib.abstract_like(state, state_sh), data_iter)
+    state = checkpointer.restore(ckpt_lib.abstract_like(state, state_sh), data_iter,
+                                 config=config)
   start = int(jax.device_get(state.step))
 
   train_step = step_lib.make_train_step(
@@ -85,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   _write_run_info(workdir, config, mesh, base_params, state.user_params)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   metrics_lib.log(f"{'resuming at' if start else 'starting'} step {start} of "
-                  f"{config.total_steps}; mesh {dict(mesh.shape)}; workdir {workdir}")
+                  f"{config.total_steps}; mesh {dict(mesh.shape)}; {split}; workdir {workdir}")
 
   batch_keys = step_lib.batch_keys(config.model)
   finite = jax.jit(lambda s: step_lib.all_finite((s.user_params, s.opt_state)))
@@ -163,6 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   checkpointer.wait()
   checkpointer.close()
+  data_iter.close()
   writer.close()
   return state
 
@@ -179,9 +185,15 @@ def _describe(batches: list[dict]) -> str:
 
 
 def _throughput(config, batch: dict, mesh) -> throughput_lib.Throughput:
+  """TFLOP/s and MFU of the step; a count that fails costs those figures, never the run."""
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  return throughput_lib.Throughput(throughput_lib.step_flops(config, shapes), mesh.devices.size,
-                                   jax.devices()[0].device_kind)
+  try:
+    flops = throughput_lib.count_step_flops(config, shapes)
+  except Exception as e:  # noqa: BLE001 -- the count is a report, not part of training
+    flops = None
+    metrics_lib.log(f"warning: FLOPs not counted ({type(e).__name__}: {e}): TFLOP/s and MFU "
+                    "are left out")
+  return throughput_lib.Throughput(flops, mesh.devices.size, jax.devices()[0].device_kind)
 
 
 def _write_run_info(workdir, config, mesh, base_params, user_params) -> None:
@@ -189,9 +201,7 @@ def _write_run_info(workdir, config, mesh, base_params, user_params) -> None:
   if jax.process_index() != 0:
     return
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+  storage.write_text(storage.makedirs(workdir) / "config.json", config.to_json(indent=2))
   metrics_lib.log(f"params: frozen base {count(base_params):,}, trainable user branch "
                   f"{count(user_params):,}; devices {mesh.devices.size}, "
                   f"processes {jax.process_count()}")

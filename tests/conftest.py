@@ -10,6 +10,8 @@ import pytest  # noqa: E402
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+# ...and the CLIs that tests start as subprocesses use the same folder (compile_cache.py).
+os.environ.setdefault("PPD_JAX_COMPILATION_CACHE", _CACHE)
 
 # Base-model pools (demo_world/base_pool.py) are cached per config: sampled once per checkout.
 os.environ.setdefault("PPD_JAX_CACHE", os.path.join(os.path.dirname(_CACHE), ".ppd_cache"))

@@ -183,3 +183,37 @@ def test_tpu_flash_matches_xla_in_interpret_mode():
   np.testing.assert_allclose(out_f, out_x, atol=1e-5, rtol=0)
   for name, gf, gx in zip("qkv", grads_f, grads_x):
     np.testing.assert_allclose(gf, gx, atol=1e-4, rtol=0, err_msg=f"d{name}")
+
+
+def test_tpu_flash_under_shard_map_matches_xla_in_interpret_mode():
+  """attention_in_mesh as the UNet calls it in the train step: jit over a ("data", "fsdp") mesh,
+  batch split over both axes, the step's abstract mesh as context (step.make_train_step).
+
+  "tpu_flash" then runs under jax.shard_map (Pallas kernels are not partitioned by XLA), whose
+  default check_vma=True rejects the kernel's out_shape at trace time unless the shard_map turns
+  it off. 2 x 2 devices: the TPU interpreter holds every device at a threading.Barrier per kernel
+  (jax/_src/pallas/mosaic/interpret/interpret_pallas_call.py, _barrier), and with 8 fake CPU
+  devices and several blocks per kernel the backward stalls there on this 2-core machine.
+  """
+  from jax.experimental.pallas import tpu as pltpu
+  from ppd_jax import sharding as shd
+  mesh = shd.make_mesh(2, 2, jax.devices()[:4])
+  rows = shd.batch_sharding(mesh)
+  q, k, v = (jax.device_put(x, rows) for x in qkv(4, 256, 128, 2, 32))   # 1 row per device
+
+  def value_and_grads(impl, q, k, v):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      f = lambda q, k, v: ak.attention_in_mesh(q, k, v, implementation=impl)
+      out, pullback = jax.vjp(f, q, k, v)
+      return out, pullback(jnp.cos(out))
+
+  with pltpu.force_tpu_interpret_mode():
+    jaxpr = str(jax.make_jaxpr(functools.partial(value_and_grads, "tpu_flash"))(q, k, v))
+    out_f, grads_f = jax.jit(functools.partial(value_and_grads, "tpu_flash"))(q, k, v)
+  assert "shard_map" in jaxpr and "pallas_call" in jaxpr     # the kernel, per device
+  out_x, grads_x = jax.jit(functools.partial(value_and_grads, "xla"))(q, k, v)
+  assert out_f.sharding.is_equivalent_to(rows, out_f.ndim)
+  np.testing.assert_allclose(np.asarray(out_f), np.asarray(out_x), atol=1e-5, rtol=0)
+  for name, gf, gx in zip("qkv", grads_f, grads_x):
+    np.testing.assert_allclose(np.asarray(gf), np.asarray(gx), atol=1e-4, rtol=0,
+                               err_msg=f"d{name}")

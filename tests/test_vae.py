@@ -119,6 +119,50 @@ def test_bfloat16_close_to_float32(pair):
   assert float(jnp.mean(jnp.abs(out16 - out32))) < 0.01 * max(1.0, float(jnp.abs(out32).max()))
 
 
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_attention_kernels_match_diffusers(pair, impl):
+  """The mid blocks' attention through attention_kernels: the CPU kernels give diffusers' numbers.
+
+  The budget is a quarter of the full logits, so "chunked" runs 4 query chunks (its jaxpr scans).
+  """
+  ref, module, params, images, latents = pair
+  tokens = latents.shape[1] * latents.shape[2]               # mid block: latent resolution
+  budget = B * tokens * tokens * 4 // 4
+  chosen = vae.AutoencoderKL(module.config, attention_impl=impl, logits_budget_bytes=budget)
+  decode = lambda p, z: chosen.apply({"params": p}, z, method=vae.AutoencoderKL.decode)
+  encode = lambda p, x: chosen.apply({"params": p}, x, method=vae.AutoencoderKL.encode)
+  assert ("scan" in str(jax.make_jaxpr(decode)(params, latents))) == (impl == "chunked")
+  mean, logvar = jax.jit(encode)(params, images)
+  with torch.no_grad():
+    posterior = ref.encode(nchw(images)).latent_dist
+    expected = ref.decode(nchw(latents)).sample
+  _assert_close(mean, nhwc(posterior.mean))
+  _assert_close(logvar, nhwc(posterior.logvar))
+  _assert_close(jax.jit(decode)(params, latents), nhwc(expected))
+
+
+def test_attention_kernel_bounds_decode_memory():
+  """Compiled VAE decode: XLA attention holds the full f32 logits [B, 1, T, T]; "auto" (over
+  budget on CPU: query chunks) and "chunked" hold one chunk. One block, 8 channels, 32 x 32
+  latents: T = 1024 tokens, 8 MiB of logits against ~32 KiB per activation."""
+  config = vae.VAEConfig(block_out_channels=(8,), norm_num_groups=4)
+  b, side = 2, 32
+  full = b * (side * side) ** 2 * 4
+  budget = full // 16                                         # chunks of 64 query rows
+  params = jax.eval_shape(functools.partial(vae.init_params, vae.AutoencoderKL(config)),
+                          jax.random.key(0))
+  z = jax.ShapeDtypeStruct((b, side, side, config.latent_channels), jnp.float32)
+
+  def temp_bytes(impl):
+    module = vae.AutoencoderKL(config, attention_impl=impl, logits_budget_bytes=budget)
+    decode = lambda p, z: module.apply({"params": p}, z, method=vae.AutoencoderKL.decode)
+    return jax.jit(decode).lower(params, z).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes("xla") >= full
+  assert temp_bytes("auto") < full / 4
+  assert temp_bytes("chunked") < full / 4
+
+
 # Loading ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -204,3 +248,19 @@ def test_from_diffusers_rejects_unsupported(key, value):
           "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 4}
   with pytest.raises(ValueError, match=key):
     vae.VAEConfig.from_diffusers(dict(base, **{key: value}))
+
+
+@pytest.mark.parametrize("impl", ["chunked", ""])
+def test_backbone_vae_takes_the_model_attention_impl(tmp_path, impl):
+  """config.model.attention_impl reaches the SD backbone's VAE ("" means "auto": None)."""
+  import tiny_sd
+  from configs import ppd
+  from ppd_jax import backbones
+  from ppd_jax import config_validation
+  from ppd_jax.weights import pretrained
+  c = ppd.get_config("sd15")
+  c.model.pretrained = tiny_sd.save_pipeline(str(tmp_path / "sd15"), "sd15")
+  c.model.attention_impl = impl
+  config_validation.prepare(c)
+  pretrained.open_pipeline.cache_clear()
+  assert backbones.build_backbone(c).vae.attention_impl == (impl or None)

@@ -34,7 +34,8 @@ class StableDiffusionBackbone:
     self.pipe = pretrained.open_pipeline(config.model.pretrained, config.model.variant)
     self.encoders = [pretrained.load_text_encoder(self.pipe, i)
                      for i in range(len(self.pipe.text_encoders))]
-    self.vae, self.vae_params = pretrained.load_vae(self.pipe)
+    self.vae, self.vae_params = pretrained.load_vae(
+        self.pipe, attention_impl=config.model.get("attention_impl") or None)
     self.batch_size = batch_size
     self.pixel_size = config.model.sample_size * 2 ** (len(self.pipe.vae.block_out_channels) - 1)
     self.identity = ("sd", self.pipe.folder, self.pipe.variant)

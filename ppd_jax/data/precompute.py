@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from ppd_jax import backbones
+from ppd_jax import compile_cache
 from ppd_jax import metrics
 from ppd_jax.data import images as images_lib
 from ppd_jax.data import manifest as manifest_lib
@@ -343,6 +344,7 @@ def main(argv):
   from ppd_jax import config_validation
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  compile_cache.setup()   # before any compile: reuse the last run's compiles
   f = flags.FLAGS
   distributed.maybe_initialize()
   config = f.config

@@ -13,6 +13,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ppd_jax import checkpoint
+from ppd_jax import compile_cache
 from ppd_jax import config_validation
 from ppd_jax.demo import pipeline
 
@@ -25,6 +26,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  compile_cache.setup()   # before any compile: reuse the last run's compiles
   workdir = os.path.abspath(flags.FLAGS.workdir)
   try:
     pipeline.run_demo(flags.FLAGS.config, workdir)

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from ppd_jax import compile_cache
 from ppd_jax import metrics
 from ppd_jax.evals import judge as judge_lib
 from ppd_jax.evals import judge_log
@@ -124,6 +125,7 @@ def main(argv):
   from ppd_jax.evals import judge_backends
   from ppd_jax.users import embed
   del argv
+  compile_cache.setup()   # before any compile: reuse the last run's compiles
   f = flags.FLAGS
   try:
     pairs = shots_lib.open_pairs(f.pairs, 4, split_params=embed._split_params())

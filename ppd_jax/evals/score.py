@@ -14,6 +14,7 @@ import time
 from absl import app
 from absl import flags
 
+from ppd_jax import compile_cache
 from ppd_jax.evals import score_files
 from ppd_jax.evals import stats
 from ppd_jax.evals.rewards import preprocess
@@ -73,6 +74,7 @@ def run(reward_name: str, images: str, out: str, model=None, aesthetic_head=None
 
 def main(argv):
   del argv
+  compile_cache.setup()   # before any compile: reuse the last run's compiles
   f = flags.FLAGS
   try:
     summary = run(f.reward, f.images, f.out, f.model, f.aesthetic_head, f.tokenizer, f.prompts,

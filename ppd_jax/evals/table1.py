@@ -26,6 +26,7 @@ import sys
 
 import numpy as np
 
+from ppd_jax import compile_cache
 from ppd_jax import images as image_io
 from ppd_jax.evals import prompt_sets
 from ppd_jax.evals import score_files
@@ -222,6 +223,7 @@ def main(argv):
   from ppd_jax.evals.rewards import registry
   from ppd_jax.weights import hf_folder
   del argv
+  compile_cache.setup()   # before any compile: reuse the last run's compiles
   f = flags.FLAGS
   try:
     names = reward_names(f.rewards)

@@ -33,6 +33,7 @@ import sys
 
 import numpy as np
 
+from ppd_jax import compile_cache
 from ppd_jax import images as image_io
 from ppd_jax.evals import judge as judge_lib
 from ppd_jax.evals import judge_log
@@ -256,6 +257,7 @@ def main(argv):
   from ppd_jax import inference
   from ppd_jax.evals import judge_backends
   del argv
+  compile_cache.setup()   # before any compile: reuse the last run's compiles
   f = flags.FLAGS
   try:
     workdir, _, step = f.run.partition("@")

@@ -231,6 +231,13 @@ def attention_in_mesh(q: jax.Array, k: jax.Array, v: jax.Array, *, implementatio
   if implementation == "tpu_flash":
     from jax.sharding import PartitionSpec as P  # pylint: disable=C0415
     spec = P(axes)
-    return jax.shard_map(tpu_flash_attention, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+    # check_vma=False: jax/_src/shard_map.py (_shard_map_staging) traces the body under
+    # config._check_vma(check_vma), and with it on, jax/_src/pallas/core.py
+    # (_convert_out_shape_to_aval) raises ValueError for the kernel's out_shape, a
+    # ShapeDtypeStruct without manual_axis_type (flash_attention builds it; we cannot set it).
+    # Nothing is lost: every operand and the output are split the same way on the batch, each
+    # device's rows are independent, so there is no collective or replication for vma to check.
+    return jax.shard_map(tpu_flash_attention, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q, k, v)
   return attention(q, k, v, implementation=implementation,
                    logits_budget_bytes=logits_budget_bytes * shards)

@@ -8,9 +8,12 @@ instead of a shape error deep inside jit.
 """
 import json
 import os
+import zipfile
 
 import numpy as np
 from flax import traverse_util
+
+from ppd_jax.weights import WeightFileError
 
 # config.model fields that decide parameter shapes (dtype, remat and base itself do not).
 ARCHITECTURE_FIELDS = (
@@ -22,7 +25,11 @@ _META_KEY = "__meta__"
 _DEMO_BASE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "demo", "base_16px.npz")
 
 
-class BaseWeightsError(ValueError):
+# What np.load raises for a file cut short or not an .npz at all.
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+class BaseWeightsError(WeightFileError):
   """A base-weights file that is missing, unreadable or made for another architecture."""
 
 
@@ -51,8 +58,12 @@ def save(path: str, base_params, model_cfg, **meta) -> None:
 
 
 def read_meta(path: str) -> dict:
-  with np.load(path) as f:
-    return json.loads(str(f[_META_KEY]))
+  try:
+    with np.load(path) as f:
+      return json.loads(str(f[_META_KEY]))
+  except _UNREADABLE as e:
+    raise BaseWeightsError(f"{path}: not a readable base-weights .npz ({type(e).__name__}: "
+                           f"{e}); write it again with ppd_jax.models.base_weights") from e
 
 
 def load(base: str, model_cfg, expected_shapes=None) -> tuple[dict, dict]:
@@ -68,7 +79,7 @@ def load(base: str, model_cfg, expected_shapes=None) -> tuple[dict, dict]:
     with np.load(path) as f:
       meta = json.loads(str(f[_META_KEY]))
       flat = {k: f[k] for k in f.files if k != _META_KEY}
-  except (OSError, ValueError, KeyError) as e:
+  except _UNREADABLE as e:
     raise BaseWeightsError(f"config.model.base={base!r}: cannot read {path}: {e}") from e
   want = architecture(model_cfg)
   for k, v in want.items():

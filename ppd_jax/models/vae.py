@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppd_jax.models import attention_kernels
 from ppd_jax.models import resnet
 
 Dtype = Any
@@ -138,17 +139,23 @@ class VAEAttention(nn.Module):
       out = x + to_out_0( softmax(q k^T / sqrt(C)) v ),   q, k, v = to_q(h), to_k(h), to_v(h)
 
   diffusers builds it with attention_head_dim = C (heads = 1) and rescale_output_factor 1.
-  jax.nn.dot_product_attention takes the logits and softmax in float32 whatever the input dtype.
+  Logits and softmax are float32 whatever the input dtype. The kernel is the UNet's choice
+  (attention_kernels.py): the full logits are B x (HW)^2 x 4 bytes, 1 GiB per image at SDXL's
+  128 x 128 latents, so "auto" takes query chunks (or a fused kernel) instead of XLA's.
   """
   groups: int
   dtype: Dtype = jnp.float32
+  implementation: str | None = None      # attention_kernels.IMPLEMENTATIONS; None: "auto"
+  logits_budget_bytes: int = attention_kernels.DEFAULT_LOGITS_BUDGET_BYTES
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     h = _group_norm(self.groups, self.dtype, "group_norm")(x).reshape(b, hgt * wid, 1, c)
     dense = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
-    out = jax.nn.dot_product_attention(dense("to_q")(h), dense("to_k")(h), dense("to_v")(h))
+    out = attention_kernels.attention_in_mesh(
+        dense("to_q")(h), dense("to_k")(h), dense("to_v")(h),
+        implementation=self.implementation or "auto", logits_budget_bytes=self.logits_budget_bytes)
     out = dense("to_out_0")(out.reshape(b, hgt * wid, c)).reshape(b, hgt, wid, c)
     return x + out
 
@@ -158,6 +165,8 @@ class MidBlock(nn.Module):
   groups: int
   add_attention: bool = True
   dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+  logits_budget_bytes: int = attention_kernels.DEFAULT_LOGITS_BUDGET_BYTES
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -166,7 +175,8 @@ class MidBlock(nn.Module):
                                            name=f"resnets_{i}")
     x = block(0)(x)
     if self.add_attention:
-      x = VAEAttention(self.groups, self.dtype, name="attentions_0")(x)
+      x = VAEAttention(self.groups, self.dtype, self.attention_impl, self.logits_budget_bytes,
+                       name="attentions_0")(x)
     return block(1)(x)
 
 
@@ -214,6 +224,8 @@ class Encoder(nn.Module):
   """conv_in, down blocks, mid block, GroupNorm + SiLU, conv_out to 2 * latent_channels moments."""
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+  logits_budget_bytes: int = attention_kernels.DEFAULT_LOGITS_BUDGET_BYTES
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -224,7 +236,8 @@ class Encoder(nn.Module):
       x = DownEncoderBlock2D(ch, cfg.layers_per_block, cfg.norm_num_groups,
                              add_downsample=i < len(channels) - 1, dtype=dtype,
                              name=f"down_blocks_{i}")(x)
-    x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
+    x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, self.attention_impl,
+                 self.logits_budget_bytes, name="mid_block")(x)
     x = nn.silu(_group_norm(cfg.norm_num_groups, dtype, "conv_norm_out")(x))
     return resnet.conv3x3(2 * cfg.latent_channels, dtype, "conv_out")(x)
 
@@ -233,13 +246,16 @@ class Decoder(nn.Module):
   """conv_in, mid block, up blocks (channels reversed), GroupNorm + SiLU, conv_out to RGB."""
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+  logits_budget_bytes: int = attention_kernels.DEFAULT_LOGITS_BUDGET_BYTES
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     cfg, dtype = self.config, self.dtype
     channels = tuple(reversed(cfg.block_out_channels))
     x = resnet.conv3x3(channels[0], dtype, "conv_in")(z.astype(dtype))
-    x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, name="mid_block")(x)
+    x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, dtype, self.attention_impl,
+                 self.logits_budget_bytes, name="mid_block")(x)
     for i, ch in enumerate(channels):
       x = UpDecoderBlock2D(ch, cfg.layers_per_block + 1, cfg.norm_num_groups,
                            add_upsample=i < len(channels) - 1, dtype=dtype,
@@ -252,15 +268,20 @@ class AutoencoderKL(nn.Module):
   """The KL autoencoder; `dtype` is the compute dtype (params stay float32), outputs are float32.
 
   Call `encode` / `decode` through apply(..., method=AutoencoderKL.encode); `__call__`
-  (x -> decode(mean)) exists so that init creates every param.
+  (x -> decode(mean)) exists so that init creates every param. attention_impl and
+  logits_budget_bytes pick the mid blocks' attention kernel as config.model.attention_impl does
+  the UNet's (attention_kernels.attention); they change memory, not params or results.
   """
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention_impl: str | None = None          # None or "": "auto"
+  logits_budget_bytes: int = attention_kernels.DEFAULT_LOGITS_BUDGET_BYTES
 
   def setup(self):
     cfg = self.config
-    self.encoder = Encoder(cfg, self.dtype)
-    self.decoder = Decoder(cfg, self.dtype)
+    attn = dict(attention_impl=self.attention_impl, logits_budget_bytes=self.logits_budget_bytes)
+    self.encoder = Encoder(cfg, self.dtype, **attn)
+    self.decoder = Decoder(cfg, self.dtype, **attn)
     if cfg.use_quant_conv:
       self.quant_conv = nn.Conv(2 * cfg.latent_channels, (1, 1), dtype=self.dtype)
     if cfg.use_post_quant_conv:

@@ -12,6 +12,8 @@ import sys
 from absl import app
 from absl import flags
 
+from ppd_jax import compile_cache
+
 flags.DEFINE_string("workdir", None, "the training run to serve (holds checkpoints/)")
 flags.DEFINE_string("host", "127.0.0.1", "address to bind; anything but loopback is reachable "
                     "from the network")
@@ -43,6 +45,7 @@ def _is_loopback(host: str) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  compile_cache.setup()   # before any compile: reuse the last run's compiles
   f = flags.FLAGS
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
   log = logging.getLogger("ppd_jax.serve")

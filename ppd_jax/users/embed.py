@@ -70,6 +70,8 @@ class Options:
       bad.append(f"--out must name a .safetensors file, got {self.out!r}")
     if bad:
       raise ValueError("; ".join(bad))
+    if os.path.isdir(self.model):   # a hub id is checked when it is loaded (vlm.VLM.load)
+      vlm_lib.check_model_type(self.model)
 
 
 def settings(opt: Options, pairs, model_info: dict | None = None) -> dict:

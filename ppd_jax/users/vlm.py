@@ -22,6 +22,8 @@ package without them.
 """
 import dataclasses
 import hashlib
+import json
+import os
 import re
 
 import numpy as np
@@ -173,6 +175,30 @@ class ChatVLM:
     return sorted(set(own) | set(self.placeholder_ids))
 
 
+MODEL_TYPE = "llava_onevision"     # config.json's model_type of a LLaVA-OneVision checkpoint
+
+
+def check_model_type(model_id: str, model_type: str | None = None) -> None:
+  """Raises ValueError naming the folder unless it is a LLaVA-OneVision checkpoint: its
+  config.json says model_type "llava_onevision" (read as JSON for a local folder, else passed in
+  from the hub's config). Checked before transformers is asked to load it, whose own error for
+  another model is a long traceback."""
+  if model_type is None:
+    path = os.path.join(model_id, "config.json")
+    if not os.path.isfile(path):
+      raise ValueError(f"--model={model_id}: no config.json in that folder; expected a "
+                       "LLaVA-OneVision checkpoint in transformers' format (e.g. "
+                       "llava-hf/llava-onevision-qwen2-7b-ov-hf)")
+    try:
+      with open(path) as f:
+        model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+      raise ValueError(f"--model={model_id}: {path} is not readable JSON ({e})") from e
+  if model_type != MODEL_TYPE:
+    raise ValueError(f"--model={model_id}: a {model_type!r} model, not LLaVA-OneVision "
+                     f"(config.json's model_type must be {MODEL_TYPE!r})")
+
+
 class VLM(ChatVLM):
   """A loaded LLaVA-OneVision checkpoint with its tokenizer and (PIL) image processor."""
 
@@ -183,6 +209,14 @@ class VLM(ChatVLM):
     import torch
     import transformers
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if os.path.isdir(model_id):
+      check_model_type(model_id)
+    else:
+      try:
+        hub_type = transformers.AutoConfig.from_pretrained(model_id).model_type
+      except (OSError, ValueError) as e:
+        raise ValueError(f"--model={model_id}: no readable config ({e})") from e
+      check_model_type(model_id, hub_type)
     try:
       model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(
           model_id, dtype=_torch_dtype(dtype, device))

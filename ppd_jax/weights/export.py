@@ -70,6 +70,7 @@ import flax
 import numpy as np
 from flax import traverse_util
 
+from ppd_jax import storage
 from ppd_jax.models import unet as unet_lib
 from ppd_jax.weights.convert import WeightsError
 
@@ -243,7 +244,15 @@ def usage_snippet(folder: str, weight_name: str, user_scale: float = 1.0,
 
 
 def atomic_write(path: str, write) -> None:
-  """write(tmp_path) next to `path`, then os.replace: readers never see a half-written file."""
+  """write(tmp_path) next to `path`, then os.replace: readers never see a half-written file.
+  A URL (gs://...): write(tmp_path) in a local temporary folder, then one upload (storage.py)."""
+  if storage.is_url(path):
+    with tempfile.TemporaryDirectory() as folder:
+      tmp = os.path.join(folder, os.path.basename(path))
+      write(tmp)
+      with open(tmp, "rb") as f:
+        storage.write_bytes(path, f.read())
+    return
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")

@@ -14,6 +14,8 @@ import os
 import numpy as np
 from safetensors import safe_open
 
+from ppd_jax.weights import WeightFileError
+
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                 "text_encoder": "model", "text_encoder_2": "model",
                 **{sub: "diffusion_pytorch_model"   # Stable Cascade's components
@@ -23,7 +25,7 @@ _HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model"]
 _MODEL_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 
 
-class FolderError(ValueError):
+class FolderError(WeightFileError):
   """A model folder that is missing, incomplete or unreadable; the message names the file."""
 
 

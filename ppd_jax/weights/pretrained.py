@@ -136,9 +136,9 @@ def load_unet(pipe: Pipeline, unet_shapes) -> dict:
   return _to_numpy_tree(state, unet_shapes, f"{pipe.folder}/unet")
 
 
-def load_vae(pipe: Pipeline, dtype=np.float32):
-  """(AutoencoderKL module, params)."""
-  module = vae_lib.AutoencoderKL(pipe.vae)
+def load_vae(pipe: Pipeline, dtype=np.float32, attention_impl: str | None = None):
+  """(AutoencoderKL module, params); attention_impl: its attention kernel (config.model's)."""
+  module = vae_lib.AutoencoderKL(pipe.vae, attention_impl=attention_impl)
   shapes = jax.eval_shape(lambda k: vae_lib.init_params(module, k), jax.random.key(0))
   state = vae_lib.legacy_vae_state_dict(hf_folder.read_weights(pipe.folder, "vae", pipe.variant))
   return module, jax.tree.map(lambda x: x.astype(dtype),
