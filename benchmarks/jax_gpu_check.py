@@ -1,55 +1,63 @@
 """Our side of benchmarks/gpu_check.sh: the project's own train step and sampler, timed on one GPU.
 
-  python benchmarks/jax_gpu_check.py --pieces=attention,sd15_train,sample,sdxl_train
+  python benchmarks/jax_gpu_check.py --pieces=sd15_train,cascade_lite_train,sdxl_train,...
   python benchmarks/jax_gpu_check.py --tiny ...     # tiny UNets on the CPU: the same code paths
   python benchmarks/jax_gpu_check.py --dry ...      # full size, trace and lower only (no compile)
 
-Pieces (one JSON line each, `{"piece": NAME, ...}`; a failing piece prints its error and the
-next one still runs):
-  attention   which kernel attention_impl="auto" picks for every attention call of the SD 1.5
-              and SDXL UNets at their training shapes (choose_implementation, observed while
-              tracing), with the device facts it decided on.
+Pieces (JSON lines `{"piece": NAME, ...}`; a train piece prints a partial line,
+`"partial": "compiled"`, as soon as its step is compiled, then its final line; a failing piece
+prints its error and the next one still runs):
   sd15_train  configs/ppd.py:sd15 with a random base (model.pretrained=""): bf16 compute,
-              64x64 latents, 16 pairs, user_tokens=1 x 3584, 77 text tokens, remat as the config
-              says; built by state.create_train_state and step.make_train_step as training does,
-              on a synthetic batch made here (no data pipeline). pairs/s (median step), MFU
-              (throughput.step_flops: XLA's count of the model FLOPs, over the device's peak).
+              64x64 latents, 16 pairs, user_tokens=1 x 3584, 77 text tokens, remat on (the
+              config's); built by state.create_train_state and step.make_train_step as training
+              does, on a synthetic batch made here (no data pipeline). pairs/s (median step), MFU.
+  sd15_train_noremat  the same with model.remat=False (PyTorch without gradient checkpointing
+              is its like for like; sd15_train's is PyTorch with it).
+  cascade_lite_train  configs/ppd.py:cascade_lite (Stable Cascade's Stage C lite, 1.0B, the
+              paper's backbone), random base, bf16, remat, 24x24x16 latents, 77 CLIP bigG tokens
+              + pooled text; from --cascade_batch pairs (16), halved until it fits; and the
+              attention kernel "auto" picks for each Stage C attention call, in order.
+  sdxl_train  configs/ppd.py:sdxl, random base, bf16, remat, 128x128 latents, pooled text +
+              time_ids; from --sdxl_batch pairs (4), halved until it fits. Why 4: the CPU
+              compiler's buffer assignment (README, memory.py) puts 8 pairs at 139 GiB of
+              temporaries, which a GPU's scheduler cuts but hardly by half; a compile that
+              does not fit costs a second one.
   sample      50-step DDIM with classifier-free guidance (7.5) through
               diffusion/generation.sample_images (the jitted lax.scan sampler) on the SD 1.5 UNet
               with the user branch on: images/s for a batch of 8 latents. The VAE decode is NOT
               included (random weights have no VAE; it would be one decoder pass per image).
-  cascade_lite_train  configs/ppd.py:cascade_lite (Stable Cascade's Stage C lite, 1.0B, the
-              paper's backbone), random base, bf16, remat, 24x24x16 latents, 77 CLIP bigG tokens
-              + pooled text, 16 pairs: as sd15_train (pairs/s, MFU, memory).
-  sdxl_train  configs/ppd.py:sdxl, random base, bf16, 128x128 latents, pooled text + time_ids,
-              at the largest batch that fits (capped at --sdxl_max_batch): the step is compiled
-              ahead of time at two probe batches (16, 32: compiling allocates no activations,
-              so the probes can sit near the answer), compiled.memory_analysis() (arguments +
-              outputs - aliased + temporaries) fitted linearly in the batch and extrapolated to
-              90% of the device's bytes_limit; that batch is compiled and checked the same way,
-              run, and halved on RESOURCE_EXHAUSTED.
+  attention   which kernel attention_impl="auto" picks for every attention call of the SD 1.5
+              and SDXL UNets at their training shapes (choose_implementation, observed while
+              tracing), with the device facts it decided on.
 
-Why AOT compile (jit(...).lower(...).compile()): the memory check needs the executable before
-running it, and the compile time is reported apart from the step time. A UNet step's GPU
-compile is expected to take tens of seconds or more (not measured here), so the probes compile
-in parallel threads with XLA's autotuning off (it picks kernels; buffer sizes barely move), the
-FLOP count traces in a thread while XLA compiles, and --budget_s makes a piece skip what no
-longer fits instead of being killed.
+A train piece, in order (--budget_s makes it cut timed steps rather than be killed):
+  1. the random base and optimizer state are initialised in a thread while the main thread
+     traces and lowers the step for abstract inputs of the same shapes and shardings;
+  2. compile ahead of time; the partial line: lower/compile seconds, compiled.memory_analysis();
+  3. probe-and-halve (cascade, sdxl): where memory_analysis() says the step needs more than 95% of
+     the device's bytes_limit, or the compile or a step raises RESOURCE_EXHAUSTED, the batch is
+     halved (as often as the measured temporaries per pair say) and the step compiled again;
+  4. warm-up and timed steps;
+  5. only then the FLOP count (throughput.step_flops: traced, no compile, on any backend), so it
+     competes with neither the compile nor the timing.
 """
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
 import pathlib
 import statistics
 import sys
+import threading
 import time
 import traceback
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # ppd_jax/, configs/
 
-PIECES = ("attention", "sd15_train", "sample", "sdxl_train", "cascade_lite_train")
+PIECES = ("sd15_train", "sd15_train_noremat", "cascade_lite_train", "sdxl_train", "sample",
+          "attention")
 
 # Tiny UNets for --tiny (CPU): the SD 1.5 and SDXL layouts (block types, SDXL's linear
 # projections, text_time embedding, several transformer layers) at a few thousand parameters.
@@ -75,6 +83,7 @@ TINY_MODEL = {
                                 "SDCascadeAttnBlock"),) * 2)),
 }
 TINY_TEXT_LENGTH = 8
+FIT_FRACTION = 0.95      # a compiled step needing more of bytes_limit than this is halved
 
 
 def parse_args(argv=None):
@@ -86,14 +95,16 @@ def parse_args(argv=None):
   p.add_argument("--budget_s", type=float, default=1e9,
                  help="wall-clock seconds this process may use; pieces skip what no longer fits")
   p.add_argument("--pairs", type=int, default=None, help="SD 1.5 pairs per step (16; tiny 4)")
-  p.add_argument("--steps", type=int, default=None, help="timed train steps (10; tiny 3)")
+  p.add_argument("--steps", type=int, default=None, help="timed train steps (10; tiny 2)")
   p.add_argument("--sample_images", type=int, default=None, help="sampler batch (8; tiny 2)")
-  p.add_argument("--sample_steps", type=int, default=None, help="DDIM steps (50; tiny 5)")
-  p.add_argument("--sdxl_probes", default=None, help="probe batches (16,32; tiny 1,2)")
-  p.add_argument("--sdxl_max_batch", type=int, default=None,
-                 help="cap on the SDXL batch (128: a step of ~5 PFLOP, seconds; tiny 8)")
+  p.add_argument("--sample_steps", type=int, default=None, help="DDIM steps (50; tiny 3)")
+  p.add_argument("--sdxl_batch", type=int, default=None,
+                 help="SDXL pairs to start from, halved until the step fits (4; tiny 2)")
+  p.add_argument("--cascade_batch", type=int, default=None,
+                 help="Stage C lite pairs to start from, halved until it fits (16; tiny 4)")
   p.add_argument("--memory_limit_gib", type=float, default=None,
-                 help="device memory to plan SDXL for where the device reports none (CPU: 0.5)")
+                 help="device memory the batch must fit where the device reports none (CPU); "
+                      "unset there: no memory check")
   p.add_argument("--attention_impl", default=None, help="override model.attention_impl")
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
@@ -112,7 +123,7 @@ class Clock:
 
 
 def emit(result: dict):
-  """One JSON line per piece (non-finite floats as null, so any JSON reader takes it)."""
+  """One JSON line (non-finite floats as null, so any JSON reader takes it)."""
   def clean(x):
     if isinstance(x, float) and not math.isfinite(x):
       return None
@@ -133,14 +144,16 @@ def is_oom(err: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def make_config(variant: str, opts, batch: int):
+def make_config(variant: str, opts, batch: int, remat: bool | None = None):
   """configs/ppd.py:VARIANT with a random base, synthetic shapes, and the tiny model if asked."""
   from configs import ppd as ppd_configs
   c = ppd_configs.get_config(variant)
   c.model.pretrained = ""            # no download: the base is the seeded init
   c.model.base = "random"
   c.batch_size = batch
-  c.grad_accum_steps = 1
+  c.grad_accum_steps = 1             # the batch in one micro-step: what the probe measures
+  if "per_device_batch" in c:
+    c.per_device_batch = 0           # grad_accum_steps as given, not derived
   c.data.text_length = 77
   if opts.tiny:
     for field, value in TINY_MODEL[variant].items():
@@ -148,6 +161,8 @@ def make_config(variant: str, opts, batch: int):
     c.data.text_length = TINY_TEXT_LENGTH
   if opts.attention_impl:
     c.model.attention_impl = opts.attention_impl
+  if remat is not None:
+    c.model.remat = remat
   return c
 
 
@@ -232,13 +247,42 @@ def device_memory() -> tuple[int | None, int | None]:
   return stats.get("bytes_limit"), stats.get("peak_bytes_in_use")
 
 
+def memory_limit(opts) -> tuple[int | None, str]:
+  """(bytes a step may need, where that figure comes from); None: nothing to check against."""
+  limit, _ = device_memory()
+  if limit:
+    return limit, "device bytes_limit"
+  if opts.memory_limit_gib:
+    return int(opts.memory_limit_gib * 2**30), "--memory_limit_gib (no device stats)"
+  return None, "none (no device stats, no --memory_limit_gib)"
+
+
+def halved_batch(b: int, need: dict, limit: int) -> int:
+  """b halved (at least once) until fixed + temp/b * b' fits FIT_FRACTION of limit; 0: none fits.
+
+  fixed = arguments + outputs - donated (params, optimizer state: not per pair); the temporaries
+  are taken as proportional to the batch.
+  """
+  fixed = need["argument"] + need["output"] - need["alias"]
+  per_pair = need["temp"] / b
+  b //= 2
+  while b >= 1 and fixed + per_pair * b > FIT_FRACTION * limit:
+    b //= 2
+  return b
+
+
 def device_facts() -> dict:
   import jax
   dev = jax.devices()[0]
   limit, _ = device_memory()
   return {"device_kind": dev.device_kind, "platform": dev.platform,
           "devices": jax.device_count(), "jax": jax.__version__,
-          "bytes_limit_gib": gib(limit)}
+          "bytes_limit_gib": gib(limit),
+          # gpu_check.sh's persistent cache, as this process took it from the environment.
+          "compilation_cache": {
+              "dir": jax.config.jax_compilation_cache_dir,
+              "min_compile_time_s": jax.config.jax_persistent_cache_min_compile_time_secs,
+              "min_entry_size_bytes": jax.config.jax_persistent_cache_min_entry_size_bytes}}
 
 
 def param_count(tree) -> int:
@@ -247,32 +291,84 @@ def param_count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def gpu_compile_options(autotune: bool):
-  """None (XLA's defaults), or autotuning off for memory probes; CPU takes no GPU options."""
+@contextlib.contextmanager
+def observe_attention(calls: list):
+  """Appends (q_shape, k_shape, dtype, impl) of each choose_implementation call this thread
+  makes (a thread initialising the model meanwhile is not recorded)."""
+  import jax.numpy as jnp
+  from ppd_jax.models import attention_kernels
+  original = attention_kernels.choose_implementation
+  me = threading.get_ident()
+
+  def spy(backend, q_shape, k_shape, dtype, **kw):
+    impl = original(backend, q_shape, k_shape, dtype, **kw)
+    if threading.get_ident() == me:
+      calls.append((tuple(q_shape), tuple(k_shape), jnp.dtype(dtype).name, impl))
+    return impl
+
+  attention_kernels.choose_implementation = spy
+  try:
+    yield calls
+  finally:
+    attention_kernels.choose_implementation = original
+
+
+def attention_calls(c, unet_batch: int) -> list:
+  """Every attention call of one forward of c's denoiser at the step's shapes, in call order."""
   import jax
-  if autotune or jax.default_backend() != "gpu":
-    return None
-  return {"xla_gpu_autotune_level": 0}
+  import jax.numpy as jnp
+  from ppd_jax import backbones
+  from ppd_jax.diffusion import schedules
+  from ppd_jax.models import build_model, init_params
+  model = build_model(c.model)
+  params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+  shapes = batch_shapes(c, unet_batch)
+  sds = lambda s, d=jnp.float32: jax.ShapeDtypeStruct(s, d)
+  text = {k: sds(shapes[k]) for k in backbones.TEXT_KEYS if k in shapes}
+  schedule = schedules.schedule_from_config(c.diffusion)
+  t = jax.eval_shape(lambda k: schedule.draw_t(k, unet_batch), jax.random.key(0))
+
+  def forward(p, x, t, text, u):
+    ctx, added = backbones.unet_conditioning(text)
+    return model.apply({"params": p}, x, t, ctx, u, 1.0, added)
+
+  calls = []
+  with observe_attention(calls):
+    jax.eval_shape(forward, params, sds(shapes["preferred"]), t, text,
+                   sds(shapes["user_embedding"]))
+  return calls
 
 
-def compile_with(lowered, options):
-  """lowered.compile(options), or with XLA's defaults where this XLA refuses an option."""
-  if options:
-    try:
-      return lowered.compile(options)
-    except Exception as err:  # pylint: disable=broad-except
-      if not any(name in str(err) for name in options):
-        raise
-  return lowered.compile()
+def attention_rows(c, calls: list, ordered: bool = False) -> dict:
+  """The calls as rows: one per distinct shape with its count, or (ordered) one per call."""
+  m = c.model
+  k_user = m.user_tokens_per_embedding if m.user_tokens == 1 else m.user_tokens
+
+  def row(q, k, dtype, impl):
+    kind = "self" if k[1] == q[1] else ("user" if k[1] == k_user else "text")
+    return {"kind": kind, "q_len": q[1], "k_len": k[1], "heads": q[2], "head_dim": q[3],
+            "dtype": dtype, "impl": impl}
+
+  if ordered:
+    layers = [{"call": i, **row(*call)} for i, call in enumerate(calls)]
+  else:
+    counts = {}
+    for call in calls:
+      key = tuple(row(*call).items())
+      counts[key] = counts.get(key, 0) + 1
+    layers = [{**dict(key), "count": n} for key, n in sorted(counts.items())]
+  return {"calls": len(calls), "implementations": sorted({call[-1] for call in calls}),
+          "layers": layers}
 
 
 class Trainer:
-  """A config's model, optimizer, mesh, state and jitted step, built as ppd_jax/train.py does."""
+  """A config's model, optimizer, mesh and jitted step, built as ppd_jax/train.py does; the state
+  starts as shapes (enough to lower the step) until init() makes the arrays."""
 
-  def __init__(self, c, abstract: bool = False):
+  def __init__(self, c):
     import jax
-    from ppd_jax import sharding as shd
     from ppd_jax import state as state_lib
+    from ppd_jax import sharding as shd
     from ppd_jax import step as step_lib
     from ppd_jax.diffusion import schedules
     from ppd_jax.models import build_model
@@ -281,19 +377,12 @@ class Trainer:
     self.tx, self.lr = step_lib.make_optimizer(c)
     self.mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp)
     self.schedule = schedules.schedule_from_config(c.diffusion)
-    start = time.perf_counter()
-    make = lambda: state_lib.create_train_state(self.model, self.tx, self.mesh, c.seed)
-    if abstract:   # shapes only: nothing is allocated or compiled
-      self.state, self.base = self._abstract_state()
-      st_sh, base_sh = state_lib.state_shardings(self.model, self.tx, self.mesh)
-    else:
-      self.state, self.base, st_sh, base_sh = make()
-      jax.block_until_ready((self.state, self.base))
-    self.init_s = time.perf_counter() - start
-    self._make = make
+    st_sh, base_sh = state_lib.state_shardings(self.model, self.tx, self.mesh)
     self.step = step_lib.make_train_step(self.model, self.schedule, c, self.tx, self.lr,
                                          self.mesh, st_sh, base_sh)
     self.key = jax.random.key(c.seed)
+    self.state, self.base = self._abstract_state()
+    self.init_s = None
 
   def _abstract_state(self):
     """(TrainState, base) of ShapeDtypeStructs as create_train_state would make them.
@@ -301,7 +390,8 @@ class Trainer:
     create_train_state itself cannot run under jax.eval_shape on a CPU (its init jit carries
     compiler_options, which only a top-level jit may), so the same pieces are put together
     here: the base in its frozen storage dtype, the optimizer state of the user params, and
-    every other TrainState field (the counters) a scalar int32.
+    every other TrainState field (the counters) a scalar int32. The step's jit carries its own
+    in_shardings, so these lower to the same program as the arrays.
     """
     import dataclasses
     import jax
@@ -317,18 +407,29 @@ class Trainer:
     fields = {f.name: given.get(f.name, counter) for f in dataclasses.fields(step_lib.TrainState)}
     return step_lib.TrainState(**fields), base
 
+  def make_arrays(self):
+    """(state, base) as arrays on the device (create_train_state); safe to run in a thread."""
+    import jax
+    from ppd_jax import state as state_lib
+    start = time.perf_counter()
+    state, base, _, _ = state_lib.create_train_state(self.model, self.tx, self.mesh, self.c.seed)
+    jax.block_until_ready((state, base))
+    return state, base, time.perf_counter() - start
+
   def reinit(self):
     """A fresh state after a failed run (its donated buffers may be gone); old arrays first."""
     import gc
-    del self.state, self.base
+    self.state, self.base = self._abstract_state()
     gc.collect()
-    self.state, self.base, _, _ = self._make()
+    self.state, self.base, _ = self.make_arrays()
 
   def lower(self, b: int):
     return self.step.lower(self.state, self.base, abstract_batch(self.c, b, self.mesh), self.key)
 
-  def time_steps(self, compiled, batch, steps: int, warmup: int, clock=None) -> dict:
-    """Runs warm-up then timed steps (each synchronised); the first step's loss is recorded."""
+  def time_steps(self, compiled, batch, steps: int, warmup: int, clock=None,
+                 reserve_s: float = 0.0) -> dict:
+    """Warm-up then timed steps (each synchronised), as many as the clock allows less
+    reserve_s (at least one); the first step's loss is recorded."""
     import jax
     start = time.perf_counter()
     self.state, metrics = compiled(self.state, self.base, batch, self.key)
@@ -337,8 +438,8 @@ class Trainer:
     for _ in range(max(warmup - 1, 0)):
       self.state, metrics = compiled(self.state, self.base, batch, self.key)
     jax.block_until_ready(self.state)
-    if clock is not None:   # as many timed steps as the budget allows (at least one)
-      steps = max(1, min(steps, int((clock.left() - 10) / max(first_s, 1e-3))))
+    if clock is not None:
+      steps = max(1, min(steps, int((clock.left() - reserve_s - 5) / max(first_s, 1e-3))))
     times = []
     for _ in range(steps):
       start = time.perf_counter()
@@ -352,6 +453,7 @@ class Trainer:
 
 
 def throughput_facts(flops: float | None, median_s: float, pairs: int) -> dict:
+  """pairs/s, and TFLOP/s and MFU where there is a FLOP count (and a peak for the device)."""
   import jax
   from ppd_jax import throughput
   out = {"pairs_per_s": pairs / median_s, "step_ms_median": median_s * 1e3}
@@ -363,17 +465,25 @@ def throughput_facts(flops: float | None, median_s: float, pairs: int) -> dict:
   return out
 
 
-def future_value(future, out: dict):
-  """A background result, or None with its error in out["flops_error"]: a failed FLOP count
-  must not throw away the timing it was meant to annotate."""
+def count_flops(fn, out: dict, key: str) -> float | None:
+  """fn() -> FLOPs, timed into out[key + "_s"]; None with out["flops_error"] when it fails or
+  counts nothing: a missing count must not throw away the timing it annotates."""
+  start = time.perf_counter()
   try:
-    return future.result()
+    flops = fn()
   except Exception as err:  # pylint: disable=broad-except
     out["flops_error"] = f"{type(err).__name__}: {err}"[:500]
     return None
+  finally:
+    out[key + "_s"] = time.perf_counter() - start
+  if not flops:
+    out["flops_error"] = f"the FLOP count gave {flops!r}"
+    return None
+  return float(flops)
 
 
-def step_flops(c, b: int) -> float:
+def step_flops(c, b: int) -> float | None:
+  """Model FLOPs of one step at b pairs: throughput.step_flops (from the jaxpr, any backend)."""
   import jax
   from ppd_jax import throughput
   return throughput.step_flops(c, {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
@@ -385,104 +495,137 @@ def step_flops(c, b: int) -> float:
 def piece_attention(opts, clock) -> dict:
   """Traces each UNet's forward at its training shapes and records what "auto" chose per call."""
   del clock
-  import jax
-  import jax.numpy as jnp
-  from ppd_jax.models import attention_kernels, build_model, init_params
+  from ppd_jax.models import attention_kernels
   backend, cc, cudnn = attention_kernels._device_facts()  # pylint: disable=protected-access
   out = {"piece": "attention", "backend": backend, "compute_capability": cc,
          "cudnn_version": cudnn, "tiny": opts.tiny}
   for variant, pairs in (("sd15", opts.pairs or (4 if opts.tiny else 16)), ("sdxl", 8)):
     c = make_config(variant, opts, pairs)
-    model = build_model(c.model)
-    params = jax.eval_shape(lambda m=model: init_params(m, jax.random.key(0)))
     b = 2 * pairs                     # the step's UNet batch: both images of every pair
-    shapes = batch_shapes(c, b)
-    sds = lambda s, d=jnp.float32: jax.ShapeDtypeStruct(s, d)
-    added = None
-    if "time_ids" in shapes:
-      added = {"text_embeds": sds(shapes["pooled_text_embedding"]),
-               "time_ids": sds(shapes["time_ids"])}
-    calls = []
-    original = attention_kernels.choose_implementation
-
-    def spy(backend, q_shape, k_shape, dtype, **kw):
-      impl = original(backend, q_shape, k_shape, dtype, **kw)
-      calls.append((tuple(q_shape), tuple(k_shape), jnp.dtype(dtype).name, impl))
-      return impl
-
-    attention_kernels.choose_implementation = spy
-    try:
-      jax.eval_shape(
-          lambda p, x, t, text, u, a, m=model: m.apply({"params": p}, x, t, text, u, 1.0, a),
-          params, sds(shapes["preferred"]), sds((b,), jnp.int32), sds(shapes["text_embedding"]),
-          sds(shapes["user_embedding"]), added)
-    finally:
-      attention_kernels.choose_implementation = original
-    k_user = c.model.user_tokens_per_embedding if c.model.user_tokens == 1 else c.model.user_tokens
-    rows = {}
-    for q, k, dtype, impl in calls:
-      kind = "self" if k[1] == q[1] else ("user" if k[1] == k_user else "text")
-      key = (kind, q[1], k[1], q[2], q[3], dtype, impl)
-      rows[key] = rows.get(key, 0) + 1
-    out[variant] = {
-        "unet_batch": b, "calls": len(calls),
-        "implementations": sorted({r[-1] for r in rows}),
-        "layers": [{"kind": k[0], "q_len": k[1], "k_len": k[2], "heads": k[3], "head_dim": k[4],
-                    "dtype": k[5], "impl": k[6], "count": n} for k, n in sorted(rows.items())]}
+    out[variant] = {"unet_batch": b, **attention_rows(c, attention_calls(c, b))}
   return out
 
 
-def piece_sd15_train(opts, clock, variant: str = "sd15") -> dict:
-  """configs/ppd.py:VARIANT's train step (sd15, or cascade_lite for piece_cascade_lite_train)."""
-  pairs = opts.pairs or (4 if opts.tiny else 16)
-  c = make_config(variant, opts, pairs)
-  out = {"piece": f"{variant}_train", "tiny": opts.tiny, "dry": opts.dry, "pairs": pairs,
+def train_piece(opts, clock, name: str, variant: str, batch: int, remat: bool | None = None,
+                halve: bool = False, attention_layers: bool = False) -> dict:
+  """One variant's train step: partial line after compile, then pairs/s and MFU (module doc).
+
+  halve: probe-and-halve the batch (memory_analysis over the limit, or RESOURCE_EXHAUSTED).
+  attention_layers: also record the kernel "auto" picks for each attention call, in order.
+  """
+  c = make_config(variant, opts, batch, remat)
+  out = {"piece": name, "tiny": opts.tiny, "dry": opts.dry, "start_batch": batch,
          **model_facts(c), **device_facts()}
   problem = config_problem(c)
   if problem:
     out["config_warning"] = problem
-  tr = Trainer(c, abstract=opts.dry)
-  out["init_s"] = tr.init_s
+  tr = Trainer(c)
   out["user_params"] = param_count(tr.state.user_params)
   out["base_params"] = param_count(tr.base)
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    flops = pool.submit(step_flops, c, pairs)   # traces on the CPU while XLA compiles
-    start = time.perf_counter()
-    lowered = tr.lower(pairs)
-    out["lower_s"] = time.perf_counter() - start
-    if opts.dry:
-      out["flops_per_step"] = flops.result()
-      return out
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    out["compile_s"] = time.perf_counter() - start
-    out["memory"] = {k: gib(v) for k, v in (memory_need(compiled) or {}).items()}
-    batch = random_batch(c, pairs, tr.mesh, opts.seed)
-    steps = opts.steps or (3 if opts.tiny else 10)
-    timing = tr.time_steps(compiled, batch, steps, warmup=1 if opts.tiny else 2, clock=clock)
+  limit, limit_from = memory_limit(opts)
+  out.update(memory_limit_gib=gib(limit), memory_limit_from=limit_from)
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  try:
+    arrays = None if opts.dry else pool.submit(tr.make_arrays)   # device init beside the trace
+    if attention_layers:
+      start = time.perf_counter()
+      out["attention"] = attention_rows(c, attention_calls(c, 2 * batch), ordered=True)
+      out["attention_trace_s"] = time.perf_counter() - start
+    b, attempts = batch, []
+    while True:
+      start = time.perf_counter()
+      lowered = tr.lower(b)
+      out["lower_s"] = time.perf_counter() - start
+      if opts.dry:
+        out["pairs"] = b
+        out["flops_per_step"] = count_flops(lambda: step_flops(c, b), out, "flops")
+        return out
+      start = time.perf_counter()
+      try:
+        compiled = lowered.compile()
+      except Exception as err:  # pylint: disable=broad-except
+        if not (halve and is_oom(err) and b > 1):
+          raise
+        attempts.append({"batch": b, "error": "RESOURCE_EXHAUSTED at compile"})
+        b //= 2
+        continue
+      del lowered
+      need = memory_need(compiled)
+      out.update(pairs=b, compile_s=time.perf_counter() - start,
+                 memory_gib={k: gib(v) for k, v in (need or {}).items()})
+      attempts.append({"batch": b, "compile_s": out["compile_s"],
+                       "need_gib": gib(need["total"]) if need else None})
+      emit({**out, "attempts": attempts, "partial": "compiled"})
+      if halve and need and limit and need["total"] > FIT_FRACTION * limit:
+        b = halved_batch(b, need, limit)
+        if b < 1:
+          raise RuntimeError(f"not even one pair fits {gib(limit):.1f} GiB: {attempts}")
+        del compiled
+        continue
+      if arrays is not None:
+        tr.state, tr.base, out["init_s"] = arrays.result()
+        arrays = None
+      try:
+        batch_arrays = random_batch(c, b, tr.mesh, opts.seed)
+        # Left for the FLOP count after the timing: about what tracing the step took.
+        timing = tr.time_steps(compiled, batch_arrays, opts.steps or (2 if opts.tiny else 10),
+                               warmup=1 if opts.tiny else 2, clock=clock,
+                               reserve_s=out["lower_s"])
+        break
+      except Exception as err:  # pylint: disable=broad-except
+        if not (halve and is_oom(err) and b > 1):
+          raise
+        attempts.append({"batch": b, "error": "RESOURCE_EXHAUSTED at run"})
+        batch_arrays = compiled = None
+        tr.reinit()             # donated buffers may be gone
+        b //= 2
+    out["attempts"] = attempts
+    out["peak_memory_gib"] = gib(device_memory()[1])
     out.update(timing)
-    out.update(throughput_facts(future_value(flops, out), timing["median_s"], pairs))
-  out["peak_memory_gib"] = gib(device_memory()[1])
-  return out
+    flops = count_flops(lambda: step_flops(c, b), out, "flops")
+    out.update(throughput_facts(flops, timing["median_s"], b))
+    return out
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def piece_sd15_train(opts, clock) -> dict:
+  return train_piece(opts, clock, "sd15_train", "sd15", opts.pairs or (4 if opts.tiny else 16))
+
+
+def piece_sd15_train_noremat(opts, clock) -> dict:
+  return train_piece(opts, clock, "sd15_train_noremat", "sd15",
+                     opts.pairs or (4 if opts.tiny else 16), remat=False)
 
 
 def piece_cascade_lite_train(opts, clock) -> dict:
-  return piece_sd15_train(opts, clock, variant="cascade_lite")
+  return train_piece(opts, clock, "cascade_lite_train", "cascade_lite",
+                     opts.cascade_batch or (4 if opts.tiny else 16), halve=True,
+                     attention_layers=True)
+
+
+def piece_sdxl_train(opts, clock) -> dict:
+  return train_piece(opts, clock, "sdxl_train", "sdxl",
+                     opts.sdxl_batch or (2 if opts.tiny else 4), halve=True)
 
 
 def piece_sample(opts, clock) -> dict:
   import jax
   import numpy as np
+  from ppd_jax import flop_count
+  from ppd_jax import throughput
   from ppd_jax.diffusion import generation
   from ppd_jax.models import build_model, init_params, merge_params
   n = opts.sample_images or (2 if opts.tiny else 8)
-  num_steps = opts.sample_steps or (5 if opts.tiny else 50)
+  num_steps = opts.sample_steps or (3 if opts.tiny else 50)
   c = make_config("sd15", opts, opts.pairs or 16)
   out = {"piece": "sample", "tiny": opts.tiny, "dry": opts.dry, "images": n,
          "sampler": "ddim", "num_steps": num_steps, "guidance_scale": 7.5,
          "vae_decode": "not included", **model_facts(c), **device_facts()}
   # The same init program as sd15_train's: a persistent-cache hit when that piece ran first.
-  tr = Trainer(c, abstract=opts.dry)
+  tr = Trainer(c)
+  if not opts.dry:
+    tr.state, tr.base, out["init_s"] = tr.make_arrays()
   params = merge_params(tr.base, tr.state.user_params)
   m = c.model
   rng = np.random.default_rng(opts.seed)
@@ -491,24 +634,24 @@ def piece_sample(opts, clock) -> dict:
   user = rng.standard_normal((n, m.user_tokens, m.user_embed_dim), dtype=np.float32)
   noise = generation.initial_noise(opts.seed, n, m)
 
-  # FLOPs of one guided step: the UNet at 2n (cond + uncond), XLA's count, plain attention.
   def forward_flops():
+    """One guided step: the UNet at 2n (cond + uncond), counted from its jaxpr, plain attention."""
     plain = build_model({**m.to_dict(), "attention_impl": "xla", "remat": False})
     shapes = jax.eval_shape(lambda: init_params(plain, jax.random.key(0)))
     sds = jax.ShapeDtypeStruct
-    lowered = jax.jit(lambda p, x, t, ctx, u: plain.apply({"params": p}, x, t, ctx, u, 1.0)).lower(
+    jaxpr = jax.make_jaxpr(lambda p, x, t, ctx, u: plain.apply({"params": p}, x, t, ctx, u, 1.0))(
         shapes, sds((2 * n,) + noise.shape[1:], np.float32), sds((2 * n,), np.float32),
         sds((2 * n,) + text.shape[1:], np.float32), sds((2 * n,) + user.shape[1:], np.float32))
-    return float(lowered.cost_analysis()["flops"])
+    return flop_count.jaxpr_flops(jaxpr)
 
   if opts.dry:
     lowered = generation._generate.lower(  # pylint: disable=protected-access
         tr.model, tr.schedule, params, noise, {"text_embedding": text},
         {"text_embedding": np.broadcast_to(null_text, text.shape)}, user, np.float32(1.0),
         np.float32(7.5), jax.random.key(0), num_steps=num_steps, eta=0.0, clip_sample=False,
-        sampler="ddim")
+        sampler="ddim", cfg=True)
     out["lowered"] = bool(lowered)
-    out["flops_per_guided_step"] = forward_flops()
+    out["flops_per_guided_step"] = count_flops(forward_flops, out, "flops")
     return out
 
   def run():
@@ -516,168 +659,34 @@ def piece_sample(opts, clock) -> dict:
                                     guidance_scale=7.5, num_steps=num_steps, sampler="ddim",
                                     batch_size=n)
 
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    flops = pool.submit(forward_flops)
+  start = time.perf_counter()
+  first = run()                          # compiles (lax.scan over the steps) and runs once
+  out["first_call_s"] = time.perf_counter() - start
+  out["finite"] = bool(np.isfinite(first).all())
+  times = []
+  for _ in range(1 if opts.tiny else 3):
+    if times and clock.left() < 2 * times[-1] + 15:
+      break
     start = time.perf_counter()
-    first = run()                          # compiles (lax.scan over the steps) and runs once
-    out["first_call_s"] = time.perf_counter() - start
-    out["finite"] = bool(np.isfinite(first).all())
-    reps = 1 if opts.tiny else 3
-    times = []
-    for _ in range(reps):
-      if times and clock.left() < 2 * times[-1] + 5:
-        break
-      start = time.perf_counter()
-      run()
-      times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    out.update(images_per_s=n / median, call_s_median=median, call_s=times,
-               unet_evals_per_s=2 * n * num_steps / median)
-    try:
-      f = flops.result()
-      from ppd_jax import throughput
-      kind = jax.devices()[0].device_kind
-      tflops = f * num_steps / median / jax.device_count() / 1e12
-      peak = throughput.peak_tflops(kind)
-      out.update(flops_per_guided_step=f, tflops_per_device=tflops,
-                 mfu=tflops / peak if peak else None)
-    except Exception as err:  # pylint: disable=broad-except
-      out["flops_error"] = f"{type(err).__name__}: {err}"[:500]
-  out["init_s"] = tr.init_s
+    run()
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  out.update(images_per_s=n / median, call_s_median=median, call_s=times,
+             unet_evals_per_s=2 * n * num_steps / median)
   out["peak_memory_gib"] = gib(device_memory()[1])
+  f = count_flops(forward_flops, out, "flops")     # after the timing: it competes with nothing
+  if f:
+    kind = jax.devices()[0].device_kind
+    tflops = f * num_steps / median / jax.device_count() / 1e12
+    peak = throughput.peak_tflops(kind)
+    out.update(flops_per_guided_step=f, tflops_per_device=tflops,
+               mfu=tflops / peak if peak else None)
   return out
 
 
-def round_batch(b: float) -> int:
-  """Kernels like round sizes: multiples of 8 from 16 up, powers of two below."""
-  b = int(b)
-  if b >= 16:
-    return b - b % 8
-  return 1 << max(0, b.bit_length() - 1) if b >= 1 else 0
-
-
-def fit_memory(points: list[tuple[int, dict]]) -> tuple[float, float]:
-  """(bytes fixed, bytes per pair) of the step's memory need, from (batch, memory_need) probes.
-
-  Two or more probes: a least-squares line through their totals. One probe: the arguments and
-  outputs (params, optimizer state, minus what is donated) as the fixed part and all of the
-  temporaries as per-pair, which over-states the slope, so the extrapolated batch errs small.
-  """
-  if len(points) >= 2:
-    xs = [b for b, _ in points]
-    ys = [m["total"] for _, m in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    if slope > 0:
-      return my - slope * mx, slope
-  b, m = points[-1]
-  return m["argument"] + m["output"] - m["alias"], m["temp"] / b
-
-
-def piece_sdxl_train(opts, clock) -> dict:
-  probes = [int(x) for x in (opts.sdxl_probes or ("1,2" if opts.tiny else "16,32")).split(",")]
-  cap = opts.sdxl_max_batch or (8 if opts.tiny else 128)
-  c = make_config("sdxl", opts, probes[0])
-  out = {"piece": "sdxl_train", "tiny": opts.tiny, "dry": opts.dry, "probes": probes,
-         **model_facts(c), **device_facts()}
-  tr = Trainer(c, abstract=opts.dry)
-  out["init_s"] = tr.init_s
-  out["user_params"] = param_count(tr.state.user_params)
-  out["base_params"] = param_count(tr.base)
-  pool = concurrent.futures.ThreadPoolExecutor(len(probes) + 1)
-  try:
-    if len(probes) > 1 and not opts.dry and clock.left() < 240:
-      probes = [max(probes)]    # short of time: one probe, fitted conservatively (fit_memory)
-      out["probes"] = probes
-    flops = pool.submit(step_flops, c, probes[0])     # FLOPs are linear in the batch
-    start = time.perf_counter()
-    lowered = {b: tr.lower(b) for b in probes}
-    out["lower_s"] = time.perf_counter() - start
-    if opts.dry:
-      out["flops_per_pair"] = flops.result() / probes[0]
-      return out
-
-    # Probes: compiled side by side, autotuning off; only their memory analysis is wanted.
-    start = time.perf_counter()
-    options = gpu_compile_options(autotune=False)
-    futures = {b: pool.submit(compile_with, low, options) for b, low in lowered.items()}
-    probe_exec = {b: f.result() for b, f in futures.items()}
-    probe_s = time.perf_counter() - start
-    points = [(b, memory_need(ex)) for b, ex in sorted(probe_exec.items())]
-    out["probe_compile_s"] = probe_s
-    out["probe_memory_gib"] = {b: gib(m["total"]) if m else None for b, m in points}
-    limit, _ = device_memory()
-    limit_from = "device bytes_limit"
-    if limit is None:
-      limit = (opts.memory_limit_gib or 0.5) * 2**30
-      limit_from = "--memory_limit_gib (no device stats)"
-    out.update(memory_limit_gib=gib(limit), memory_limit_from=limit_from)
-    if any(m is None for _, m in points):
-      raise RuntimeError("compiled.memory_analysis() gave nothing: cannot plan the batch")
-    fixed, per_pair = fit_memory(points)
-    planned = round_batch(min(cap, (0.9 * limit - fixed) / per_pair))
-    out.update(fixed_gib=gib(fixed), per_pair_gib=gib(per_pair), planned_batch=planned)
-    if planned < 1:
-      raise RuntimeError(f"not even one pair fits: {out}")
-    emit({**out, "partial": "planned"})
-
-    # The planned batch, compiled with XLA's defaults and checked before it runs.
-    b, compiled, attempts = planned, None, []
-    while b >= 1 and compiled is None:
-      # Time for one more compile (with autotuning), its lowering and a few steps? Else run
-      # the largest probe's executable as it is.
-      if clock.left() < 1.5 * probe_s + out["lower_s"] / len(probes) + 45:
-        b = max([p for p in probe_exec if p <= planned] or [min(probe_exec)])
-        compiled = probe_exec[b]
-        out["note"] = "budget: ran the largest probe's executable (autotuning off)"
-        break
-      start = time.perf_counter()
-      try:
-        candidate = tr.lower(b).compile()
-      except Exception as err:  # pylint: disable=broad-except
-        if not is_oom(err) or b == 1:
-          raise
-        attempts.append({"batch": b, "error": "RESOURCE_EXHAUSTED at compile"})
-        b = round_batch(b / 2)
-        continue
-      need = memory_need(candidate)
-      attempts.append({"batch": b, "compile_s": time.perf_counter() - start,
-                       "need_gib": gib(need["total"]) if need else None})
-      if need and need["total"] > 0.95 * limit and b > 1:
-        b = round_batch(min(b / 2, b * (0.9 * limit - fixed) / max(need["total"] - fixed, 1)))
-        continue
-      compiled = candidate
-    out["attempts"] = attempts
-    if compiled is None:
-      raise RuntimeError(f"no batch fits the memory limit: {attempts}")
-
-    # Run it; on RESOURCE_EXHAUSTED halve the batch (a fresh state: donated buffers may be gone).
-    steps = opts.steps or (2 if opts.tiny else 5)
-    while True:
-      batch = None
-      try:
-        batch = random_batch(c, b, tr.mesh, opts.seed)
-        timing = tr.time_steps(compiled, batch, steps, warmup=1, clock=clock)
-        break
-      except Exception as err:  # pylint: disable=broad-except
-        if not is_oom(err) or b == 1 or clock.left() < 60:
-          raise
-        attempts.append({"batch": b, "error": "RESOURCE_EXHAUSTED at run"})
-        del batch, compiled
-        tr.reinit()
-        b = round_batch(b / 2)
-        compiled = tr.lower(b).compile()
-    out.update(batch=b, **timing)
-    per_probe = future_value(flops, out)
-    out.update(throughput_facts(per_probe and per_probe * b / probes[0], timing["median_s"], b))
-    out["peak_memory_gib"] = gib(device_memory()[1])
-    return out
-  finally:
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-RUNNERS = {"attention": piece_attention, "sd15_train": piece_sd15_train, "sample": piece_sample,
-           "sdxl_train": piece_sdxl_train, "cascade_lite_train": piece_cascade_lite_train}
+RUNNERS = {"sd15_train": piece_sd15_train, "sd15_train_noremat": piece_sd15_train_noremat,
+           "cascade_lite_train": piece_cascade_lite_train, "sdxl_train": piece_sdxl_train,
+           "sample": piece_sample, "attention": piece_attention}
 
 
 def main(argv=None):
@@ -686,7 +695,7 @@ def main(argv=None):
   names = [p for p in opts.pieces.split(",") if p]
   unknown = set(names) - set(PIECES)
   if unknown:
-    raise SystemExit(f"unknown pieces {sorted(unknown)}; choose from {PIECES}")
+    raise SystemExit(f"jax_gpu_check.py: unknown --pieces {sorted(unknown)}; choose from {PIECES}")
   if opts.tiny and not os.environ.get("JAX_PLATFORMS"):
     os.environ["JAX_PLATFORMS"] = "cpu"       # tiny is the CPU smoke run, wherever it runs
   # Importing the package first guards XLA:CPU against its bf16 abort (ppd_jax/xla_cpu.py).

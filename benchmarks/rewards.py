@@ -14,17 +14,22 @@ the two are compared. Prints a {"piece": "rewards", ...} JSON line for gpu_check
 """
 import argparse
 import json
+import os
 import time
 
-import jax
-import numpy as np
-import torch
-import transformers
+# torch and JAX share the GPU in this process: JAX's default preallocation (75% of the memory at
+# its first use) would leave PyTorch too little, so JAX allocates as it goes. Before jax loads.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from ppd_jax.evals.rewards import clip_similarity
-from ppd_jax.evals.rewards import preprocess
-from ppd_jax.models import clip
-from ppd_jax.weights import convert
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import torch  # pylint: disable=wrong-import-position
+import transformers  # pylint: disable=wrong-import-position
+
+from ppd_jax.evals.rewards import clip_similarity  # pylint: disable=wrong-import-position
+from ppd_jax.evals.rewards import preprocess  # pylint: disable=wrong-import-position
+from ppd_jax.models import clip  # pylint: disable=wrong-import-position
+from ppd_jax.weights import convert  # pylint: disable=wrong-import-position
 
 TINY = dict(projection_dim=16,
             text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -136,7 +141,8 @@ def main():
             "device": jax.devices()[0].device_kind, "torch_device": device, "batch": batch,
             "ours_images_per_s": batch / ours_s, "pytorch_images_per_s": batch / theirs_s,
             "ratio_ours_over_pytorch": theirs_s / ours_s,
-            "preprocess_images_per_s": batch / prep_s, "max_abs_cos_difference": diff}
+            "preprocess_images_per_s": batch / prep_s, "max_abs_cos_difference": diff,
+            "xla_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")}
   print(f"{result['model']} reward, batch {batch}, {a.dtype}, {result['device']}: ours "
         f"{result['ours_images_per_s']:.2f} images/s, PyTorch {result['pytorch_images_per_s']:.2f}"
         f" images/s, ratio ours / PyTorch {result['ratio_ours_over_pytorch']:.2f}; host "

@@ -21,12 +21,15 @@ compare on one GPU. "The PyTorch way" here means what diffusers' own training ex
     z = -beta/2 [(e_w - e_ref_w) - (e_l - e_ref_l)], loss = -logsigmoid(z), backward, global-norm
     clip 1.0 (ours clips too), fused AdamW on the adapter parameters only.
 
-No gradient checkpointing by default (diffusers' default; --gradient_checkpointing turns it on),
-no torch.compile. to_v_ip starts at zero, as ours does, so the first loss is log 2 on both sides.
+Gradient checkpointing (unet.enable_gradient_checkpointing(), off by default in diffusers) is
+what our remat is: --gradient_checkpointing=on,off times both on one built model, one JSON line
+each, piece torch_sd15_train (on: like for like with our sd15_train, remat on) and
+torch_sd15_train_noremat (off: with our sd15_train_noremat). No torch.compile. to_v_ip starts at
+zero, as ours does, so the first loss is log 2 on both sides.
 
-Timing: --warmup steps (cuDNN autotuning, allocator growth), then --steps steps, each bracketed by
-torch.cuda.synchronize; the median is reported. Peak memory: torch.cuda.max_memory_allocated
-over warm-up and timed steps. Prints one JSON line.
+Timing per setting: --warmup steps (cuDNN autotuning, allocator growth), then --steps steps, each
+bracketed by torch.cuda.synchronize; the median is reported. Peak memory:
+torch.cuda.max_memory_allocated over that setting's warm-up and timed steps.
 """
 import argparse
 import contextlib
@@ -44,7 +47,7 @@ import torch.nn.functional as F  # pylint: disable=wrong-import-position
 
 from configs import sd_architectures  # pylint: disable=wrong-import-position
 
-PIECE = "torch_sd15_train"
+PIECE = "torch_sd15_train"          # + "_noremat" without gradient checkpointing
 NUM_TOKENS = 4          # IP-Adapter tokens per user embedding (our user_tokens_per_embedding)
 BETA = 5000.0           # configs/ppd.py's SD beta; the value changes no timing
 
@@ -64,11 +67,22 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=None, help="timed steps (10; tiny 3)")
   p.add_argument("--warmup", type=int, default=None, help="untimed steps first (3; tiny 1)")
   p.add_argument("--user_embed_dim", type=int, default=None, help="E (3584; tiny 64)")
-  p.add_argument("--gradient_checkpointing", action="store_true")
+  p.add_argument("--gradient_checkpointing", default="off",
+                 help="on, off, or a comma list timed in that order (on,off) on one model")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--budget_s", type=float, default=1e9,
                  help="wall-clock seconds for the run: fewer timed steps if they would not fit")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  settings = [s.strip() for s in args.gradient_checkpointing.split(",") if s.strip()]
+  if not settings or set(settings) - {"on", "off"}:
+    p.error("--gradient_checkpointing takes on, off or on,off; got "
+            f"{args.gradient_checkpointing!r}")
+  args.checkpointing = [s == "on" for s in settings]
+  return args
+
+
+def piece_name(checkpointing: bool) -> str:
+  return PIECE if checkpointing else PIECE + "_noremat"
 
 
 def hidden_size(processor_name: str, channels: list[int]) -> int:
@@ -145,8 +159,6 @@ def build(args, device):
   unet.to(dtype=weight_dtype)                        # frozen base in the compute dtype
   adapter = add_ip_adapter(unet, user_dim, device)   # trainable, float32 master weights
   unet.train()
-  if args.gradient_checkpointing:
-    unet.enable_gradient_checkpointing()
   return unet, adapter, cfg, cfg["sample_size"], user_dim, weight_dtype
 
 
@@ -227,7 +239,8 @@ def dry_run(args) -> dict:
               hasattr(p, "to_k_ip") for p in unet.attn_processors.values())}
 
 
-def run(args) -> dict:
+def run(args):
+  """Yields one result per --gradient_checkpointing setting, on one built model and step."""
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda and not args.tiny else "cpu")
   if device.type == "cuda":
@@ -241,7 +254,6 @@ def run(args) -> dict:
       # makes every op wait at its barrier (steps seen to go from 40 ms to 4 s).
       torch.set_num_threads(1)
   pairs = args.pairs or (4 if args.tiny else 16)
-  steps = args.steps or (3 if args.tiny else 10)
   warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
   started = t0 = time.perf_counter()
   unet, adapter, cfg, side, user_dim, weight_dtype = build(args, device)
@@ -252,56 +264,72 @@ def run(args) -> dict:
     if device.type == "cuda":
       torch.cuda.synchronize()
 
-  if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-  t0 = time.perf_counter()
-  first_loss = float(step())
-  sync()
-  first_s = time.perf_counter() - t0
-  for _ in range(max(warmup - 1, 0)):
-    step()
-  sync()
-  left = args.budget_s - (time.perf_counter() - started) - 5
-  steps = max(1, min(steps, int(left / max(first_s, 1e-3))))
-  times, loss = [], None
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    loss = step()
+  for i, checkpointing in enumerate(args.checkpointing):
+    if checkpointing:
+      unet.enable_gradient_checkpointing()
+    else:
+      unet.disable_gradient_checkpointing()
+    if device.type == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+    # This setting's share of what is left: the settings after it get theirs.
+    share = (args.budget_s - (time.perf_counter() - started)) / (len(args.checkpointing) - i)
+    setting_start = t0 = time.perf_counter()
+    first_loss = float(step())
     sync()
-    times.append(time.perf_counter() - t0)
-  median = statistics.median(times)
-  out = {
-      "piece": PIECE, "tiny": args.tiny, "pairs": pairs, "latent": side,
-      "pairs_per_s": pairs / median, "step_ms_median": median * 1e3,
-      "step_ms": [round(t * 1e3, 2) for t in times],
-      "first_step_s": first_s, "build_s": build_s, "warmup_steps": warmup,
-      "loss_first_step": first_loss, "loss_last_step": float(loss),
-      "loss_first_expected": math.log(2.0),
-      "trainable_params": count(adapter),
-      "frozen_params": count(unet.parameters()) - count(adapter),
-      "weights": ("frozen bf16, adapter fp32, autocast bf16" if weight_dtype == torch.bfloat16
-                  else "fp32"),
-      "gradient_checkpointing": args.gradient_checkpointing,
-      "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
-  }
-  if device.type == "cuda":
-    out.update(device=torch.cuda.get_device_name(),
-               peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, sdpa=sdpa_flags())
-  else:
-    out.update(device=f"cpu ({torch.get_num_threads()} threads)", peak_memory_gib=None)
-  return out
+    first_s = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+      step()
+    sync()
+    left = share - (time.perf_counter() - setting_start) - 5
+    steps = max(1, min(args.steps or (3 if args.tiny else 10), int(left / max(first_s, 1e-3))))
+    times, loss = [], None
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      loss = step()
+      sync()
+      times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    out = {
+        "piece": piece_name(checkpointing), "tiny": args.tiny, "pairs": pairs, "latent": side,
+        "gradient_checkpointing": unet.is_gradient_checkpointing,    # as the model reports it
+        "pairs_per_s": pairs / median, "step_ms_median": median * 1e3,
+        "step_ms": [round(t * 1e3, 2) for t in times],
+        "first_step_s": first_s, "build_s": build_s, "warmup_steps": warmup,
+        "loss_first_step": first_loss, "loss_last_step": float(loss),
+        "loss_first_expected": math.log(2.0),
+        "trainable_params": count(adapter),
+        "frozen_params": count(unet.parameters()) - count(adapter),
+        "weights": ("frozen bf16, adapter fp32, autocast bf16" if weight_dtype == torch.bfloat16
+                    else "fp32"),
+        "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+    }
+    if device.type == "cuda":
+      out.update(device=torch.cuda.get_device_name(),
+                 peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, sdpa=sdpa_flags())
+    else:
+      out.update(device=f"cpu ({torch.get_num_threads()} threads)", peak_memory_gib=None)
+    yield out
 
 
 def main(argv=None):
   args = parse_args(argv)
+  done = set()
   try:
-    result = dry_run(args) if args.dry else run(args)
+    if args.dry:                # shapes only: the same for either checkpointing setting
+      result = dry_run(args)
+      for checkpointing in args.checkpointing:
+        print(json.dumps({**result, "piece": piece_name(checkpointing)}), flush=True)
+    else:
+      for result in run(args):
+        print(json.dumps(result), flush=True)     # each setting as it finishes
+        done.add(result["piece"])
   except Exception as err:  # pylint: disable=broad-except
     import traceback  # pylint: disable=import-outside-toplevel
-    print(json.dumps({"piece": PIECE, "error": f"{type(err).__name__}: {err}"[:2000],
-                      "traceback": traceback.format_exc()[-3000:]}), flush=True)
+    owed = [piece_name(c) for c in args.checkpointing if piece_name(c) not in done] or [PIECE]
+    for piece in owed:
+      print(json.dumps({"piece": piece, "error": f"{type(err).__name__}: {err}"[:2000],
+                        "traceback": traceback.format_exc()[-3000:]}), flush=True)
     sys.exit(1)
-  print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ppd_jax import batch_plan
+from ppd_jax import cli_config
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
@@ -40,6 +42,7 @@ def _time(fn, repeats: int) -> float:
 
 def main(_):
   c = flags.FLAGS.config
+  print(batch_plan.resolve(c, jax.device_count()))   # grad_accum_steps from per_device_batch
   mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp)
   model = build_model(c.model)
   tx, lr = step_lib.make_optimizer(c)
@@ -81,4 +84,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli_config.flags_parser("benchmarks/train_step.py"))

@@ -13,6 +13,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ppd_jax import checkpoint
+from ppd_jax import cli_config
 from ppd_jax import compile_cache
 from ppd_jax import config_validation
 from ppd_jax.demo import pipeline
@@ -40,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli_config.flags_parser("ppd_jax.demo"))

@@ -151,4 +151,5 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", "configs/ppd.py:demo_multireward",
                                   "configs/ppd.py:VARIANT", lock_config=True)
   flags.DEFINE_string("workdir", "runs/multireward", "run folder (module docstring)")
-  app.run(main)
+  from ppd_jax import cli_config
+  app.run(main, flags_parser=cli_config.flags_parser("ppd_jax.demo.multireward"))
