@@ -17,15 +17,21 @@ a seeded hash of their id (exact fractions, independent of file order); each use
 ordered by a seeded hash of their identity and the first N are its few-shot pairs (what the VLM
 sees, users/vlm.py). A file that cannot be read, or lacks a column or has it with the wrong type,
 is skipped with the file and column named; every count is kept in `report`.
+
+--input may be a URL (gs://...): files are listed, fingerprinted and read through ppd_jax.storage
+(pyarrow reads a parquet file from any seekable file object, so a bucket's is read in place).
 """
 import dataclasses
+import fnmatch
 import glob
 import hashlib
+import io
 import json
 import os
 
 import numpy as np
 
+from ppd_jax import storage
 from ppd_jax.data import shards
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
@@ -45,15 +51,52 @@ class PickapicError(ValueError):
 
 
 def list_files(input_path: str) -> list[str]:
-  """A folder (every *.parquet below it, sorted), a glob, or one file."""
-  if os.path.isdir(input_path):
+  """A folder (every *.parquet below it, sorted), a glob, or one file; a URL's too."""
+  if storage.is_url(input_path):
+    files = _list_url(input_path)
+  elif os.path.isdir(input_path):
     files = glob.glob(os.path.join(input_path, "**", "*.parquet"), recursive=True)
   else:
     files = glob.glob(input_path)
-  files = sorted(os.path.abspath(f) for f in files)
+  files = sorted(os.fspath(storage.path(f)) for f in files)
   if not files:
     raise PickapicError(f"--input={input_path!r}: no parquet files there")
   return files
+
+
+def _list_url(url: str) -> list[str]:
+  """list_files for a URL. epath refuses a recursive "**" glob there, so a folder is listed level
+  by level, and a pattern is matched against the files of its (wildcard-free) parent."""
+  p = storage.path(url)
+  if not any(c in url for c in "*?["):
+    if p.is_dir():
+      return _parquet_below(p)
+    return [url] if p.exists() else []
+  parent, pattern = url.rstrip("/").rsplit("/", 1)
+  if any(c in parent for c in "*?["):
+    raise PickapicError(f"--input={url!r}: in a URL, only the file name may hold a wildcard")
+  folder = storage.path(parent)
+  if not folder.is_dir():
+    return []
+  return [os.fspath(f) for f in folder.iterdir() if fnmatch.fnmatch(f.name, pattern)]
+
+
+def _parquet_below(folder) -> list[str]:
+  out = []
+  for child in folder.iterdir():
+    if child.is_dir():
+      out += _parquet_below(child)
+    elif child.name.endswith(".parquet"):
+      out.append(os.fspath(child))
+  return out
+
+
+def open_parquet(path: str):
+  """A pyarrow ParquetFile of a local path or a URL (read through a seekable epath file)."""
+  import pyarrow.parquet as pq
+  if storage.is_url(path):
+    return pq.ParquetFile(storage.path(path).open("rb"))
+  return pq.ParquetFile(path)
 
 
 def _kind_ok(kind: str, arrow_type) -> bool:
@@ -81,11 +124,12 @@ def schema_problems(schema) -> list[str]:
 def file_fingerprint(path: str) -> dict:
   """Size and a hash of the last MiB (parquet keeps its footer there): cheap, and it changes when
   the file's contents do, unlike a modification time that a copy resets."""
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  p = storage.path(path)
+  with p.open("rb") as f:
+    size = f.seek(0, io.SEEK_END)
     f.seek(max(0, size - (1 << 20)))
     tail = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
-  return {"name": os.path.basename(path), "size": size, "tail_blake2b": tail}
+  return {"name": p.name, "size": size, "tail_blake2b": tail}
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -156,11 +200,10 @@ class PickapicIndex:
 
   @classmethod
   def load(cls, folder: str) -> "PickapicIndex":
-    with open(os.path.join(folder, "index.json")) as f:
-      meta = json.load(f)
-    with open(os.path.join(folder, "captions.json")) as f:
-      captions = json.load(f)
-    load = lambda name: dict(np.load(os.path.join(folder, name)))
+    folder = storage.path(folder)
+    meta = json.loads((folder / "index.json").read_text())
+    captions = json.loads((folder / "captions.json").read_text())
+    load = lambda name: dict(np.load(io.BytesIO((folder / name).read_bytes())))
     return cls(files=meta["files"], paths=meta["paths"], captions=captions,
                pairs=load("pairs.npz"), users=load("users.npz"), report=meta["report"])
 
@@ -169,12 +212,11 @@ def read_pairs(index: PickapicIndex, positions) -> list[dict]:
   """The JPEG bytes of some pairs (e.g. users' few-shot pairs, for the VLM), file by file and
   row group by row group: [{"pair", "user_id", "caption", "preferred", "jpg_0", "jpg_1"}] in the
   order of `positions`."""
-  import pyarrow.parquet as pq
   positions = np.asarray(positions, np.int64)
   out = [None] * len(positions)
   p = index.pairs
   for f in np.unique(p["file_id"][positions]):
-    pf = pq.ParquetFile(index.paths[f])
+    pf = open_parquet(index.paths[f])
     starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
     mine = np.flatnonzero(p["file_id"][positions] == f)
     groups = np.searchsorted(starts, p["row"][positions[mine]], side="right") - 1
@@ -193,9 +235,8 @@ def read_pairs(index: PickapicIndex, positions) -> list[dict]:
 
 def _read_columns(path: str):
   """The index's columns of one file, or (None, reason) if the file is unusable."""
-  import pyarrow.parquet as pq
   try:
-    pf = pq.ParquetFile(path)
+    pf = open_parquet(path)
   except Exception as e:  # pyarrow raises several types for empty or corrupt files
     return None, f"{path}: not a readable parquet file ({type(e).__name__}: {e})"
   problems = schema_problems(pf.schema_arrow)

@@ -14,6 +14,8 @@ users' instead: labels-{split}.npz lists records (one per reward user that label
 user's id and whether its stored (preferred, dispreferred) latents swap. The records themselves,
 and so the latents, are the shard folder's: nothing is recomputed or copied.
 data.relabel_rewards keeps some reward users only (a single-reward DPO row of Table 1).
+The relabel folder may be a URL (gs://...); the shard folder must be local, as ArrayRecord files
+are read locally only.
 
 What reaches the user branch (`UserInputs`): the store's embedding of the pair's user
 (data.user_embedding = "store"), a one-hot code of its reward user ("onehot": the learned-code
@@ -29,6 +31,7 @@ import os
 
 import numpy as np
 
+from ppd_jax import storage
 from ppd_jax.data import pickapic
 from ppd_jax.data import records as records_lib
 from ppd_jax.data import reward_users
@@ -104,10 +107,10 @@ class UserInputs:
 
 def _relabelled(folder: str, split: str, num_records: int) -> dict:
   path = os.path.join(folder, f"labels-{split}.npz")
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise shards.ShardsError(f"data.relabel={folder}: no {os.path.basename(path)} (python -m "
                              "ppd_jax.data.relabel writes it once every pair is scored)")
-  labels = dict(np.load(path))
+  labels = shards.read_npz(path)
   if len(labels["record"]) and labels["record"].max() >= num_records:
     raise shards.ShardsError(f"{path} lists records beyond the {num_records} of this shard "
                              "folder's {split} split: it was made from other shards")
@@ -119,6 +122,11 @@ class PickapicPairs:
 
   def __init__(self, config, backbone=None, log=print, split: str = "train"):
     d = config.data
+    if storage.is_url(d.shards):
+      raise shards.ShardsError(
+          f"data.shards={d.shards}: the shard folder must be on a local disk (ArrayRecord files "
+          "are read locally only); copy it there (e.g. gcloud storage cp -r) and point "
+          "data.shards at the copy")
     self.folder, self.split = os.path.abspath(d.shards), split
     self.manifest = shards.read_manifest(self.folder)
     check_profile_in_caption(self.folder, self.manifest, d.get("profile_in_caption", False))

@@ -20,6 +20,11 @@ its done-file; the manifest lists them (text.nonfinite), counts the pairs using 
 With config.data.profile_in_caption on (the caption-augmentation baseline), the text units encode
 each pair's caption joined with its user's profile text (users/profile_caption.py) instead of the
 plain captions, and each record's caption_id points at that joined text.
+
+--input may be a URL (gs://...): the parquet files are read in place (data/pickapic.py). --output
+must be local: the shards are ArrayRecord files, whose writer and the training loader's reader
+open local files only, and a unit's resume relies on local renames; write them to a local disk
+and copy the finished folder where it is needed.
 """
 import concurrent.futures
 import os
@@ -32,6 +37,7 @@ import numpy as np
 from ppd_jax import backbones
 from ppd_jax import compile_cache
 from ppd_jax import metrics
+from ppd_jax import storage
 from ppd_jax.data import images as images_lib
 from ppd_jax.data import manifest as manifest_lib
 from ppd_jax.data import pickapic
@@ -148,7 +154,15 @@ def make_image_encoder(backbone, batch: int):
   rows, whole = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
   images_to_latents, weights = backbone.latent_encoder   # the VAE, Stable Cascade's effnet
   params = jax.device_put(weights, whole)
-  fn = jax.jit(images_to_latents, in_shardings=(whole, rows), out_shardings=rows)
+
+  def traced(params, images):
+    # The mesh as context while tracing, as in step.py: the VAE's attention reads it
+    # (attention_kernels.attention_in_mesh) to choose its kernel for one device's rows and, for
+    # "tpu_flash", to run it per device under shard_map. Without it a multi-chip TPU would get
+    # a Pallas kernel that XLA cannot partition over the batch.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return images_to_latents(params, images)
+  fn = jax.jit(traced, in_shardings=(whole, rows), out_shardings=rows)
 
   def encode(images: np.ndarray):
     k = len(images)
@@ -175,7 +189,6 @@ def encode_file(output, unit, index, u, encode, per, backbone, storage_dtype, ex
   """All pairs of input file u -> pairs/{split}-{u}.array_record; the unit's done-file dict.
 
   text_ids: each pair's row in the text table (profile_text.text_table), stored as the record's caption_id."""
-  import pyarrow.parquet as pq
   path = index.paths[u]
   if pickapic.file_fingerprint(path) != index.files[u]:
     raise shards.ShardsError(f"{path} changed since it was indexed; use a new --output")
@@ -188,7 +201,7 @@ def encode_file(output, unit, index, u, encode, per, backbone, storage_dtype, ex
   pair_ids = {int(s): [] for s in writers}
   skipped = []
   size = int(backbone.pixel_size)
-  pf = pq.ParquetFile(path)
+  pf = pickapic.open_parquet(path)
   group_start = np.cumsum([0] + [pf.metadata.row_group(g).num_rows
                                  for g in range(pf.num_row_groups)])
   group_of = np.searchsorted(group_start, index.pairs["row"][positions], side="right") - 1
@@ -264,6 +277,16 @@ def _units(index, num_texts: int, chunk: int) -> list[tuple[str, int]]:
   return [(f"text-{k:05d}", k) for k in range(n_text)] + [(f"file-{u:05d}", u) for u in files]
 
 
+def local_output(output: str) -> str:
+  """--output made absolute; a URL is refused (module docstring: the shards must be local)."""
+  if storage.is_url(output):
+    raise storage.StorageError(
+        f"--output={output}: the shard folder must be on a local disk (ArrayRecord files are "
+        "written and read locally only). Write it to a local path; to share it, copy the "
+        "finished folder (e.g. gcloud storage cp -r) to each training machine's local disk.")
+  return os.path.abspath(output)
+
+
 def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
         backbone=None, after_unit=None, process_index: int | None = None,
         process_count: int | None = None) -> dict | None:
@@ -274,9 +297,9 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
   after_unit(name): called after each finished unit (tests use it to stop a run midway).
   """
   from ppd_jax import config_validation
+  output = local_output(output)
   config_validation.prepare(config, stage="precompute")
   d = config.data
-  output = os.path.abspath(output)
   if backbone is None:
     from ppd_jax import backbones
     backbone = backbones.build_backbone(config)
@@ -353,7 +376,7 @@ def main(argv):
     run(config, f.input, f.output, verify=f.verify, log=lambda m: print(prefix + m, flush=True),
         process_index=f.task_index, process_count=f.task_count)
   except (config_validation.ConfigError, pickapic.PickapicError, shards.ShardsError,
-          ValueError) as e:
+          storage.StorageError, ValueError) as e:
     sys.exit(f"ppd_jax.data.precompute: {e}")
 
 
@@ -369,4 +392,5 @@ if __name__ == "__main__":
                        "(e.g. a SLURM array); default: the JAX process index")
   flags.DEFINE_integer("task_count", None, "how many independent jobs share the units")
   flags.mark_flags_as_required(["config", "input", "output"])
-  app.run(main)
+  from ppd_jax import cli_config
+  app.run(main, flags_parser=cli_config.flags_parser("ppd_jax.data.precompute"))

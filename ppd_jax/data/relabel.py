@@ -12,6 +12,9 @@ written atomically with a done-file (data/shards.py): a killed run resumes, redo
 or damaged units; the same reward with other weights is refused; a reward added later scores only
 itself. Then data/reward_users.py turns the scores into each reward user's labels. No latent is
 recomputed or copied: the loader reads the shard folder's records under the new labels.
+
+--out (and --shards, whose index and record tables are read) may be a URL (gs://...): every
+file goes through ppd_jax.storage and data/shards.py, where an object is only ever whole.
 """
 import io
 import os
@@ -19,6 +22,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from ppd_jax import storage
 from ppd_jax.data import pickapic
 from ppd_jax.data import precompute
 from ppd_jax.data import shards
@@ -30,8 +34,8 @@ CHUNK = 512                                            # pairs read and scored a
 
 def record_pairs(shard_dir: str) -> np.ndarray:
   """Sorted unique index positions of the train and validation records."""
-  pairs = [np.load(os.path.join(shard_dir, f"records-{s}.npz"))["pair"] for s in SPLITS
-           if os.path.exists(os.path.join(shard_dir, f"records-{s}.npz"))]
+  pairs = [shards.read_npz(os.path.join(shard_dir, f"records-{s}.npz"))["pair"] for s in SPLITS
+           if storage.exists(os.path.join(shard_dir, f"records-{s}.npz"))]
   if not pairs:
     raise shards.ShardsError(f"{shard_dir}: no records-train.npz or records-validation.npz "
                              "(make the folder with python -m ppd_jax.data.precompute)")
@@ -70,13 +74,13 @@ def _unit(reward: str, file_id: int) -> str:
 def _check_settings(out: str, wanted: dict) -> dict:
   """settings.json maps each reward to its weights; a reward's weights may not change."""
   path = os.path.join(out, shards.SETTINGS)
-  have = shards.read_json(path) if os.path.exists(path) else {}
+  have = shards.read_json(path) if storage.exists(path) else {}
   for name, setting in wanted.items():
     if name in have and have[name] != setting:
       raise shards.ShardsError(f"{out} scored reward {name!r} with {have[name]}, this run asks "
                                f"for {setting}; use another --out or the same weights")
   merged = {**have, **wanted}
-  os.makedirs(out, exist_ok=True)
+  storage.makedirs(out)
   shards.write_json(path, merged)
   return merged
 
@@ -115,7 +119,7 @@ def run(shard_dir: str, out: str, rewards: dict, settings: dict, *, log=print,
         scores[n].append(got[n])
       progress.add(len(chunk))
     for n in names:
-      os.makedirs(os.path.join(out, "scores", n), exist_ok=True)
+      storage.makedirs(os.path.join(out, "scores", n))
       info = shards.commit_npz(os.path.join(out, "scores", n, f"file-{f:05d}.npz"),
                                {"pair": mine_pairs, "score": np.concatenate(scores[n])})
       shards.mark_done(out, _unit(n, f), {"files": [{**info, "dir": os.path.join("scores", n)}]})
@@ -126,12 +130,12 @@ def run(shard_dir: str, out: str, rewards: dict, settings: dict, *, log=print,
 
 def read_scores(out: str, reward: str) -> tuple[np.ndarray, np.ndarray]:
   """(pair positions [P], scores [P, 2]) of one reward, every file's units together."""
-  folder = os.path.join(out, "scores", reward)
-  if not os.path.isdir(folder):
+  folder = storage.path(os.path.join(out, "scores", reward))
+  if not folder.is_dir():
     raise shards.ShardsError(f"{out}: no scores for reward {reward!r} (run "
                              "python -m ppd_jax.data.relabel with it)")
-  parts = [np.load(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
-           if name.endswith(".npz")]
+  parts = [shards.read_npz(os.fspath(folder / name))
+           for name in sorted(p.name for p in folder.iterdir()) if name.endswith(".npz")]
   pairs = np.concatenate([p["pair"] for p in parts])
   return pairs, np.concatenate([p["score"] for p in parts])
 
@@ -188,7 +192,7 @@ def main(argv):
       print("relabel: other tasks still have units to score; the last one to finish (or a "
             "rerun) writes the labels")
   except (ValueError, shards.ShardsError, registry.RewardConfigError, hf_folder.FolderError,
-          convert.WeightsError) as e:
+          convert.WeightsError, storage.StorageError) as e:
     sys.exit(f"ppd_jax.data.relabel: {e}")
 
 

@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from ppd_jax import storage
 from ppd_jax.data import pickapic
 from ppd_jax.data import relabel
 from ppd_jax.data import shards
@@ -74,13 +75,13 @@ def build(shard_dir: str, out: str, rewards: list[str], min_margin: float = 0.0,
   for name in rewards:
     pairs, scores = relabel.read_scores(out, name)
     by_reward[name] = dict(zip(pairs.tolist(), scores))
-  summary = {"shards": os.path.abspath(shard_dir), "rewards": list(rewards), "user_ids": {n: user_id(k) for k, n in enumerate(rewards)},
+  summary = {"shards": os.fspath(storage.path(shard_dir)), "rewards": list(rewards), "user_ids": {n: user_id(k) for k, n in enumerate(rewards)},
              "min_margin": min_margin, "assign": assign, "seed": seed, "counts": {}}
   for split in relabel.SPLITS:
     path = os.path.join(shard_dir, f"records-{split}.npz")
-    if not os.path.exists(path):
+    if not storage.exists(path):
       continue
-    pairs = np.load(path)["pair"].astype(np.int64)
+    pairs = shards.read_npz(path)["pair"].astype(np.int64)
     missing = {n for n, table in by_reward.items() if any(int(p) not in table for p in pairs)}
     if missing:
       raise shards.ShardsError(f"{out}: the {split} records have pairs without {sorted(missing)} "
@@ -101,7 +102,7 @@ def build(shard_dir: str, out: str, rewards: list[str], min_margin: float = 0.0,
 
 def read_summary(folder: str) -> dict:
   path = os.path.join(folder, LABELS)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise shards.ShardsError(f"data.relabel={folder}: no {LABELS} (python -m ppd_jax.data.relabel "
                              "writes it once every pair is scored)")
   return shards.read_json(path)

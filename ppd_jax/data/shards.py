@@ -13,13 +13,21 @@ Every file is written under a temporary name, fsynced and renamed, and a unit's 
 written only after all its files are in place. A killed run leaves at most temporary files, which
 the rerun of their unit deletes; a unit without a done-file (or whose files no longer match it)
 is redone.
+
+The JSON and .npz helpers and done-files also take URLs (ppd_jax.storage), for the folders that
+other commands write with them (data/relabel.py --out): an object appears only once its upload
+is complete, so it is written directly and nothing half-written is ever left to delete. The
+shard folder itself stays local (precompute.py says why).
 """
 import glob
 import hashlib
+import io
 import json
 import os
 
 import numpy as np
+
+from ppd_jax import storage
 
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
@@ -63,7 +71,17 @@ def temporary(path: str) -> str:
   return f"{path}.{os.getpid()}.tmp"
 
 
+def _upload(path: str, data: bytes) -> dict:
+  """commit() for a URL: the object, with the same size and checksum entry."""
+  storage.write_bytes(path, data)
+  return {"file": storage.path(path).name, "bytes": len(data),
+          "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def write_json(path: str, obj) -> None:
+  if storage.is_url(path):
+    _upload(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+    return
   tmp = temporary(path)
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1, sort_keys=True)
@@ -72,15 +90,17 @@ def write_json(path: str, obj) -> None:
 
 def read_json(path: str):
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except (OSError, ValueError) as e:
     raise ShardsError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
 
 
 def remove_temporaries(folder: str, *patterns: str) -> int:
   """Deletes what a killed run left half-written of some outputs (glob patterns relative to
-  `folder`, e.g. one unit's files: only its owner writes them); returns how many."""
+  `folder`, e.g. one unit's files: only its owner writes them); returns how many. In a bucket
+  there are none: an object exists only once its upload is complete."""
+  if storage.is_url(folder):
+    return 0
   stale = [p for pattern in patterns
            for p in glob.glob(os.path.join(folder, pattern + ".*tmp"))]
   for path in stale:
@@ -110,6 +130,8 @@ class RecordWriter:
 
 def unit_done(folder: str, unit: str, verify: bool = True) -> dict | None:
   """The done-file of a unit if it and every file it lists are intact, else None."""
+  if storage.is_url(folder):
+    return _url_unit_done(folder, unit, verify)
   path = os.path.join(folder, "done", f"{unit}.json")
   if not os.path.exists(path):
     return None
@@ -126,12 +148,35 @@ def unit_done(folder: str, unit: str, verify: bool = True) -> dict | None:
   return done
 
 
+def _url_unit_done(folder: str, unit: str, verify: bool) -> dict | None:
+  """unit_done in a bucket: the same checks, on the objects' sizes and bytes."""
+  root = storage.path(folder)
+  path = root / "done" / f"{unit}.json"
+  if not path.exists():
+    return None
+  try:
+    done = read_json(os.fspath(path))
+  except ShardsError:
+    return None
+  for info in done["files"]:
+    target = root / info["dir"] / info["file"]
+    if not target.exists() or target.stat().length != info["bytes"]:
+      return None
+    if verify and hashlib.sha256(target.read_bytes()).hexdigest() != info["sha256"]:
+      return None
+  return done
+
+
 def mark_done(folder: str, unit: str, done: dict) -> None:
-  os.makedirs(os.path.join(folder, "done"), exist_ok=True)
+  storage.makedirs(os.path.join(folder, "done"))
   write_json(os.path.join(folder, "done", f"{unit}.json"), done)
 
 
 def save_npy(path: str, array: np.ndarray) -> dict:
+  if storage.is_url(path):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return _upload(path, buf.getvalue())
   tmp = temporary(path)
   with open(tmp, "wb") as f:
     np.save(f, array)
@@ -139,18 +184,29 @@ def save_npy(path: str, array: np.ndarray) -> dict:
 
 
 def commit_npz(path: str, arrays: dict) -> dict:
+  if storage.is_url(path):
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return _upload(path, buf.getvalue())
   tmp = temporary(path)
   with open(tmp, "wb") as f:
     np.savez(f, **arrays)
   return commit(tmp, path)
 
 
+def read_npz(path: str) -> dict:
+  """Every array of an .npz file, local or at a URL, as a dict."""
+  if storage.is_url(path):
+    return dict(np.load(io.BytesIO(storage.read_bytes(path))))
+  return dict(np.load(path))
+
+
 def read_manifest(folder: str) -> dict:
   """The manifest of a finished folder, or a ShardsError saying what is missing."""
   path = os.path.join(folder, MANIFEST)
-  if not os.path.isdir(folder):
+  if not storage.path(folder).is_dir():
     raise ShardsError(f"{folder}: no such folder (make it with python -m ppd_jax.data.precompute)")
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise ShardsError(f"{path} is missing: the precompute run that writes {folder} has not "
                       "finished; rerun it (it resumes where it stopped)")
   manifest = read_json(path)

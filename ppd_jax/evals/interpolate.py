@@ -13,16 +13,17 @@ sum_k w_k e_k (inference.mix_users). Two outputs:
     (1 - t) e_k + t e_l generates the edge prompts (the same seeds at every t), and every reward's
     mean score is plotted against t. PPD should trade reward k for reward l monotonically.
 Images and scores are kept per point (DIR/points/w<w0>_<w1>_<w2>/, shared by the edges that meet
-at a vertex), so a killed run redoes nothing it finished.
+at a vertex), so a killed run redoes nothing it finished. DIR, the run and the prompt file may be
+URLs (gs://...): every file goes through ppd_jax.storage.
 """
 import json
-import os
 import sys
 
 import numpy as np
 
 from ppd_jax import compile_cache
 from ppd_jax import images as image_io
+from ppd_jax import storage
 from ppd_jax.evals import plots
 from ppd_jax.evals import score_files
 from ppd_jax.evals import table1
@@ -53,10 +54,9 @@ def grid(run, embeddings, prompt: str, seed: int, n: int, folder: str, log=print
   """[(row, position, weights, image [H, W, C] in [-1, 1])]; PNGs kept in folder/grid/."""
   from ppd_jax import inference
   points = barycentric(n)
-  where = os.path.join(folder, "grid")
-  os.makedirs(where, exist_ok=True)
-  paths = [os.path.join(where, f"r{r}_j{j}.png") for r, j, _ in points]
-  if not all(os.path.exists(p) for p in paths):
+  where = storage.makedirs(storage.path(folder) / "grid")
+  paths = [where / f"r{r}_j{j}.png" for r, j, _ in points]
+  if not all(p.exists() for p in paths):
     mixes = np.stack([mix(embeddings, w) for _, _, w in points])
     made = inference.generate_mixes(run, prompt, mixes, seed=seed)
     for p, image in zip(paths, made):
@@ -79,7 +79,7 @@ def edges(run, embeddings, names, rewards: dict, prompts, seed: int, steps: int,
     for t in ts:
       w = [0.0, 0.0, 0.0]
       w[a], w[b] = 1.0 - float(t), float(t)
-      where = os.path.join(folder, "points", _key(w))
+      where = storage.path(folder) / "points" / _key(w)
       paths = table1.generate_set(run, mix(embeddings, w), 1.0, prompts, where, seed, chunk,
                                   log=lambda m: None)
       for name, reward in rewards.items():
@@ -108,17 +108,17 @@ def run_all(run, embeddings, names, rewards: dict, prompt: str, edge_prompts, ou
             log=print) -> dict:
   """grid.png, edges.json and edges.png in out; returns edges.json's content. A curve counts as
   monotone when no step goes back by more than `tolerance` (in the reward's units)."""
-  os.makedirs(out, exist_ok=True)
+  out = storage.makedirs(out)
   points = grid(run, embeddings, prompt, seed, n, out, log)
-  plots.triangle_grid(points, n, names, prompt, os.path.join(out, "grid.png"))
+  plots.triangle_grid(points, n, names, prompt, out / "grid.png")
   curves = edges(run, embeddings, names, rewards, edge_prompts, seed, steps, out, chunk, log)
   for c in curves:
     c["monotone"] = {r: monotone(c["means"][r], tolerance) for r in rewards}
   result = {"vertices": list(names), "prompt": prompt, "grid": n, "seed": seed,
             "monotone_tolerance": tolerance,
             "edge_prompts": len(edge_prompts), "edges": curves}
-  score_files.write_json_atomic(os.path.join(out, "edges.json"), result)
-  plots.edge_curves(curves, list(rewards), os.path.join(out, "edges.png"))
+  score_files.write_json_atomic(out / "edges.json", result)
+  plots.edge_curves(curves, list(rewards), out / "edges.png")
   return result
 
 
@@ -131,6 +131,8 @@ def main(argv):
   from ppd_jax.weights import hf_folder
   del argv
   compile_cache.setup()   # before any compile: reuse the last run's compiles
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # Orbax and fsspec log every file they read at INFO
   f = flags.FLAGS
   try:
     names = table1.reward_names(f.rewards)
@@ -140,6 +142,7 @@ def main(argv):
              [-(k + 1) for k in range(3)])
     if len(users) != 3:
       raise table1.Table1Error(f"--users={f.users!r}: three user ids, one per reward")
+    storage.check_writable(f.out)     # a wrong bucket fails now, not after the first images
     workdir, _, step = f.run.partition("@")
     run = inference.load_trained(workdir, int(step) if step else None)
     embeddings = []
@@ -154,7 +157,7 @@ def main(argv):
                      seed=f.seed, n=f.grid, steps=f.edge_steps, chunk=f.chunk,
                      tolerance=f.tolerance)
   except (ValueError, checkpoint.CheckpointError, prompt_sets.PromptSetError,
-          registry.RewardConfigError, hf_folder.FolderError) as e:
+          registry.RewardConfigError, hf_folder.FolderError, storage.StorageError) as e:
     sys.exit(f"ppd_jax.evals.interpolate: {e}")
   print(json.dumps({c["from"] + "->" + c["to"]: c["monotone"] for c in result["edges"]}))
 

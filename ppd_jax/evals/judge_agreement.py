@@ -15,10 +15,10 @@ also the share dropped as inconsistent, the invalid count, the soft accuracy (me
 probability of the user's image, over all valid questions) and the position bias.
 DIR/judgements.jsonl keeps one row per question, appended as each user is judged, between a
 user_start and a user_done row: a killed run resumes with the first user not closed.
-DIR/agreement.json holds the summary.
+DIR/agreement.json holds the summary. DIR may be a URL (gs://...): its files go through
+ppd_jax.storage.
 """
 import json
-import os
 import sys
 import time
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from ppd_jax import compile_cache
 from ppd_jax import metrics
+from ppd_jax import storage
 from ppd_jax.evals import judge as judge_lib
 from ppd_jax.evals import judge_log
 from ppd_jax.evals import score_files
@@ -71,8 +72,8 @@ def questions_for(pairs, user_id: int, shots: int, count: int) -> tuple[list, li
 def run(pairs, backend, out: str, *, split: str = "test", max_users: int = 0, questions: int = 4,
         shots: int = 4, log=print, after_user=None) -> dict:
   """Judges every user's questions into out (module docstring); returns agreement.json."""
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, "judgements.jsonl")
+  out = storage.makedirs(out)
+  path = out / "judgements.jsonl"
   done = judge_log.read(path)
   users = [u for u in users_of(pairs, split) if len(pairs.candidates(u)) > shots]
   if max_users:
@@ -99,7 +100,7 @@ def run(pairs, backend, out: str, *, split: str = "test", max_users: int = 0, qu
   summary = summarise(rows)
   summary.update({"split": split, "users": len(users), "questions_per_user": questions,
                   "judge": backend.describe() if hasattr(backend, "describe") else backend.name})
-  score_files.write_json_atomic(os.path.join(out, "agreement.json"), summary)
+  score_files.write_json_atomic(out / "agreement.json", summary)
   return summary
 
 
@@ -126,13 +127,16 @@ def main(argv):
   from ppd_jax.users import embed
   del argv
   compile_cache.setup()   # before any compile: reuse the last run's compiles
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # Orbax and fsspec log every file they read at INFO
   f = flags.FLAGS
   try:
+    storage.check_writable(f.out)     # a wrong bucket fails now, not after the first users
     pairs = shots_lib.open_pairs(f.pairs, 4, split_params=embed._split_params())
     backend = judge_backends.from_flags(f, f.out)
     summary = run(pairs, backend, f.out, split=f.split, max_users=f.max_users,
                   questions=f.questions, log=lambda m: print(m, flush=True))
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, storage.StorageError) as e:
     sys.exit(f"ppd_jax.evals.judge_agreement: {e}")
   print(json.dumps({k: summary[k] for k in ("questions", "accuracy", "wilson95", "consistency",
                                              "position_bias")}))

@@ -17,7 +17,8 @@ Authorization header: it is never logged, never in an error message and never in
 Retries: HTTP 429 and 5xx, timeouts and refused connections, `retries` times with exponential
 backoff (`backoff` * 2^k seconds). The cache is a JSONL file keyed by the SHA-256 of the request's
 content (model, settings, messages with images replaced by their hashes), appended and flushed per
-reply, so a rerun or a resumed job asks nothing twice. HTTP is the standard library's.
+reply, so a rerun or a resumed job asks nothing twice; on a URL (gs://...) the cache object is
+rewritten whole per reply (evals/judge_log.append_lines). HTTP is the standard library's.
 """
 import base64
 import concurrent.futures
@@ -35,7 +36,9 @@ import urllib.request
 import numpy as np
 from PIL import Image
 
+from ppd_jax import storage
 from ppd_jax.evals import judge as judge_lib
+from ppd_jax.evals import judge_log
 from ppd_jax.evals import judge_prompt
 from ppd_jax.users import prompts
 
@@ -195,29 +198,20 @@ def _server_message(e: urllib.error.HTTPError) -> str:
   return f": {msg[:200]}" if msg else ""
 
 
-def _read_cache(path: str) -> dict:
+def _read_cache(path) -> dict:
   """{key: reply}; a torn last line (a kill mid-write) is ignored."""
   out = {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-          out[row["key"]] = row["reply"]
-        except (ValueError, KeyError, TypeError):
-          continue
+  if storage.exists(path):
+    for line in storage.read_text(path).splitlines():
+      try:
+        row = json.loads(line)
+        out[row["key"]] = row["reply"]
+      except (ValueError, KeyError, TypeError):
+        continue
   return out
 
 
-def _append_cache(path: str, key: str, reply: dict) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  torn = False
-  if os.path.exists(path) and os.path.getsize(path):
-    with open(path, "rb") as f:
-      f.seek(-1, os.SEEK_END)
-      torn = f.read(1) != b"\n"          # a kill mid-line: start a fresh line
-  with open(path, "a", encoding="utf-8") as f:
-    f.write(("\n" if torn else "") + json.dumps({"key": key, "reply": reply}) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+def _append_cache(path, key: str, reply: dict) -> None:
+  """One line; after a torn one (a kill mid-line) on a fresh line."""
+  storage.makedirs(storage.path(path).parent)
+  judge_log.append_lines(path, json.dumps({"key": key, "reply": reply}) + "\n")

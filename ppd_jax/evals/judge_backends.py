@@ -10,6 +10,8 @@
 """
 import os
 
+from ppd_jax import storage
+
 DEFAULT_MODELS = {"api": "gpt-4o-mini-2024-07-18",
                   "local": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
 
@@ -45,7 +47,7 @@ def from_flags(f, out: str, log=print, run=None):
   model = f.judge_model or DEFAULT_MODELS[f.judge]
   if f.judge == "api":
     from ppd_jax.evals import judge_api
-    return judge_api.ApiJudge(model, os.path.join(out, "judge_cache.jsonl"),
+    return judge_api.ApiJudge(model, os.fspath(storage.path(out) / "judge_cache.jsonl"),
                               base_url=f.base_url, key_env=f.key_env, cot=f.cot,
                               temperature=f.judge_temperature, workers=f.judge_workers, log=log)
   from ppd_jax.evals import judge_local

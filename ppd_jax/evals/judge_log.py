@@ -3,43 +3,57 @@
 
 Reading keeps, for each closed user, the rows after its last start: a user cut off by a kill (no
 closing row, maybe a torn last line) counts as not done, and what it left is ignored. A block is
-appended on a fresh line even after a torn one.
+appended on a fresh line even after a torn one. A log on a URL (gs://...) is rewritten whole for
+each user (an object cannot be appended to; storage.append_text), which a kill cannot tear.
 """
 import json
 import os
 
-def read(path: str, key: str = "pair_id") -> dict:
+from ppd_jax import storage
+
+
+def read(path, key: str = "pair_id") -> dict:
   """{user: {row[key]: row}} of the closed users (module docstring)."""
   final, pending = {}, {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue
-        if not isinstance(row, dict):
-          continue
-        u = row.get("user_id")
-        if row.get("user_start"):
-          pending[u] = {}
-        elif row.get("user_done"):
-          final[u] = pending.pop(u, {})
-        elif key in row and u in pending:
-          pending[u][row[key]] = row
+  if storage.exists(path):
+    for line in storage.read_text(path).splitlines():
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if not isinstance(row, dict):
+        continue
+      u = row.get("user_id")
+      if row.get("user_start"):
+        pending[u] = {}
+      elif row.get("user_done"):
+        final[u] = pending.pop(u, {})
+      elif key in row and u in pending:
+        pending[u][row[key]] = row
   return final
 
 
-def append_user(path: str, user_id, rows: list[dict]) -> None:
-  """One user's rows as a closed block, on a fresh line even after a torn one, fsynced."""
+def append_lines(path, text: str) -> None:
+  """Appends whole lines to a local file (fsynced) or a URL's object, on a fresh line even when
+  the file ends in a torn one (a kill mid-write)."""
+  p = storage.path(path)
+  if storage.is_url(p):
+    old = p.read_text() if p.exists() else ""
+    storage.write_text(p, old + ("\n" if old and not old.endswith("\n") else "") + text)
+    return
   torn = False
-  if os.path.exists(path) and os.path.getsize(path):
-    with open(path, "rb") as f:
+  if p.exists() and p.stat().length:
+    with open(p, "rb") as f:
       f.seek(-1, os.SEEK_END)
       torn = f.read(1) != b"\n"
-  with open(path, "a", encoding="utf-8") as f:
-    block = [{"user_id": user_id, "user_start": True}, *rows,
-             {"user_id": user_id, "user_done": True}]
-    f.write(("\n" if torn else "") + "".join(json.dumps(r) + "\n" for r in block))
+  with open(p, "a", encoding="utf-8") as f:
+    f.write(("\n" if torn else "") + text)
     f.flush()
     os.fsync(f.fileno())
+
+
+def append_user(path, user_id, rows: list[dict]) -> None:
+  """One user's rows as a closed block, on a fresh line even after a torn one, fsynced."""
+  block = [{"user_id": user_id, "user_start": True}, *rows,
+           {"user_id": user_id, "user_done": True}]
+  append_lines(path, "".join(json.dumps(r) + "\n" for r in block))

@@ -24,11 +24,11 @@ are least like a's, short of exactly opposite, which would only show a symmetric
 "from one user's rewards to the other's" is a visible move.
 """
 import json
-import os
 import time
 
 import numpy as np
 
+from ppd_jax import storage
 from ppd_jax.demo_world import synthetic
 from ppd_jax.diffusion import generation
 from ppd_jax.evals import judge as judge_lib
@@ -137,13 +137,13 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print,
       "seconds": round(time.perf_counter() - start, 1),
   }
   results["per_user"]["group"] = {str(u): source.user_group(u) for u in unseen}
-  os.makedirs(out_dir, exist_ok=True)
-  _write_json(results, os.path.join(out_dir, "results.json"))
-  plots.win_rate_chart(results, os.path.join(out_dir, "win_rates.png"))
+  out = storage.makedirs(out_dir)
+  _write_json(results, out / "results.json")
+  plots.win_rate_chart(results, out / "win_rates.png")
   rows = [("base", base), ("DPO baseline", baseline)]
   rows += [(f"unseen user {u}", ppd[u]) for u in unseen[:4]]
   rows += [(f"train user {u}", ppd[u]) for u in train[:2]]
-  plots.sample_grid(rows, prompts, os.path.join(out_dir, "samples.png"))
+  plots.sample_grid(rows, prompts, out / "samples.png")
   return results
 
 
@@ -229,11 +229,8 @@ def _round(x):
   return None if x is None else round(float(x), 4)
 
 
-def _write_json(obj, path: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+def _write_json(obj, path) -> None:
+  storage.write_text(path, json.dumps(obj, indent=2))     # atomic locally
 
 
 def format_table(results: dict) -> str:

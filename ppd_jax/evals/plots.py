@@ -1,10 +1,12 @@
-"""PNG figures of an evaluation, drawn with PIL only (no plotting library in the dependencies)."""
-import os
+"""PNG figures of an evaluation, drawn with PIL only (no plotting library in the dependencies).
+Each is encoded in memory and written through ppd_jax.storage, so `path` may be a URL."""
+import io
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ppd_jax import images as images_lib
+from ppd_jax import storage
 
 _BARS = (("PPD\nvs base", "unseen_user_win_rate", (52, 101, 164)),
          ("PPD train\nvs base", "train_user_win_rate", (114, 159, 207)),
@@ -13,10 +15,10 @@ _BARS = (("PPD\nvs base", "unseen_user_win_rate", (52, 101, 164)),
          ("control\nvs base", "control_win_rate", (136, 138, 133)))
 
 
-def _save(img: Image.Image, path: str) -> None:
-  tmp = path + ".tmp"
-  img.save(tmp, format="PNG")
-  os.replace(tmp, path)
+def _save(img: Image.Image, path) -> None:
+  buffer = io.BytesIO()
+  img.save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())     # atomic locally
 
 
 def win_rate_chart(results: dict, path: str) -> None:

@@ -9,11 +9,14 @@
 
 Duplicates are kept in file order (a prompt set is what it is); an empty set, a TSV without a
 Prompt column, a row of the wrong width or a JSONL line without "prompt" is an error naming the
-file and line.
+file and line. Files and SHARD_DIR may be URLs (gs://...): they are read through ppd_jax.storage.
 """
 import csv
 import dataclasses
+import io
 import os
+
+from ppd_jax import storage
 
 
 class PromptSetError(ValueError):
@@ -27,8 +30,7 @@ class Prompt:
 
 
 def _tsv(path: str) -> list[Prompt]:
-  with open(path, newline="") as f:
-    rows = list(csv.reader(f, delimiter="\t"))
+  rows = list(csv.reader(io.StringIO(storage.read_text(path), newline=""), delimiter="\t"))
   if not rows or "Prompt" not in rows[0]:
     raise PromptSetError(f"{path}:1: a TSV prompt set needs a header with a 'Prompt' column "
                          f"(PartiPrompts: Prompt, Category, Challenge, Note), got {rows[:1]}")
@@ -55,12 +57,12 @@ def _pickapic(spec: str) -> list[Prompt]:
   from ppd_jax.data import pickapic
   folder, _, split = spec[len("pickapic:"):].partition(":")
   split = split or "validation"
-  path = os.path.join(folder, f"records-{split}.npz")
-  if not os.path.exists(path):
+  path = storage.path(folder) / f"records-{split}.npz"
+  if not path.exists():
     raise PromptSetError(f"{spec}: no {path} (a precompute output folder and one of its "
                          "splits: train, validation, test)")
-  index = pickapic.PickapicIndex.load(os.path.join(folder, "index"))
-  pairs = np.load(path)["pair"]
+  index = pickapic.PickapicIndex.load(os.fspath(storage.path(folder) / "index"))
+  pairs = np.load(io.BytesIO(path.read_bytes()))["pair"]
   ids = list(dict.fromkeys(int(c) for c in index.pairs["caption_id"][np.sort(pairs)]))
   return [Prompt(index.captions[c], f"pickapic-{split}") for c in ids]
 
@@ -69,15 +71,15 @@ def read(spec: str, limit: int | None = None) -> list[Prompt]:
   """The prompt set at `spec` (a file, or pickapic:SHARD_DIR[:split]), its first `limit`."""
   if spec.startswith("pickapic:"):
     prompts = _pickapic(spec)
-  elif not os.path.isfile(spec):
+  elif not storage.path(spec).is_file():
     raise PromptSetError(f"{spec}: no such prompt file")
   elif spec.endswith(".tsv"):
     prompts = _tsv(spec)
   elif spec.endswith(".jsonl"):
     prompts = _jsonl(spec)
   else:
-    with open(spec) as f:
-      prompts = [Prompt(line.strip()) for line in f if line.strip()]
+    prompts = [Prompt(line.strip()) for line in storage.read_text(spec).splitlines()
+               if line.strip()]
   if not prompts:
     raise PromptSetError(f"{spec}: no prompts")
   return prompts[:limit] if limit else prompts

@@ -6,7 +6,8 @@
 Rewards: evals/rewards/registry.py (pickscore, hps_v2, hps_v21, clip_l14, clip_h14, aesthetic).
 Writes one JSON line per image {"image", "prompt", "reward", "score"} to --out, and the summary
 (n, mean, std, 95% CI of the mean) to <out>.summary.json and stdout. A killed run resumes where it
-stopped; inputs and weights are checked before any scoring.
+stopped; inputs and weights are checked before any scoring. --images, --prompts and --out may be
+URLs (gs://...): every file goes through ppd_jax.storage.
 """
 import sys
 import time
@@ -15,6 +16,7 @@ from absl import app
 from absl import flags
 
 from ppd_jax import compile_cache
+from ppd_jax import storage
 from ppd_jax.evals import score_files
 from ppd_jax.evals import stats
 from ppd_jax.evals.rewards import preprocess
@@ -75,12 +77,15 @@ def run(reward_name: str, images: str, out: str, model=None, aesthetic_head=None
 def main(argv):
   del argv
   compile_cache.setup()   # before any compile: reuse the last run's compiles
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # Orbax and fsspec log every file they read at INFO
   f = flags.FLAGS
   try:
+    storage.check_writable(storage.path(f.out).parent)   # a wrong bucket fails before scoring
     summary = run(f.reward, f.images, f.out, f.model, f.aesthetic_head, f.tokenizer, f.prompts,
                   f.batch_size, f.log_every)
   except (score_files.ScoreInputError, registry.RewardConfigError, hf_folder.FolderError,
-          convert.WeightsError, preprocess.ImageInputError) as e:
+          convert.WeightsError, preprocess.ImageInputError, storage.StorageError) as e:
     sys.exit(f"ppd_jax.evals.score: {e}")
   ci = (f"[{summary['ci_low']:.4f}, {summary['ci_high']:.4f}]" if summary["ci_low"] is not None
         else "n/a")

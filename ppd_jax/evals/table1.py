@@ -17,7 +17,8 @@ reward) and reports it on --prompts: the paper's beta selection.
 
 Writes DIR/table1.json {"rows": {ROW: {REWARD: {"mean", "ci95": [lo, hi], "n"}}}, "selected",
 "validation", ...} and DIR/table1.md. Images (PNG + prompts.jsonl) and scores (JSONL) are kept
-under DIR/images/<run>/<user>/<set>/, so a killed run redoes nothing it finished.
+under DIR/images/<run>/<user>/<set>/, so a killed run redoes nothing it finished. DIR, the run
+folders and the prompt files may be URLs (gs://...): every file goes through ppd_jax.storage.
 """
 import dataclasses
 import json
@@ -28,6 +29,7 @@ import numpy as np
 
 from ppd_jax import compile_cache
 from ppd_jax import images as image_io
+from ppd_jax import storage
 from ppd_jax.evals import prompt_sets
 from ppd_jax.evals import score_files
 from ppd_jax.evals import stats
@@ -47,7 +49,7 @@ class RunSpec:
 
   @property
   def tag(self) -> str:
-    name = os.path.basename(os.path.normpath(self.workdir))
+    name = storage.path(self.workdir).name
     return f"{self.row}-{name}-{self.step if self.step is not None else 'latest'}"
 
 
@@ -61,7 +63,7 @@ def parse_runs(values, rewards) -> list[RunSpec]:
       raise Table1Error(f"--run={value!r}: expected ROW=WORKDIR[@STEP] with ROW one of "
                         f"{', '.join(sorted(rows))}")
     workdir, _, step = where.partition("@")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not (storage.path(workdir) / "checkpoints").is_dir():
       raise Table1Error(f"--run={value!r}: {workdir} holds no checkpoints/ (not a training run)")
     out.append(RunSpec(row, workdir, int(step) if step else None))
   if not out:
@@ -72,31 +74,31 @@ def parse_runs(values, rewards) -> list[RunSpec]:
   return out
 
 
-def generate_set(run, embedding, user_scale: float, prompts, folder: str, seed: int, chunk: int,
+def generate_set(run, embedding, user_scale: float, prompts, folder, seed: int, chunk: int,
                  log=print) -> list[str]:
   """PNG paths, one per prompt, made chunk by chunk (chunk c with seed + c); chunks whose files
   all exist are not redone. folder/prompts.jsonl lists them (evals/score.py reads it)."""
   from ppd_jax import inference
   from ppd_jax import sample
-  os.makedirs(folder, exist_ok=True)
-  paths = [os.path.join(folder, f"{i:05d}.png") for i in range(len(prompts))]
+  where = storage.makedirs(folder)
+  paths = [os.fspath(where / f"{i:05d}.png") for i in range(len(prompts))]
   for c in range(0, len(prompts), chunk):
-    if all(os.path.exists(p) for p in paths[c:c + chunk]):
+    if all(storage.exists(p) for p in paths[c:c + chunk]):
       continue
     texts = [p.text for p in prompts[c:c + chunk]]
     batch = inference.generate(run, texts, embedding, user_scale=user_scale, seed=seed + c // chunk)
     for path, image in zip(paths[c:c + chunk], batch):
       image_io.save_png(image, path)
-    sample.update_listing(folder, [{"image": os.path.basename(p), "prompt": t}
-                                   for p, t in zip(paths[c:c + chunk], texts)])
+    sample.update_listing(where, [{"image": storage.path(p).name, "prompt": t}
+                                  for p, t in zip(paths[c:c + chunk], texts)])
     log(f"table1: {folder}: {min(c + chunk, len(prompts))}/{len(prompts)} images")
   return paths
 
 
-def score_set(paths, prompts, name: str, reward, folder: str) -> np.ndarray:
+def score_set(paths, prompts, name: str, reward, folder) -> np.ndarray:
   """[P] scores of one reward, kept in folder/scores-<name>.jsonl (resumable)."""
-  log_file = score_files.ScoreLog(os.path.join(folder, f"scores-{name}.jsonl"), name)
-  items = [score_files.Item(os.path.basename(p), p, q.text) for p, q in zip(paths, prompts)]
+  log_file = score_files.ScoreLog(os.fspath(storage.path(folder) / f"scores-{name}.jsonl"), name)
+  items = [score_files.Item(storage.path(p).name, p, q.text) for p, q in zip(paths, prompts)]
   todo = [it for it in items if it.key not in log_file.scores]
   for c in range(0, len(todo), 64):
     part = todo[c:c + 64]
@@ -117,7 +119,7 @@ def evaluate_run(spec: RunSpec, set_name: str, prompts, rewards: dict, reward_us
   """{reward: [P] scores} of one run on one prompt set."""
   from ppd_jax import inference
   run = inference.load_trained(spec.workdir, spec.step)
-  where = lambda user: os.path.join(out, "images", spec.tag, user, set_name)
+  where = lambda user: storage.path(out) / "images" / spec.tag / user / set_name
   scores = {}
   if spec.row == "ppd":
     for name, reward in rewards.items():
@@ -182,9 +184,8 @@ def build_table(specs, prompts, val_prompts, rewards: dict, reward_users: dict, 
   for row, spec in selected.items():
     scores = evaluate_run(spec, "test", prompts, rewards, reward_users, out, seed, chunk, log)
     table["rows"][row] = {name: cell(v) for name, v in scores.items()}
-  score_files.write_json_atomic(os.path.join(out, "table1.json"), table)
-  with open(os.path.join(out, "table1.md"), "w") as f:
-    f.write(markdown(table))
+  score_files.write_json_atomic(storage.path(out) / "table1.json", table)
+  storage.write_text(storage.path(out) / "table1.md", markdown(table))
   return table
 
 
@@ -224,10 +225,13 @@ def main(argv):
   from ppd_jax.weights import hf_folder
   del argv
   compile_cache.setup()   # before any compile: reuse the last run's compiles
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # Orbax and fsspec log every file they read at INFO
   f = flags.FLAGS
   try:
     names = reward_names(f.rewards)
     specs = parse_runs(f.run, names)
+    storage.check_writable(f.out)     # a wrong bucket fails now, not after the first images
     users = {n: -(k + 1) for k, n in enumerate(names)}
     for value in f.reward_user or ():
       name, _, uid = value.partition("=")
@@ -239,7 +243,8 @@ def main(argv):
     rewards = load_rewards(names, f.model, f.aesthetic_head)
     table = build_table(specs, prompts, val, rewards, users, f.out, f.seed, f.chunk)
   except (Table1Error, prompt_sets.PromptSetError, registry.RewardConfigError,
-          hf_folder.FolderError, checkpoint.CheckpointError, score_files.ScoreInputError) as e:
+          hf_folder.FolderError, checkpoint.CheckpointError, score_files.ScoreInputError,
+          storage.StorageError) as e:
     sys.exit(f"ppd_jax.evals.table1: {e}")
   print(markdown(table))
   print(json.dumps({"selected": table["selected"]}))

@@ -24,17 +24,18 @@ and the reported win rate is the mean of win_u over users, with a percentile boo
 interval over users (evals/stats.bootstrap_mean_ci); also the soft (debiased) mean, the
 consistency and the position bias. DIR/winrate.json, DIR/winrate.md and DIR/examples.png (the
 first pairs with their verdicts). Images and verdicts are kept (DIR/images/..., DIR/verdicts.jsonl
-in per-user blocks, evals/judge_log.py), so a killed run redoes only the user in flight.
+in per-user blocks, evals/judge_log.py), so a killed run redoes only the user in flight. DIR, the
+runs and the prompt file may be URLs (gs://...): every file goes through ppd_jax.storage.
 """
 import dataclasses
 import json
-import os
 import sys
 
 import numpy as np
 
 from ppd_jax import compile_cache
 from ppd_jax import images as image_io
+from ppd_jax import storage
 from ppd_jax.evals import judge as judge_lib
 from ppd_jax.evals import judge_log
 from ppd_jax.evals import plots
@@ -128,8 +129,7 @@ class Opponent:
       from ppd_jax import inference
       workdir, _, step = spec[len("run:"):].partition("@")
       self.run = inference.load_trained(workdir, int(step) if step else None)
-      self.tag = "run-" + os.path.basename(os.path.normpath(workdir)) + (f"-{step}" if step
-                                                                          else "")
+      self.tag = "run-" + storage.path(workdir).name + (f"-{step}" if step else "")
     else:
       raise WinrateError(f"--against={spec!r}: base, control, profile_caption or "
                          "run:WORKDIR[@STEP]")
@@ -167,8 +167,8 @@ def _quiet(message: str) -> None:
 def run(ppd_run, opponent: Opponent, cases, backend, out: str, *, seed: int = 0, log=print,
         after_user=None) -> dict:
   """Every user's images and verdicts into out; returns winrate.json's content."""
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, "verdicts.jsonl")
+  out = storage.makedirs(out)
+  path = out / "verdicts.jsonl"
   done = judge_log.read(path, key="item")
   todo = [c for c in cases if c.user_id not in done]
   log(f"winrate: PPD vs {opponent.spec}: {len(cases)} users, {len(cases) - len(todo)} done "
@@ -176,7 +176,7 @@ def run(ppd_run, opponent: Opponent, cases, backend, out: str, *, seed: int = 0,
   position = {c.user_id: k for k, c in enumerate(cases)}
   for i, case in enumerate(todo):
     s = seed + position[case.user_id]
-    where = lambda side: os.path.join(out, "images", side, f"user{case.user_id}")
+    where = lambda side: out / "images" / side / f"user{case.user_id}"
     mine = table1.generate_set(ppd_run, ppd_run.source.user_embedding(case.user_id), 1.0,
                                [prompt_sets.Prompt(p) for p in case.prompts], where("ppd"), s,
                                len(case.prompts), _quiet)
@@ -198,10 +198,9 @@ def run(ppd_run, opponent: Opponent, cases, backend, out: str, *, seed: int = 0,
   result.update({"against": opponent.spec, "ppd_step": ppd_run.step, "seed": seed,
                  "judge": backend.describe() if hasattr(backend, "describe") else backend.name,
                  "template": prompts_lib.TEMPLATE_VERSION})
-  score_files.write_json_atomic(os.path.join(out, "winrate.json"), result)
-  with open(os.path.join(out, "winrate.md"), "w") as f:
-    f.write(markdown(result))
-  examples(done, cases, os.path.join(out, "examples.png"))
+  score_files.write_json_atomic(out / "winrate.json", result)
+  storage.write_text(out / "winrate.md", markdown(result))
+  examples(done, cases, out / "examples.png")
   return result
 
 
@@ -258,8 +257,11 @@ def main(argv):
   from ppd_jax.evals import judge_backends
   del argv
   compile_cache.setup()   # before any compile: reuse the last run's compiles
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # Orbax and fsspec log every file they read at INFO
   f = flags.FLAGS
   try:
+    storage.check_writable(f.out)     # a wrong bucket fails now, not after the first images
     workdir, _, step = f.run.partition("@")
     ppd = inference.load_trained(workdir, int(step) if step else None)
     cases = user_cases(ppd, f.users, f.max_users, f.items, f.prompts)
@@ -267,7 +269,7 @@ def main(argv):
     backend = judge_backends.from_flags(f, f.out, run=ppd)
     result = run(ppd, opponent, cases, backend, f.out, seed=f.seed,
                  log=lambda m: print(m, flush=True))
-  except (ValueError, OSError, KeyError, checkpoint.CheckpointError) as e:
+  except (ValueError, OSError, KeyError, checkpoint.CheckpointError, storage.StorageError) as e:
     sys.exit(f"ppd_jax.evals.winrate: {e}")
   print(markdown(result))
   print(json.dumps({"win_rate": result["win_rate"], "ci95": result["ci95"]}))

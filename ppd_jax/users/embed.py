@@ -14,8 +14,12 @@ run writes the same store as an uninterrupted one. --shard_index / --num_shards 
 every num_shards-th user; merge joins the shards' stores.
 
 Progress (entries, entries/s, ETA) goes to the log and to OUT.progress.jsonl, one row per batch.
+
+--out and --pairs may be URLs (gs://...): every file goes through ppd_jax.storage. In a bucket
+each part is one object, which exists only once complete, so resuming works the same there.
 """
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -25,6 +29,7 @@ import time
 import numpy as np
 
 from ppd_jax import metrics
+from ppd_jax import storage
 from ppd_jax.data import shards as shards_lib
 from ppd_jax.users import prompts
 from ppd_jax.users import shots as shots_lib
@@ -100,11 +105,20 @@ def _part_path(work: str, b: int) -> str:
   return os.path.join(work, f"part-{b:06d}.npz")
 
 
+def _remove_tree(path: str) -> None:
+  """Deletes a folder (a URL's objects under it) if it is there."""
+  if not storage.is_url(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif storage.exists(path):
+    storage.path(path).rmtree()
+
+
 def _read_part(path: str, batch: list, keys_only: bool = False) -> dict | None:
   """A committed part, or None if it belongs to another batch (a changed plan). keys_only reads
   just its entry keys (npz members load lazily), enough to tell whether the batch is done."""
   try:
-    with np.load(path) as f:
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
+    with np.load(source) as f:
       if [str(k) for k in f["planned"]] != [e.key for e in batch]:
         return None
       return {"planned": f["planned"]} if keys_only else {k: f[k] for k in f.files}
@@ -125,20 +139,20 @@ def run(opt: Options, *, log=print, vlm=None, after_batch=None) -> store_lib.Use
     raise shots_lib.PairsError(f"--pairs={opt.pairs}: no user with >= {opt.shots} pairs in "
                                f"shard {opt.shard_index} of {opt.num_shards}")
   wanted = settings(opt, pairs)
-  if os.path.exists(opt.out):
+  if storage.exists(opt.out):
     done = store_lib.UserEmbeddingStore(opt.out)
     have = {k: v for k, v in done.source.items() if k not in ("model_info", "report")}
     if have != wanted:
       raise ValueError(f"--out={opt.out} exists and was made with other settings "
                        f"({', '.join(_differing(have, wanted))} differ); choose another --out")
     log(f"embed: {opt.out} is complete ({done.num_users} users, {done.num_entries} entries)")
-    shutil.rmtree(opt.out + ".parts", ignore_errors=True)
+    _remove_tree(opt.out + ".parts")
     return done
 
   work = opt.out + ".parts"
-  os.makedirs(work, exist_ok=True)
+  storage.makedirs(work)
   settings_path = os.path.join(work, "settings.json")
-  if os.path.exists(settings_path):
+  if storage.exists(settings_path):
     before = shards_lib.read_json(settings_path)
     if before != wanted:
       raise ValueError(f"{work} holds a run with other settings "
@@ -223,7 +237,7 @@ def _assemble(opt: Options, batches: list, work: str, wanted: dict, model_info, 
   store_lib.write_store(opt.out, ids[keep], cat("embeddings")[keep], samples=cat("samples")[keep],
                         shot_ids=cat("shot_ids")[keep],
                         profiles=[prompts.profile_of(r) for r in kept], source=source)
-  shutil.rmtree(work, ignore_errors=True)
+  _remove_tree(work)
   done = store_lib.UserEmbeddingStore(opt.out)
   log(f"embed: wrote {opt.out}: {done.num_users} users, {done.num_entries} entries of "
       f"[{done.tokens}, {done.dim}]; {len(problems)} problem(s)")
@@ -232,10 +246,14 @@ def _assemble(opt: Options, batches: list, work: str, wanted: dict, model_info, 
 
 def _write_responses(path: str, ids, samples, responses: list[str]) -> None:
   """The VLM's whole answers (the store keeps the profile section), for reading."""
+  text = "".join(json.dumps({"user_id": u, "sample": s, "response": r}, ensure_ascii=False) + "\n"
+                 for u, s, r in zip(ids.tolist(), samples.tolist(), responses))
+  if storage.is_url(path):
+    storage.write_text(path, text)
+    return
   tmp = shards_lib.temporary(path)
   with open(tmp, "w", encoding="utf-8") as f:
-    for u, s, r in zip(ids.tolist(), samples.tolist(), responses):
-      f.write(json.dumps({"user_id": u, "sample": s, "response": r}, ensure_ascii=False) + "\n")
+    f.write(text)
   shards_lib.commit(tmp, path)
 
 
@@ -253,9 +271,10 @@ class _Progress:
     eta = (self.total - self.done) / rate if rate > 0 else float("inf")
     self.log(f"embed: {self.done}/{self.total} entries ({100 * self.done / self.total:.1f}%), "
              f"{rate:.2f} entries/s, ETA {metrics.format_duration(eta)}")
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"time": time.time(), "entries_done": self.done, "total": self.total,
-                          "entries_per_s": rate, "eta_s": eta}) + "\n")
+    # A URL's object is rewritten whole per row (storage.append_text): one small row per batch.
+    storage.append_text(self.path, json.dumps({
+        "time": time.time(), "entries_done": self.done, "total": self.total,
+        "entries_per_s": rate, "eta_s": eta}) + "\n")
 
 
 def _define_flags():
@@ -304,7 +323,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     run(options_from_flags(flags.FLAGS))
-  except (ValueError, OSError) as e:       # PairsError, StoreError, ShardsError included
+  except (ValueError, OSError, storage.StorageError) as e:   # Pairs/Store/ShardsError too
     sys.exit(f"ppd_jax.users.embed: {e}")
 
 

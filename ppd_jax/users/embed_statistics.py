@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from ppd_jax import storage
 from ppd_jax.data import images
 from ppd_jax.data import pickapic
 from ppd_jax.data import shards
@@ -52,7 +53,7 @@ def _check_file(index: pickapic.PickapicIndex, f: int, checked: set) -> None:
   if f in checked:
     return
   path = index.paths[f]
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise EmbedError(f"{path}: parquet file not found (moved? pass --input=THE_PARQUET_FOLDER)")
   if pickapic.file_fingerprint(path) != index.files[f]:
     raise EmbedError(f"{path} changed since it was indexed; re-index it")
@@ -210,7 +211,7 @@ def load_exclusions(shard_dir: str) -> list[int]:
   """Pair positions the precompute run could not decode (SHARDS/manifest.json "skipped"); none
   when there is no manifest yet. The manifest lists at most 1000; the rest are found here."""
   path = os.path.join(shard_dir, shards.MANIFEST)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
   try:
     manifest = shards.read_json(path)
@@ -221,10 +222,10 @@ def load_exclusions(shard_dir: str) -> list[int]:
 
 def load_index(shard_dir: str, input_path: str | None = None) -> pickapic.PickapicIndex:
   """SHARD_DIR/index, with its parquet paths re-pointed under `input_path` when given."""
-  if not os.path.isdir(shard_dir):
+  if not storage.path(shard_dir).is_dir():
     raise EmbedError(f"{shard_dir}: no such folder")
   folder = os.path.join(shard_dir, "index")
-  if not os.path.exists(os.path.join(folder, "index.json")):
+  if not storage.exists(os.path.join(folder, "index.json")):
     raise EmbedError(f"{folder}: no saved Pick-a-Pic index (make it with "
                      "python -m ppd_jax.data.precompute)")
   try:

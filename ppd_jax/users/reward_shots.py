@@ -11,11 +11,14 @@ embedding store's shot_ids must say which. A reward user's pairs are in a seeded
 relabel seed, a hash of each pair's identity), so sample 0 is its first N and --samples=256 draws
 255 further N-subsets (users/shots.plan), the many 4-pair embeddings training draws from
 (data.user_sample = "random").
+
+The relabel and shard folders may be URLs (gs://...), read through ppd_jax.storage.
 """
 import os
 
 import numpy as np
 
+from ppd_jax import storage
 from ppd_jax.users import prompts
 from ppd_jax.users import shots as shots_lib
 
@@ -24,7 +27,7 @@ ORDER_SALT = 0x0D0E
 
 def is_relabel_folder(path: str) -> bool:
   from ppd_jax.data import reward_users
-  return os.path.isfile(os.path.join(path, reward_users.LABELS))
+  return storage.exists(os.path.join(path, reward_users.LABELS))
 
 
 class RewardUserShots:
@@ -33,19 +36,21 @@ class RewardUserShots:
   def __init__(self, folder: str, shots: int):
     from ppd_jax.data import pickapic
     from ppd_jax.data import reward_users
-    self.folder = os.path.abspath(folder)
+    from ppd_jax.data import shards
+    self.folder = os.fspath(storage.path(folder))
     self.summary = reward_users.read_summary(folder)
     shard_dir = self.summary.get("shards")
-    if not shard_dir or not os.path.isdir(shard_dir):
+    if not shard_dir or not storage.path(shard_dir).is_dir():
       raise shots_lib.PairsError(
           f"--pairs={folder}: {reward_users.LABELS} names no readable shard folder "
           f"({shard_dir!r}); rerun python -m ppd_jax.data.relabel to rebuild the labels")
     labels_path = os.path.join(folder, "labels-train.npz")
-    if not os.path.exists(labels_path):
+    if not storage.exists(labels_path):
       raise shots_lib.PairsError(f"--pairs={folder}: no labels-train.npz")
     self.index = pickapic.PickapicIndex.load(os.path.join(shard_dir, "index"))
-    labels = dict(np.load(labels_path))
-    records = np.load(os.path.join(shard_dir, "records-train.npz"))["pair"].astype(np.int64)
+    labels = shards.read_npz(labels_path)
+    records = shards.read_npz(os.path.join(shard_dir, "records-train.npz"))["pair"].astype(
+        np.int64)
     self.positions = records[labels["record"]]              # label row -> index position
     self.flip = labels["flip"].astype(bool)
     self.user_ids = user_ids = labels["user_id"].astype(np.int64)

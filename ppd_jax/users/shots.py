@@ -16,6 +16,9 @@ reader's order (Pick-a-Pic: the seeded order of data/pickapic.py; JSONL: file or
 1, 2, ... are other N-subsets, drawn with a seed from the user's pairs, distinct as sets; a user
 with fewer distinct subsets gets fewer samples. A pair whose image cannot be read is replaced by
 the user's next unused pair, as the training reader does, and counted.
+
+Any of these may be at a URL (gs://...), and so may a JSONL file's images (paths relative to the
+file are relative to its URL): every read goes through ppd_jax.storage.
 """
 import base64
 import dataclasses
@@ -27,6 +30,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from ppd_jax import storage
 from ppd_jax.users import prompts
 
 
@@ -54,8 +58,11 @@ class Entry:
 
 
 def decode_image(data, where: str) -> Image.Image:
+  """An image from its bytes or its path (local or URL)."""
   try:
-    im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    if isinstance(data, (str, os.PathLike)):
+      data = storage.read_bytes(data)
+    im = Image.open(io.BytesIO(data))
     im.load()
     return im.convert("RGB")
   except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -67,9 +74,8 @@ def read_rows(path: str) -> tuple[list[dict], list[str]]:
   out. Every row needs caption, image_1, image_2 and preferred; JsonlPairs also needs user_id,
   a new user's file (users/new_user.py) may leave it out."""
   try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except OSError as e:
+    text = storage.read_bytes(path).decode("utf-8")
+  except (OSError, UnicodeDecodeError) as e:
     raise PairsError(f"--pairs={path}: {e}") from None
   return parse_rows(text, path, path.endswith(".json"))
 
@@ -90,7 +96,7 @@ def parse_rows(text: str, path: str, as_json_list: bool) -> tuple[list[dict], li
       if line.strip():
         numbered.append((i, line, f"{path}:{i + 1}"))
   rows, problems = [], []
-  folder = os.path.dirname(os.path.abspath(path))
+  folder = os.fspath(storage.path(path).parent)
   for i, raw, where in numbered:
     try:
       rows.append(_row(raw, i, folder, where))
@@ -156,8 +162,8 @@ class JsonlPairs:
     self.users = np.asarray(sorted(self._order), np.int64)
 
   def describe(self) -> dict:
-    return {"kind": "jsonl", "path": os.path.abspath(self.path),
-            "size": os.path.getsize(self.path)}
+    p = storage.path(self.path)
+    return {"kind": "jsonl", "path": os.fspath(p), "size": p.stat().length}
 
   def candidates(self, user_id: int) -> list[int]:
     return self._order[int(user_id)]
@@ -214,26 +220,27 @@ def open_pairs(path: str, shots: int, *, split_params: dict, log=print):
   RewardUserShots (users/reward_shots.py)."""
   from ppd_jax.data import pickapic
   from ppd_jax.users import reward_shots
-  if os.path.isfile(path):
+  where = storage.path(path)
+  if where.exists() and not where.is_dir():
     return JsonlPairs(path, shots, log)
   if reward_shots.is_relabel_folder(path):
     return reward_shots.RewardUserShots(path, shots)
   saved = os.path.join(path, "index")
-  if os.path.exists(os.path.join(saved, "index.json")):
+  if storage.exists(os.path.join(saved, "index.json")):
     index = pickapic.PickapicIndex.load(saved)
     if index.users["fewshot"].shape[1] != shots:
       raise PairsError(f"--pairs={path}: its index recorded {index.users['fewshot'].shape[1]} "
                        f"few-shot pairs per user, --shots={shots}")
-    source = {"kind": "pickapic_index", "path": os.path.abspath(path),
+    source = {"kind": "pickapic_index", "path": os.fspath(where),
               "parameters": index.report["parameters"]}
     return PickapicShots(index, source)
-  if not os.path.isdir(path):
+  if not where.is_dir():
     raise PairsError(f"--pairs={path}: neither a JSONL/JSON file nor a folder")
   try:
     index = pickapic.build_index(path, fewshot=shots, log=log, **split_params)
   except pickapic.PickapicError as e:
     raise PairsError(f"--pairs={path}: {e}") from None
-  source = {"kind": "pickapic_parquet", "path": os.path.abspath(path),
+  source = {"kind": "pickapic_parquet", "path": os.fspath(where),
             "parameters": index.report["parameters"], "inputs": index.report["inputs"]}
   return PickapicShots(index, source)
 

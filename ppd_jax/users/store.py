@@ -22,14 +22,22 @@ Version 1 files (one entry per user, profiles as a JSON list in the metadata) ar
 
 The reader parses the header itself and memory-maps embeddings and profile text, so the Grain
 worker processes that re-open the file share the page cache instead of each holding a copy.
+
+A store may live at a URL (gs://...). Memory-mapping needs a local file, so a URL's store is
+written locally, then uploaded whole, and read from a local copy made once per machine (keyed by
+the URL, size and modification time, so processes share it and a rewritten store is fetched anew).
 """
+import hashlib
 import json
 import os
 import secrets
 import struct
+import tempfile
 
 import numpy as np
 from safetensors.numpy import save_file
+
+from ppd_jax import storage
 
 FORMAT = "ppd_jax.user_embeddings"
 VERSION = 2
@@ -162,7 +170,16 @@ def write_store(path, user_ids, embeddings, *, samples=None, shot_ids=None, prof
 
 
 def _write_atomically(path: str, tensors: dict, metadata: dict) -> None:
-  """Temp file beside path (same filesystem, so os.replace is atomic), fsynced before the swap."""
+  """Temp file beside path (same filesystem, so os.replace is atomic), fsynced before the swap.
+  A URL's store is written to a local temporary file and uploaded whole (an object appears
+  only once complete)."""
+  if storage.is_url(path):
+    with tempfile.TemporaryDirectory(prefix="ppd_jax_store_") as tmp:
+      local = os.path.join(tmp, "store.safetensors")
+      save_file(tensors, local, metadata=metadata)
+      with open(local, "rb") as f:
+        storage.write_bytes(path, f.read())
+    return
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -201,22 +218,43 @@ def _umask() -> int:
   return 0o022
 
 
-def _read_header(path: str) -> tuple[dict, int, int]:
-  """-> (header JSON, byte offset where tensor data starts, file size). Raises StoreError."""
+def local_file(path: str) -> str:
+  """The local file to read `path` from: itself, or for a URL a local copy (module docstring).
+  A missing URL raises FileNotFoundError, as a missing local file does."""
+  if not storage.is_url(path):
+    return path
+  remote = storage.path(path)
+  st = remote.stat()
+  key = hashlib.sha256(f"{path}|{st.length}|{st.mtime}".encode()).hexdigest()[:20]
+  folder = os.path.join(tempfile.gettempdir(), "ppd_jax_stores")
+  local = os.path.join(folder, f"{key}-{remote.name}")
+  if not os.path.exists(local):
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{local}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "wb") as f:
+      f.write(remote.read_bytes())
+    os.replace(tmp, local)
+  return local
+
+
+def _read_header(path: str, name: str | None = None) -> tuple[dict, int, int]:
+  """-> (header JSON, byte offset where tensor data starts, file size). Raises StoreError naming
+  `name` (default: path)."""
+  shown = path if name is None else name
   try:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
       head = f.read(8)
       n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
       if n < 2 or n > min(_MAX_HEADER, size - 8):
-        raise StoreError(f"{path}: not a safetensors file (bad header length)")
+        raise StoreError(f"{shown}: not a safetensors file (bad header length)")
       header = json.loads(f.read(n))
   except FileNotFoundError:
-    raise StoreError(f"{path}: user-embedding store not found") from None
+    raise StoreError(f"{shown}: user-embedding store not found") from None
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise StoreError(f"{path}: not a readable safetensors file: {e}") from None
+    raise StoreError(f"{shown}: not a readable safetensors file: {e}") from None
   if not isinstance(header, dict):
-    raise StoreError(f"{path}: not a safetensors file (header is not an object)")
+    raise StoreError(f"{shown}: not a safetensors file (header is not an object)")
   return header, 8 + n, size
 
 
@@ -231,7 +269,13 @@ class UserEmbeddingStore:
 
   def __init__(self, path):
     self.path = os.fspath(path)
-    header, data_start, size = _read_header(self.path)
+    try:
+      self._file = local_file(self.path)
+    except FileNotFoundError:
+      raise StoreError(f"{self.path}: user-embedding store not found") from None
+    except OSError as e:
+      raise StoreError(f"{self.path}: cannot be read ({type(e).__name__}: {e})") from None
+    header, data_start, size = _read_header(self._file, self.path)
     meta = header.pop("__metadata__", None) or {}
     if meta.get("format") != FORMAT:
       raise StoreError(f"{self.path}: not a user-embedding store (format tag "
@@ -289,7 +333,7 @@ class UserEmbeddingStore:
       self._profile_info = (offsets, blob)
 
   def _read(self, info: dict, dtype: str, count: int) -> np.ndarray:
-    return np.fromfile(self.path, dtype=dtype, count=count, offset=info["offset"])
+    return np.fromfile(self._file, dtype=dtype, count=count, offset=info["offset"])
 
   def _check_order(self) -> None:
     """Entries sorted by (user, sample), each user with a sample-0 entry -> the primary rows."""
@@ -322,7 +366,7 @@ class UserEmbeddingStore:
   def embeddings(self) -> np.ndarray:
     """All entries' embeddings [E, T, D] in the stored dtype, read-only and memory-mapped."""
     if self._emb is None:
-      self._emb = np.memmap(self.path, dtype=self.dtype.newbyteorder("<"), mode="r",
+      self._emb = np.memmap(self._file, dtype=self.dtype.newbyteorder("<"), mode="r",
                             offset=self._emb_offset, shape=(len(self), self.tokens, self.dim))
     return self._emb
 
@@ -401,8 +445,8 @@ class UserEmbeddingStore:
     if self._profile_info is None:
       return None
     offsets, blob = self._profile_info
-    lo, hi = np.fromfile(self.path, dtype="<i8", count=2, offset=offsets["offset"] + 8 * row)
-    with open(self.path, "rb") as f:
+    lo, hi = np.fromfile(self._file, dtype="<i8", count=2, offset=offsets["offset"] + 8 * row)
+    with open(self._file, "rb") as f:
       f.seek(blob["offset"] + int(lo))
       return f.read(int(hi - lo)).decode("utf-8")
 

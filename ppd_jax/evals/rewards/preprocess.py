@@ -21,12 +21,14 @@ Float arrays are the sampler's [-1, 1] convention, mapped with images.to_uint8, 
 arrays gives exactly what scoring the PNGs that images.save_png writes would.
 """
 import concurrent.futures
+import io
 import os
 
 import numpy as np
 from PIL import Image
 
 from ppd_jax import images as image_io
+from ppd_jax import storage
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,9 +53,10 @@ def _array_to_uint8(a: np.ndarray, where: str) -> np.ndarray:
 
 
 def _load(path) -> np.ndarray:
-  """File -> [H, W, 3] uint8, decoded now so a truncated file fails here."""
+  """File (a local path or a URL, read through ppd_jax.storage) -> [H, W, 3] uint8, decoded now
+  so a truncated file fails here."""
   try:
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
       im.load()
       return np.asarray(im.convert("RGB"))
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data

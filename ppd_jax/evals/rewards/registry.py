@@ -15,13 +15,15 @@ torchmetrics' CLIP score; clip_h14 is the CLIP reward of Diffusion-DPO (and so o
 `python -m ppd_jax.weights.convert_open_clip` and pass the folder as `model`. Where a folder has no
 tokenizer (a converted checkpoint), the LAION ViT-H/14 tokenizer is used: open_clip's BPE is
 CLIP's, and its zero padding sits after the EOS, which causal attention never lets the pooled
-EOS token see.
+EOS token see. `model` and `aesthetic_head` may be URLs (gs://...; evals/rewards/remote.py).
 """
 import dataclasses
 from typing import Callable
 
+from ppd_jax import storage
 from ppd_jax.evals.rewards import aesthetic
 from ppd_jax.evals.rewards import clip_similarity
+from ppd_jax.evals.rewards import remote
 from ppd_jax.weights import aesthetic_head as aesthetic_weights
 from ppd_jax.weights import clip_folder
 from ppd_jax.weights import hf_folder
@@ -62,6 +64,16 @@ class RewardConfigError(ValueError):
   """A reward name or weight setting that cannot work; the message names the flag."""
 
 
+def _local(model: str) -> str:
+  """A URL's model folder as its local copy (remote.local_folder); anything else as it is."""
+  if not storage.is_url(model):
+    return model
+  try:
+    return remote.local_folder(model)
+  except remote.RemoteWeightsError as e:
+    raise RewardConfigError(str(e)) from None
+
+
 def load(name: str, model: str | None = None, aesthetic_head: str | None = None,
          tokenizer: str | None = None, batch_size: int = 32, workers: int | None = None):
   """The reward `name` with weights from `model` (a transformers CLIP folder, a converted
@@ -83,12 +95,19 @@ def load(name: str, model: str | None = None, aesthetic_head: str | None = None,
     if not aesthetic_head:
       raise RewardConfigError("--reward=aesthetic needs --aesthetic_head=PATH "
                               f"({spec.source})")
-    vision, vision_params = clip_folder.load_vision(model)
-    head = aesthetic_weights.load(aesthetic_head, input_dim=vision.config.projection_dim)
+    vision, vision_params = clip_folder.load_vision(_local(model))
+    dim = vision.config.projection_dim
+    if storage.is_url(aesthetic_head):
+      try:
+        head = remote.aesthetic_head(aesthetic_head, dim)
+      except remote.RemoteWeightsError as e:
+        raise RewardConfigError(str(e)) from None
+    else:
+      head = aesthetic_weights.load(aesthetic_head, input_dim=dim)
     return aesthetic.AestheticReward(vision, vision_params, head, batch_size, workers)
   if aesthetic_head:
     raise RewardConfigError(f"--aesthetic_head is only for --reward=aesthetic, not {name}")
-  folder = hf_folder.resolve_model(model)
+  folder = hf_folder.resolve_model(_local(model))
   module, params = clip_folder.load_clip(folder)
   tok = clip_folder.load_tokenizer(folder, fallback=spec.tokenizer, override=tokenizer)
   return clip_similarity.ClipSimilarityReward(name, module, params, tok, spec.formula,
