@@ -156,6 +156,8 @@ class Checkpointer:
       saved = _shapes(getattr(getattr(saved, "item_metadata", saved), "tree", saved))
     except Exception:  # noqa: BLE001 - unreadable metadata: restore() reports the checkpoint
       return
+    if not any(saved.values()):   # damaged metadata reads as no arrays: restore() reports it
+      return
     wanted = _shapes(abstract_state)
     wrong = [f"{k}: saved {saved.get(k, 'absent')}, this run {wanted.get(k, 'absent')}"
              for k in sorted(set(saved) | set(wanted), key=lambda k: (k.startswith("opt"), k))
