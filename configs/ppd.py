@@ -158,7 +158,7 @@ def _pickapic_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # Pairs per device per micro-step that fit an 80 GB GPU (80e9 B = 74.5 GiB), from the
-# ahead-of-time memory figures in README.md ("Benchmarks": benchmarks/memory.py, XLA's buffer
+# ahead-of-time memory figures in README.md ("Performance": benchmarks/memory.py, XLA's buffer
 # assignment on the CPU, which overstates a GPU's temporaries). A pair is 2 images, each through
 # the reference and the policy UNet.
 _PER_DEVICE_BATCH = {

@@ -83,6 +83,23 @@ class Emulator:
       if not token:
         return sorted(out)
 
+  def upload(self, bucket: str, name: str, data: bytes) -> None:
+    """One object, through the JSON API's simple media upload."""
+    query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+    req = urllib.request.Request(f"{self.url}/upload/storage/v1/b/{bucket}/o?{query}", data=data,
+                                 method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+      resp.read()
+
+  def upload_folder(self, bucket: str, local: str, prefix: str) -> None:
+    """Every file under `local`, as prefix/relative/path."""
+    for root, _, names in os.walk(local):
+      for name in sorted(names):
+        path = os.path.join(root, name)
+        with open(path, "rb") as f:
+          self.upload(bucket, f"{prefix.rstrip('/')}/{os.path.relpath(path, local)}", f.read())
+
   def read(self, bucket: str, name: str) -> bytes:
     return self._request(
         "GET", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media")
@@ -123,6 +140,13 @@ def emulator_env(url: str) -> dict:
       "GOOGLE_CLOUD_PROJECT": "test",
   })
   return env
+
+
+def assert_no_local_gs_folder(*folders) -> None:
+  """A URL taken for a local path (os.path.abspath("gs://b/x") == "<cwd>/gs:/b/x") leaves a
+  folder named "gs:" behind."""
+  for folder in folders:
+    assert not os.path.exists(os.path.join(folder, "gs:")), f"a local 'gs:' folder in {folder}"
 
 
 @pytest.fixture(scope="module")

@@ -10,35 +10,20 @@ import json
 import os
 import subprocess
 import sys
-import urllib.parse
-import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from gcs_emulator import assert_no_local_gs_folder
 from gcs_emulator import gcs  # noqa: F401 -- the fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "ppd-data"
 
 
-def _put(gcs, name: str, data: bytes) -> None:  # noqa: F811
-  """Uploads one object through the emulator's JSON API (a simple media upload)."""
-  query = urllib.parse.urlencode({"uploadType": "media", "name": name})
-  req = urllib.request.Request(f"{gcs.url}/upload/storage/v1/b/{BUCKET}/o?{query}", data=data,
-                               method="POST",
-                               headers={"Content-Type": "application/octet-stream"})
-  with urllib.request.urlopen(req, timeout=10) as resp:
-    resp.read()
 
 
-def _put_folder(gcs, local: str, prefix: str) -> None:  # noqa: F811
-  for root, _, names in os.walk(local):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        _put(gcs, prefix + os.path.relpath(path, local), f.read())
 
 
 def _run(bucket, cwd, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -49,9 +34,6 @@ def _run(bucket, cwd, args: list[str], timeout: int = 300) -> subprocess.Complet
                         text=True, timeout=timeout)
 
 
-def _no_local_gs_folder(*folders) -> None:
-  for folder in folders:
-    assert not os.path.exists(os.path.join(folder, "gs:")), f"a local 'gs:' folder in {folder}"
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +51,7 @@ def parquet(bucket, tmp_path_factory):
   make_pickapic.write_synthetic_pickapic(
       local, num_users=6, pairs_per_user=(4, 7), num_files=2, corrupt_jpegs=1, empty_file=True,
       bad_schema_file=True, row_group_size=4, seed=0)
-  _put_folder(bucket, local, "parquet/")
+  bucket.upload_folder(BUCKET, local, "parquet/")
   return local
 
 
@@ -98,7 +80,7 @@ def test_a_pickapic_index_from_a_bucket_equals_the_local_one(bucket, parquet, tm
   assert url["report"]["inputs"] == local["report"]["inputs"]    # names, sizes, tail hashes
   assert url["report"]["counts"]["files_skipped"] == 2           # the empty and bad-schema files
   assert url["pairs"] == local["pairs"] > 0 and url["jpg"] == local["jpg"]
-  _no_local_gs_folder(tmp_path, ROOT)
+  assert_no_local_gs_folder(tmp_path, ROOT)
 
 
 def test_precompute_refuses_a_bucket_output_in_one_line(bucket, tmp_path):
@@ -110,7 +92,7 @@ def test_precompute_refuses_a_bucket_output_in_one_line(bucket, tmp_path):
   assert last.startswith("ppd_jax.data.precompute: --output=gs://") and "local" in last, \
       result.stderr[-2000:]
   assert not bucket.names(BUCKET, "shards")
-  _no_local_gs_folder(tmp_path, ROOT)
+  assert_no_local_gs_folder(tmp_path, ROOT)
 
 
 def test_relabel_scores_and_labels_round_trip_through_a_bucket(bucket, tmp_path):
@@ -144,7 +126,7 @@ def test_relabel_scores_and_labels_round_trip_through_a_bucket(bucket, tmp_path)
   names = bucket.names(BUCKET, "relabel/")
   assert "relabel/settings.json" in names and "relabel/done/r-file-00000.json" in names
   assert not [n for n in names if n.endswith(".tmp")]
-  _no_local_gs_folder(tmp_path, ROOT)
+  assert_no_local_gs_folder(tmp_path, ROOT)
 
 
 def _pairs_jsonl(bucket, folder) -> None:
@@ -158,11 +140,11 @@ def _pairs_jsonl(bucket, folder) -> None:
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(buf, "PNG")
         names.append(f"img/u{u}_{k}_{side}.png")
-        _put(bucket, folder + names[-1], buf.getvalue())
+        bucket.upload(BUCKET, folder + names[-1], buf.getvalue())
       lines.append(json.dumps({"user_id": u, "caption": f"caption {k} of {u}",
                                "image_1": names[0], "image_2": names[1],
                                "preferred": 1 + (k % 2)}))
-  _put(bucket, folder + "pairs.jsonl", ("\n".join(lines) + "\n").encode())
+  bucket.upload(BUCKET, folder + "pairs.jsonl", ("\n".join(lines) + "\n").encode())
 
 
 def test_embed_reads_pairs_from_a_bucket_and_writes_its_store_there(bucket, tmp_path):
@@ -197,4 +179,4 @@ def test_embed_reads_pairs_from_a_bucket_and_writes_its_store_there(bucket, tmp_
   again = _run(bucket, cwd, args)
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"embed: {out} is complete (2 users, 2 entries)" in again.stdout
-  _no_local_gs_folder(cwd, tmp_path, ROOT)
+  assert_no_local_gs_folder(cwd, tmp_path, ROOT)

@@ -10,8 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.parse
-import urllib.request
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import tiny_clip  # noqa: E402
+from gcs_emulator import assert_no_local_gs_folder  # noqa: E402
 from gcs_emulator import gcs  # noqa: E402,F401 -- the fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,20 +25,8 @@ BUCKET = "ppd-evals"
 PROMPTS = ["a red circle", "a blue square", "a dark cat", "a small dog"]
 
 
-def _upload(emulator, name: str, data: bytes) -> None:
-  """One object, through the emulator's JSON API (media upload)."""
-  query = urllib.parse.urlencode({"uploadType": "media", "name": name})
-  req = urllib.request.Request(f"{emulator.url}/upload/storage/v1/b/{BUCKET}/o?{query}",
-                               data=data, method="POST",
-                               headers={"Content-Type": "application/octet-stream"})
-  with urllib.request.urlopen(req, timeout=10) as resp:
-    resp.read()
 
 
-def _upload_folder(emulator, folder: str, prefix: str) -> None:
-  for name in sorted(os.listdir(folder)):
-    with open(os.path.join(folder, name), "rb") as f:
-      _upload(emulator, f"{prefix}/{name}", f.read())
 
 
 def _env(emulator, tmp_path) -> dict:
@@ -49,9 +36,6 @@ def _env(emulator, tmp_path) -> dict:
           "PPD_JAX_COMPILATION_CACHE": os.path.join(ROOT, ".jax_cache")}
 
 
-def _no_local_gs_folder(*folders) -> None:
-  for folder in folders:
-    assert not os.path.exists(os.path.join(folder, "gs:")), f"a local 'gs:' folder in {folder}"
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +55,11 @@ def uploaded(bucket, tmp_path_factory):
   floats = tiny_clip.images(len(PROMPTS)).astype(np.float32) / 127.5 - 1
   for i, x in enumerate(floats):
     image_io.save_png(x, str(tmp / "img.png"))
-    _upload(bucket, f"images/img_{i}.png", (tmp / "img.png").read_bytes())
-  _upload(bucket, "images/prompts.jsonl", "".join(
+    bucket.upload(BUCKET, f"images/img_{i}.png", (tmp / "img.png").read_bytes())
+  bucket.upload(BUCKET, "images/prompts.jsonl", "".join(
       json.dumps({"image": f"img_{i}.png", "prompt": p}) + "\n"
       for i, p in enumerate(PROMPTS)).encode())
-  _upload_folder(bucket, model, "weights/clip")
+  bucket.upload_folder(BUCKET, model, "weights/clip")
   return model, floats
 
 
@@ -103,7 +87,7 @@ def test_score_reads_images_and_weights_from_the_bucket_and_writes_there(bucket,
   summary = json.loads(bucket.read(BUCKET, "scores/pick.summary.json"))
   assert summary["n"] == len(PROMPTS)
   assert summary["mean"] == pytest.approx(float(np.mean(expected.astype(np.float64))), rel=1e-5)
-  _no_local_gs_folder(cwd, ROOT)
+  assert_no_local_gs_folder(cwd, ROOT)
 
 
 def test_the_aesthetic_head_is_read_from_the_bucket(bucket, uploaded, tmp_path):
@@ -116,7 +100,7 @@ def test_the_aesthetic_head_is_read_from_the_bucket(bucket, uploaded, tmp_path):
   head = str(tmp_path / "head.safetensors")          # keyed as the .pth, as the converter writes
   safetensors.numpy.save_file({f"layers.{k}": v.numpy() for k, v in layers.state_dict().items()},
                               head)
-  _upload(bucket, "weights/head.safetensors", (tmp_path / "head.safetensors").read_bytes())
+  bucket.upload(BUCKET, "weights/head.safetensors", (tmp_path / "head.safetensors").read_bytes())
   expected = registry.load("aesthetic", model=model, aesthetic_head=head).score(floats)
   cwd = tmp_path / "cwd"
   cwd.mkdir()
@@ -140,14 +124,14 @@ def test_the_aesthetic_head_is_read_from_the_bucket(bucket, uploaded, tmp_path):
   assert missing.returncode != 0 and "Traceback" not in missing.stderr
   assert missing.stderr.strip().splitlines()[-1] == (
       f"ppd_jax.evals.score: --aesthetic_head=gs://{BUCKET}/weights/nope.safetensors: no such file")
-  _no_local_gs_folder(cwd, ROOT)
+  assert_no_local_gs_folder(cwd, ROOT)
 
 
 def test_winrate_writes_images_verdicts_and_results_to_the_bucket(bucket, tiny_trained_run,
                                                                   tmp_path):
   """--out=gs://... and --prompts=gs://...: the images, the per-user verdict log, winrate.json,
   winrate.md and examples.png land in the bucket; a rerun finds every user done there."""
-  _upload(bucket, "prompts/two.txt", b"a red circle\na blue square\n")
+  bucket.upload(BUCKET, "prompts/two.txt", b"a red circle\na blue square\n")
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   out = f"gs://{BUCKET}/winrate"
@@ -185,7 +169,7 @@ def test_winrate_writes_images_verdicts_and_results_to_the_bucket(bucket, tiny_t
   again = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "2 users, 2 done before" in again.stdout
-  _no_local_gs_folder(cwd, ROOT)
+  assert_no_local_gs_folder(cwd, ROOT)
 
 
 def test_judge_agreement_log_and_api_cache_in_the_bucket_resume(bucket, tmp_path):
@@ -252,4 +236,4 @@ def test_judge_agreement_log_and_api_cache_in_the_bucket_resume(bucket, tmp_path
          bucket.read(BUCKET, "agree/judgements.jsonl").decode().splitlines()]
   assert [r["user_id"] for r in log if r.get("user_done")] == [1, 2]
   assert json.loads(bucket.read(BUCKET, "agree/agreement.json"))["questions"] == 4
-  _no_local_gs_folder(cwd, ROOT)
+  assert_no_local_gs_folder(cwd, ROOT)

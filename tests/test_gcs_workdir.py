@@ -16,6 +16,7 @@ import time
 import pytest
 
 from ppd_jax import storage
+from gcs_emulator import assert_no_local_gs_folder
 from gcs_emulator import emulator_env
 from gcs_emulator import free_port
 from gcs_emulator import gcs  # noqa: F401 -- the fixture
@@ -42,9 +43,6 @@ def _steps_saved(gcs, prefix: str) -> list[int]:
   return sorted(int(m.group(1)) for n in gcs.names(BUCKET, prefix) if (m := done.match(n)))
 
 
-def _no_local_gs_folder(*folders) -> None:
-  for folder in folders:
-    assert not os.path.exists(os.path.join(folder, "gs:")), f"a local 'gs:' folder in {folder}"
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +84,7 @@ def test_metrics_in_a_bucket_append_and_drop_rows_past_the_resumed_step(bucket, 
   assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
   events = [n for n in bucket.names(BUCKET, "metrics_run/tensorboard/") if "tfevents" in n]
   assert len(events) == 2 and all(bucket.read(BUCKET, n) for n in events)
-  _no_local_gs_folder(tmp_path)
+  assert_no_local_gs_folder(tmp_path)
 
 
 def test_an_unsupported_url_scheme_is_named(tmp_path):
@@ -145,7 +143,7 @@ def test_train_in_a_bucket_saves_is_killed_and_resumes(bucket, bucket_run):
   assert len(events) >= 2   # one event file per run (the killed one, the resumed one)
   assert all(bucket.read(BUCKET, n) for n in events)
   assert not [n for n in bucket.names(BUCKET, prefix) if ".write_probe." in n]
-  _no_local_gs_folder(r["cwd"], ROOT)
+  assert_no_local_gs_folder(r["cwd"], ROOT)
 
 
 def test_sample_and_export_read_a_run_in_the_bucket_and_write_there(bucket, bucket_run):
@@ -174,7 +172,7 @@ def test_sample_and_export_read_a_run_in_the_bucket_and_write_there(bucket, buck
   assert any(k.endswith("to_k_ip.weight") for k in tensors)
   info = json.loads(bucket.read(BUCKET, "export/ip-adapter_ppd.json"))
   assert info["step"] == r["total"] and info["num_tensors"] == len(tensors)
-  _no_local_gs_folder(r["cwd"], ROOT)
+  assert_no_local_gs_folder(r["cwd"], ROOT)
 
 
 @pytest.mark.parametrize("reachable", [True, False], ids=["missing_bucket", "closed_port"])
@@ -191,4 +189,4 @@ def test_an_unreachable_bucket_fails_at_once_naming_it(gcs, reachable, tmp_path)
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("ppd_jax.train: ") and "gs://missing/run" in last, result.stderr[-2000:]
   assert "credentials" in last and "bucket gs://missing" in last and "network" in last
-  _no_local_gs_folder(tmp_path, ROOT)
+  assert_no_local_gs_folder(tmp_path, ROOT)
