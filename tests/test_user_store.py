@@ -10,6 +10,7 @@ from safetensors.numpy import save_file
 
 from ppd_jax.users import merge
 from ppd_jax.users import store as store_lib
+from ppd_jax.users import store_file
 from ppd_jax.users.store import StoreError, UserEmbeddingStore, write_store
 
 
@@ -156,7 +157,7 @@ def test_failed_write_keeps_the_old_store_and_leaves_no_temp_file(tmp_path, monk
       f.write(b"half a store")
     raise RuntimeError("disk on fire")
 
-  monkeypatch.setattr(store_lib, "save_file", crash)
+  monkeypatch.setattr(store_file, "save_file", crash)
   with pytest.raises(RuntimeError, match="disk on fire"):
     write_store(path, ids, emb * 2)
   assert path.read_bytes() == before

@@ -23,21 +23,15 @@ Version 1 files (one entry per user, profiles as a JSON list in the metadata) ar
 The reader parses the header itself and memory-maps embeddings and profile text, so the Grain
 worker processes that re-open the file share the page cache instead of each holding a copy.
 
-A store may live at a URL (gs://...). Memory-mapping needs a local file, so a URL's store is
-written locally, then uploaded whole, and read from a local copy made once per machine (keyed by
-the URL, size and modification time, so processes share it and a rewritten store is fetched anew).
+A store may live at a URL (gs://...): users/store_file.py writes and fetches its bytes.
 """
-import hashlib
 import json
 import os
-import secrets
 import struct
-import tempfile
 
 import numpy as np
-from safetensors.numpy import save_file
 
-from ppd_jax import storage
+from ppd_jax.users import store_file
 
 FORMAT = "ppd_jax.user_embeddings"
 VERSION = 2
@@ -166,75 +160,7 @@ def write_store(path, user_ids, embeddings, *, samples=None, shot_ids=None, prof
              "embeddings": np.ascontiguousarray(emb, dtype=dtype)}
   if profile_table is not None:
     tensors["profile_offsets"], tensors["profile_bytes"] = profile_table
-  _write_atomically(path, tensors, metadata)
-
-
-def _write_atomically(path: str, tensors: dict, metadata: dict) -> None:
-  """Temp file beside path (same filesystem, so os.replace is atomic), fsynced before the swap.
-  A URL's store is written to a local temporary file and uploaded whole (an object appears
-  only once complete)."""
-  if storage.is_url(path):
-    with tempfile.TemporaryDirectory(prefix="ppd_jax_store_") as tmp:
-      local = os.path.join(tmp, "store.safetensors")
-      save_file(tensors, local, metadata=metadata)
-      with open(local, "rb") as f:
-        storage.write_bytes(path, f.read())
-    return
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-  try:
-    save_file(tensors, tmp, metadata=metadata)
-    os.chmod(tmp, 0o666 & ~_umask())     # safetensors creates 0600; make it an ordinary file
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  try:                              # make the rename itself durable; not every filesystem allows it
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-  except OSError:
-    pass
-
-
-def _umask() -> int:
-  """The process umask, read without os.umask's set-and-restore (racy with other threads)."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("Umask:"):
-          return int(line.split()[1], 8)
-  except OSError:
-    pass
-  return 0o022
-
-
-def local_file(path: str) -> str:
-  """The local file to read `path` from: itself, or for a URL a local copy (module docstring).
-  A missing URL raises FileNotFoundError, as a missing local file does."""
-  if not storage.is_url(path):
-    return path
-  remote = storage.path(path)
-  st = remote.stat()
-  key = hashlib.sha256(f"{path}|{st.length}|{st.mtime}".encode()).hexdigest()[:20]
-  folder = os.path.join(tempfile.gettempdir(), "ppd_jax_stores")
-  local = os.path.join(folder, f"{key}-{remote.name}")
-  if not os.path.exists(local):
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{local}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "wb") as f:
-      f.write(remote.read_bytes())
-    os.replace(tmp, local)
-  return local
+  store_file.write_atomically(path, tensors, metadata)
 
 
 def _read_header(path: str, name: str | None = None) -> tuple[dict, int, int]:
@@ -270,7 +196,7 @@ class UserEmbeddingStore:
   def __init__(self, path):
     self.path = os.fspath(path)
     try:
-      self._file = local_file(self.path)
+      self._file = store_file.local_copy(self.path)
     except FileNotFoundError:
       raise StoreError(f"{self.path}: user-embedding store not found") from None
     except OSError as e:
