@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from ppd_jax import batch_plan
 from ppd_jax import cli_config
@@ -27,7 +26,8 @@ from ppd_jax.data import sources
 from ppd_jax.diffusion import schedules
 from ppd_jax.models import build_model
 
-config_flags.DEFINE_config_file("config", "configs/ppd.py:demo", "configs/ppd.py:VARIANT")
+cli_config.define_config_file("benchmarks/train_step.py", "configs/ppd.py:demo",
+                              "configs/ppd.py:VARIANT")
 flags.DEFINE_integer("repeats", 10, "timed calls of the step and of the forward, after a warm-up")
 
 

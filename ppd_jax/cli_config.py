@@ -28,6 +28,19 @@ def _override_message(argv: list[str], error: Exception) -> str:
   return f"a --config override: {text.splitlines()[0] if text else type(error).__name__}"
 
 
+def define_config_file(prog: str, default: str, help_text: str) -> None:
+  """`--config` with a default file. config_flags loads a default, and applies the command line's
+  overrides to it, while the flag is defined (at import, before absl parses anything), so a
+  misspelt override there is turned into the same one line here."""
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  try:
+    config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+  except (AttributeError, KeyError) as e:
+    sys.exit(f"{prog}: {_override_message(sys.argv, e)}")
+  except (TypeError, ValueError) as e:
+    sys.exit(f"{prog}: a --config override: {e}")
+
+
 def flags_parser(prog: str):
   """An absl `flags_parser` that exits with one line `prog: ...` on a bad flag or override."""
   def parse(argv: list[str]) -> list[str]:

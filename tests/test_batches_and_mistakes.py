@@ -139,6 +139,14 @@ def test_misspelt_config_field_names_it_and_the_field_meant(tmp_path):
   assert "--config.optim.lrr" in last and "did you mean optim.lr?" in last
 
 
+def test_a_misspelt_field_of_a_default_config_file_is_one_line(tmp_path):
+  # The demo's --config has a default file, whose overrides config_flags applies while the flag is
+  # defined (at import), before absl's parser runs.
+  done, _ = _cli("-m", "ppd_jax.demo", f"--workdir={tmp_path}", "--config.seeed=1")
+  last = _one_clear_line(done, "ppd_jax.demo")
+  assert "--config.seeed" in last and "did you mean seed?" in last
+
+
 def _safetensors(path: str) -> str:
   from safetensors.numpy import save_file
   os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -10,7 +10,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from ppd_jax import checkpoint
 from ppd_jax import cli_config
@@ -18,8 +17,7 @@ from ppd_jax import compile_cache
 from ppd_jax import config_validation
 from ppd_jax.demo import pipeline
 
-config_flags.DEFINE_config_file("config", "configs/ppd.py:demo", "configs/ppd.py:VARIANT",
-                                lock_config=True)
+cli_config.define_config_file("ppd_jax.demo", "configs/ppd.py:demo", "configs/ppd.py:VARIANT")
 flags.DEFINE_string("workdir", "runs/demo", "run folder: ppd/, dpo_baseline/, eval/")
 
 

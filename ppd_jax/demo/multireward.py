@@ -147,9 +147,8 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app
   from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", "configs/ppd.py:demo_multireward",
-                                  "configs/ppd.py:VARIANT", lock_config=True)
-  flags.DEFINE_string("workdir", "runs/multireward", "run folder (module docstring)")
   from ppd_jax import cli_config
+  cli_config.define_config_file("ppd_jax.demo.multireward", "configs/ppd.py:demo_multireward",
+                                "configs/ppd.py:VARIANT")
+  flags.DEFINE_string("workdir", "runs/multireward", "run folder (module docstring)")
   app.run(main, flags_parser=cli_config.flags_parser("ppd_jax.demo.multireward"))
