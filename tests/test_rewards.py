@@ -152,3 +152,66 @@ def test_demo_users_are_rewards_too():
                              source.user_reward(user, as_u8.astype(np.float32) / 127.5 - 1), atol=0)
   with pytest.raises(KeyError, match="unknown user"):
     hidden.HiddenPropertyReward(source, 10 ** 6)
+
+
+def _open_clip_tokenizer_module():
+  """open_clip/tokenizer.py loaded as a file: it imports only ftfy, regex, numpy and torch, so
+  the package's __init__ (which needs torchvision) never runs. Its module level builds the real
+  CLIP BPE tokenizer from bpe_simple_vocab_16e6.txt.gz, shipped in the wheel."""
+  import importlib.util
+  spec = importlib.util.find_spec("open_clip")
+  if spec is None:
+    pytest.fail("open-clip-torch is not installed: `make test` installs it (pip install "
+                "--no-deps open-clip-torch==3.3.0); its tokenizer is this test's reference")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py")
+  file_spec = importlib.util.spec_from_file_location("open_clip_tokenizer_reference", path)
+  module = importlib.util.module_from_spec(file_spec)
+  file_spec.loader.exec_module(module)
+  return module
+
+
+def _clip_bpe_in_transformers(oc):
+  """transformers' CLIPTokenizer over the same BPE file (ids: 256 bytes, 256 bytes + </w>, the
+  merges in rank order, then the two special tokens, as the published vocab.json has them)."""
+  import gzip
+  lines = gzip.open(oc.default_bpe()).read().decode("utf-8").split("\n")
+  merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+  chars = list(oc.bytes_to_unicode().values())
+  vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+  vocab += ["<|startoftext|>", "<|endoftext|>"]
+  return transformers.CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=merges)
+
+
+def test_open_clip_rewards_tokenise_as_open_clip():
+  """The open_clip rewards' ids equal open_clip's own tokenizer (real CLIP BPE) on curly quotes,
+  HTML entities (also where a "<" stops ftfy unescaping them), whitespace runs, mojibake and a
+  prompt past 77 tokens; transformers' tokenizer alone differs on them (so the cleaning is what
+  makes them equal)."""
+  from ppd_jax.evals.rewards import clip_similarity
+  oc = _open_clip_tokenizer_module()
+  reference, tok = oc.SimpleTokenizer(), _clip_bpe_in_transformers(oc)
+  texts = ["a cat’s hat on Tom’s “red” chair", "Tom &amp; Jerry &lt;3", "a   red\t\n circle  ",
+           "café crème, cafÃ© au lait", "&amp;amp; twice", "A plain prompt, in Capitals.",
+           "“" + "word " * 90 + "”", "<b>Tom &amp;amp; Jerry</b>"]
+  expected = reference(texts, context_length=77).numpy()
+  got = clip_similarity.tokenize(tok, texts, 77, clip_similarity.open_clip_text)
+  ids, mask = got["input_ids"], got["attention_mask"]
+  assert ids.shape == mask.shape == expected.shape == (len(texts), 77)
+  # open_clip pads with 0 after the EOS; ours pads under a zero attention mask.
+  np.testing.assert_array_equal(mask, (expected != 0).astype(mask.dtype))
+  np.testing.assert_array_equal(np.where(mask == 1, ids, 0), expected)
+  raw = clip_similarity.tokenize(tok, texts, 77)["input_ids"]
+  differs = [not np.array_equal(raw[i], ids[i]) for i in range(len(texts))]
+  assert differs == [True, True, False, True, True, False, True, True]
+  assert clip_similarity.open_clip_text(" Tom &amp;amp;  Jerry’s\n") == "Tom & Jerry's"
+
+
+@pytest.mark.parametrize("name,cleans", [("hps_v2", True), ("hps_v21", True), ("clip_h14", True),
+                                         ("pickscore", False), ("clip_l14", False)])
+def test_which_rewards_clean_their_prompts(clip_folder, name, cleans):
+  """open_clip models (HPS, LAION CLIP-H) see "&#97; ｒｅｄ circle" (an HTML entity and
+  full-width letters, which ftfy folds) as "a red circle"; the transformers models do not."""
+  folder, _, _ = clip_folder
+  reward = registry.load(name, model=folder)
+  text = reward.text_embeddings(["a red circle", "&#97; ｒｅｄ circle"])
+  assert np.allclose(text[0], text[1], atol=1e-6) == cleans

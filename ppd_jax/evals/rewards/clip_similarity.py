@@ -10,9 +10,17 @@ centre crop, CLIP mean/std); prompts through the model's CLIP tokenizer, padded 
 positions with an attention mask and truncated as transformers does (the EOS is kept). Text
 embeddings are computed once per distinct prompt of a call, so scoring many images of one prompt
 costs one text forward pass.
+
+Rewards published as open_clip models (HPSv2, LAION's CLIP-H) first clean the prompt as
+open_clip's tokenizer does (`open_clip_text`). transformers' CLIPTokenizer only applies NFC,
+collapses whitespace and lower-cases, so without it a curly apostrophe or an "&amp;" gives other
+tokens than the model saw in training; PickScore and torchmetrics' CLIP score tokenise with
+transformers and keep its behaviour.
 """
+import html
 from typing import Any, Callable, Sequence
 
+import ftfy
 import numpy as np
 
 from ppd_jax.evals.rewards import base
@@ -26,8 +34,10 @@ class ClipSimilarityReward:
   """score(images, prompts) -> [N] = formula(cos(image, prompt), exp(logit_scale))."""
 
   def __init__(self, name: str, module: clip.CLIPModel, params: dict, tokenizer: Any,
-               formula: Formula, batch_size: int = 32, workers: int | None = None):
+               formula: Formula, batch_size: int = 32, workers: int | None = None,
+               clean: Callable[[str], str] | None = None):
     self.name, self.module, self.tokenizer, self.formula = name, module, tokenizer, formula
+    self.clean = clean
     self.workers = workers
     self.runner = base.ShardedBatches(params, batch_size)
     self.logit_scale_exp = float(np.exp(np.asarray(params["logit_scale"], np.float64)))
@@ -47,8 +57,7 @@ class ClipSimilarityReward:
   def text_embeddings(self, prompts: Sequence[str]) -> np.ndarray:
     """[N, P] unit-norm text embeddings."""
     length = self.module.config.text.max_position_embeddings
-    tokens = self.tokenizer(list(prompts), padding="max_length", max_length=length,
-                            truncation=True, return_tensors="np")
+    tokens = tokenize(self.tokenizer, prompts, length, self.clean)
     return self.runner(self._text_fn, tokens["input_ids"].astype(np.int32),
                        tokens["attention_mask"].astype(np.int32))
 
@@ -64,6 +73,21 @@ class ClipSimilarityReward:
   def score(self, images, prompts: Sequence[str]) -> np.ndarray:
     return np.asarray(self.formula(self.cosines(images, prompts), self.logit_scale_exp),
                       np.float32)
+
+
+def open_clip_text(text: str) -> str:
+  """open_clip's cleaning before BPE (open_clip/tokenizer.py, basic_clean then whitespace_clean):
+  ftfy.fix_text (curly quotes straightened, mojibake repaired, NFC), HTML entities unescaped twice,
+  whitespace runs collapsed to one space. Its lower-casing the CLIP tokenizer does itself."""
+  return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str], length: int,
+             clean: Callable[[str], str] | None = None) -> dict:
+  """{"input_ids", "attention_mask"} [N, length] of `prompts`, each cleaned by `clean` first."""
+  texts = [clean(p) for p in prompts] if clean else list(prompts)
+  return tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                   return_tensors="np")
 
 
 def scaled_cosine(cos: np.ndarray, logit_scale_exp: float) -> np.ndarray:

@@ -15,7 +15,9 @@ torchmetrics' CLIP score; clip_h14 is the CLIP reward of Diffusion-DPO (and so o
 `python -m ppd_jax.weights.convert_open_clip` and pass the folder as `model`. Where a folder has no
 tokenizer (a converted checkpoint), the LAION ViT-H/14 tokenizer is used: open_clip's BPE is
 CLIP's, and its zero padding sits after the EOS, which causal attention never lets the pooled
-EOS token see. `model` and `aesthetic_head` may be URLs (gs://...; evals/rewards/remote.py).
+EOS token see. hps_v2, hps_v21 and clip_h14 are open_clip models: their prompts are cleaned as
+open_clip's tokenizer does (ftfy, HTML unescape; clip_similarity.open_clip_text) before BPE.
+`model` and `aesthetic_head` may be URLs (gs://...; evals/rewards/remote.py).
 """
 import dataclasses
 from typing import Callable
@@ -38,19 +40,20 @@ class RewardSpec:
   formula: Callable | None     # clip_similarity formula; None for the aesthetic reward
   tokenizer: str = LAION_H14   # used when the model folder has no tokenizer
   source: str = ""             # where the weights come from and their licence (README table)
+  open_clip: bool = False      # an open_clip model: prompts cleaned as its tokenizer does
 
 
 SPECS = {
     "pickscore": RewardSpec("yuvalkirstain/PickScore_v1", clip_similarity.scaled_cosine,
                             source="hub yuvalkirstain/PickScore_v1 (model.safetensors); code MIT, "
                                    "no licence tag on the weights"),
-    "hps_v2": RewardSpec(None, clip_similarity.cosine,
+    "hps_v2": RewardSpec(None, clip_similarity.cosine, open_clip=True,
                          source="hub xswu/HPSv2 HPS_v2_compressed.pt (Apache-2.0), converted"),
-    "hps_v21": RewardSpec(None, clip_similarity.cosine,
+    "hps_v21": RewardSpec(None, clip_similarity.cosine, open_clip=True,
                           source="hub xswu/HPSv2 HPS_v2.1_compressed.pt (Apache-2.0), converted"),
     "clip_l14": RewardSpec(OPENAI_L14, clip_similarity.clip_score, tokenizer=OPENAI_L14,
                            source=f"hub {OPENAI_L14} (MIT code; OpenAI model card: research use)"),
-    "clip_h14": RewardSpec(LAION_H14, clip_similarity.cosine,
+    "clip_h14": RewardSpec(LAION_H14, clip_similarity.cosine, open_clip=True,
                            source=f"hub {LAION_H14} (MIT)"),
     "aesthetic": RewardSpec(OPENAI_L14, None, tokenizer=OPENAI_L14,
                             source="christophschuhmann/improved-aesthetic-predictor "
@@ -110,5 +113,6 @@ def load(name: str, model: str | None = None, aesthetic_head: str | None = None,
   folder = hf_folder.resolve_model(_local(model))
   module, params = clip_folder.load_clip(folder)
   tok = clip_folder.load_tokenizer(folder, fallback=spec.tokenizer, override=tokenizer)
+  clean = clip_similarity.open_clip_text if spec.open_clip else None
   return clip_similarity.ClipSimilarityReward(name, module, params, tok, spec.formula,
-                                              batch_size, workers)
+                                              batch_size, workers, clean)
