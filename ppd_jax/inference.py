@@ -2,6 +2,7 @@
 """
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -29,6 +30,7 @@ class TrainedRun:
   schedule: schedules.NoiseSchedule
   params: Any           # base + user branch, merged
   step: int
+  workdir: str = ""     # where it was restored from (evaluation manifests record it)
 
   @functools.cached_property
   def source(self) -> Any:
@@ -52,7 +54,7 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
   return TrainedRun(config=config, model=model,
                     schedule=schedules.schedule_from_config(config.diffusion),
                     params=merge_params(base, state.user_params),
-                    step=int(state.step))
+                    step=int(state.step), workdir=os.fspath(storage.path(workdir)))
 
 
 def mix_users(embeddings: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:

@@ -43,12 +43,15 @@ def test_the_table_against_a_direct_computation(workdir, tmp_path):
   # Selection: recomputed from the validation images' scores, read back from the files.
   cands = []
   for step in (2, 4):
+    tag = table1.resolve(table1.RunSpec("ppd", workdir, step)).tag
+    assert tag.startswith(f"ppd-{os.path.basename(workdir)}-{step}-")
     cands.append({n: np.array([json.loads(line)["score"] for line in open(os.path.join(
-        out, "images", f"ppd-{os.path.basename(workdir)}-{step}", f"user{users[n]}", "val",
-        f"scores-{n}.jsonl"))]) for n in rewards})
+        out, "images", tag, f"user{users[n]}", "val",
+        table1.score_file_name(n, rewards[n])))]) for n in rewards})
   pooled = {n: np.concatenate([c[n] for c in cands]) for n in rewards}
   expected = [np.mean([c[n].mean() / pooled[n].std() for n in rewards]) for c in cands]
-  assert table["selected"]["ppd"].endswith(f"-{(2, 4)[int(np.argmax(expected))]}")
+  best = (2, 4)[int(np.argmax(expected))]
+  assert table["selected"]["ppd"] == table1.resolve(table1.RunSpec("ppd", workdir, best)).tag
   # Each cell is the mean and t interval of its images' scores, the images scored afresh.
   chosen = table["selected"]["ppd"]
   for n, reward in rewards.items():
@@ -60,6 +63,17 @@ def test_the_table_against_a_direct_computation(workdir, tmp_path):
     c = table["rows"]["ppd"][n]
     assert c["n"] == len(PROMPTS) and c["mean"] == pytest.approx(s.mean(), abs=1e-6)
     assert c["ci95"] == pytest.approx([lo, hi], abs=1e-6)
+    # PPD minus base, paired per prompt: the t interval of the per-prompt differences.
+    base = os.path.join(out, "images", table["selected"]["base"], "none", "test")
+    b = reward.score(np.stack([image_io.load_png(os.path.join(base, f"{i:05d}.png"))
+                               for i in range(len(PROMPTS))]), None).astype(np.float64)
+    d = s - b
+    lo, hi = scipy_stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy_stats.sem(d))
+    diff = table["differences"]["base"][n]
+    assert diff["mean"] == pytest.approx(d.mean(), abs=1e-6)
+    assert diff["ci95"] == pytest.approx([lo, hi], abs=1e-6)
+  assert table["runs"]["ppd"]["step"] in (2, 4) and table["runs"]["base"]["step"] == 4
+  assert table["reward_users"] == users
   md = open(os.path.join(out, "table1.md")).read()
   assert "| base (" in md and "| ppd (" in md
 
@@ -73,7 +87,9 @@ def test_rows_share_the_noise_of_each_prompt(workdir, tmp_path):
                      seed=5, chunk=2, log=lambda m: None)
   zeros = np.zeros((run.config.model.user_tokens, run.config.model.user_embed_dim), np.float32)
   again = inference.generate(run, [p.text for p in PROMPTS[2:4]], zeros, user_scale=0.0, seed=6)
-  folder = os.path.join(out, "images", f"base-{os.path.basename(workdir)}-latest", "none", "test")
+  tag = table1.resolve(table1.RunSpec("base", workdir)).tag
+  assert tag.startswith(f"base-{os.path.basename(workdir)}-4-")      # the latest step, named
+  folder = os.path.join(out, "images", tag, "none", "test")
   as_png = image_io.to_uint8(again[0]).astype(np.float32) / 127.5 - 1.0
   np.testing.assert_array_equal(image_io.load_png(os.path.join(folder, "00002.png")), as_png)
 
@@ -128,7 +144,7 @@ def test_prompt_files(tmp_path):
   txt = tmp_path / "p.txt"
   txt.write_text("one\n\ntwo\n")
   assert [p.text for p in prompt_sets.read(str(txt))] == ["one", "two"]
-  assert [p.text for p in prompt_sets.read(str(txt), limit=1)] == ["one"]
+  assert len(prompt_sets.read(str(txt), limit=1)) == 1   # a seeded sample: tests/test_prompt_sets
   js = tmp_path / "p.jsonl"
   js.write_text('{"prompt": "x", "category": "c"}\n')
   assert prompt_sets.read(str(js)) == [prompt_sets.Prompt("x", "c")]
@@ -185,3 +201,57 @@ def test_the_command_line(workdir, tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   table = json.load(open(out / "table1.json"))
   assert set(table["rows"]) == {"ppd"} and table["rows"]["ppd"]["clip_h14"]["n"] == 2
+
+
+def test_reward_users_are_found_by_name_whatever_the_order(workdir, tmp_path, monkeypatch):
+  """The ppd row's user for each reward comes from the run's own map (its relabel folder's
+  reward_users.json), not from the order of --rewards; a reward the run has no user for is
+  refused by name."""
+  run, rewards, users = setup(workdir)
+  recorded = dict(users)                       # the relabel order; --rewards gives the reverse
+  monkeypatch.setattr(table1.reward_user_ids, "of_run", lambda run: recorded)
+  swapped = dict(reversed(list(rewards.items())))
+  out = str(tmp_path / "t1")
+  table = table1.build_table([table1.RunSpec("ppd", workdir)], PROMPTS[:2], None, swapped, None,
+                             out, chunk=2, log=lambda m: None)
+  assert table["reward_users"] == {n: users[n] for n in swapped}
+  tag = table["selected"]["ppd"]
+  for n, reward in swapped.items():
+    folder = os.path.join(out, "images", tag, f"user{users[n]}", "test")
+    pics = np.stack([image_io.load_png(os.path.join(folder, f"{i:05d}.png")) for i in range(2)])
+    expected = inference.generate(run, [p.text for p in PROMPTS[:2]],
+                                  run.source.user_embedding(users[n]), seed=0)
+    np.testing.assert_allclose(pics, image_io.to_uint8(expected) / 127.5 - 1.0, atol=1e-6)
+    assert table["rows"]["ppd"][n]["mean"] == pytest.approx(reward.score(pics, None).mean(),
+                                                            abs=1e-6)
+  stray = {**rewards, "aesthetic": next(iter(rewards.values()))}
+  with pytest.raises(table1.reward_user_ids.RewardUserError, match=r"\['aesthetic'\]"):
+    table1.build_table([table1.RunSpec("ppd", workdir)], PROMPTS[:2], None, stray, None,
+                       str(tmp_path / "t2"), chunk=2, log=lambda m: None)
+
+
+def test_the_reward_user_map_is_read_from_the_relabel_folder(tmp_path):
+  import types
+  import ml_collections
+  from ppd_jax.evals import reward_user_ids
+  (tmp_path / "reward_users.json").write_text(json.dumps(
+      {"rewards": ["clip_h14", "aesthetic", "hps_v2"],
+       "user_ids": {"clip_h14": -1, "aesthetic": -2, "hps_v2": -3}}))
+  run = types.SimpleNamespace(config=ml_collections.ConfigDict(
+      {"data": {"source": "pickapic", "relabel": str(tmp_path)}}))
+  assert reward_user_ids.resolve(run, ["hps_v2", "clip_h14"]) == {"hps_v2": -3, "clip_h14": -1}
+  assert reward_user_ids.resolve(run, ["aesthetic"], {"aesthetic": 7}) == {"aesthetic": 7}
+  with pytest.raises(reward_user_ids.RewardUserError, match="pickscore.*clip_h14 \\(-1\\)"):
+    reward_user_ids.resolve(run, ["pickscore"])
+
+
+def test_a_table_rerun_with_other_prompts_or_seed_is_refused(workdir, tmp_path):
+  run, rewards, users = setup(workdir)
+  out = str(tmp_path / "t1")
+  spec = [table1.RunSpec("base", workdir)]
+  table1.build_table(spec, PROMPTS[:2], None, rewards, users, out, chunk=2, log=lambda m: None)
+  with pytest.raises(ValueError, match="prompts.texts_sha256"):
+    table1.build_table(spec, PROMPTS[1:3], None, rewards, users, out, chunk=2, log=lambda m: None)
+  with pytest.raises(ValueError, match="seed: 0 -> 1"):
+    table1.build_table(spec, PROMPTS[:2], None, rewards, users, out, seed=1, chunk=2,
+                       log=lambda m: None)

@@ -115,3 +115,72 @@ def test_the_profile_caption_opponent_appends_each_users_profile(ppd, tmp_path, 
   got = image_io.load_png(path)
   assert np.abs(got - (image_io.to_uint8(expected) / 127.5 - 1)).max() < 1e-6
   assert np.abs(got - (image_io.to_uint8(plain) / 127.5 - 1)).max() > 0.1
+
+
+class Scripted:
+  """A judge that answers from the users' hidden rewards, after `failing` calls whose answers are
+  all invalid (as a server down or a refused key gives)."""
+  name = "scripted"
+
+  def __init__(self, source, failing: int = 0, temperature: float = 1.0):
+    self.source, self.failing, self.temperature, self.asked = source, failing, temperature, 0
+
+  def describe(self):
+    return {"backend": "scripted", "temperature": self.temperature}
+
+  def answer(self, requests):
+    from ppd_jax.evals import judge as judge_lib
+    self.asked += len(requests)
+    if self.failing:
+      self.failing -= 1
+      return [judge_lib.Answer(None, problem="HTTP 503 after 5 retries")] * len(requests)
+    out = []
+    for r in requests:
+      reward = hidden.HiddenPropertyReward(self.source, r.question.user_id)
+      s = reward.score(np.stack([np.asarray(r.first), np.asarray(r.second)]), None)
+      out.append(judge_lib.Answer(float(s[0] > s[1])))
+    return out
+
+
+def test_a_rerun_under_other_settings_is_refused_naming_the_fields(ppd, tmp_path):
+  cases = winrate.user_cases(ppd, "unseen", 2, 1)
+  out = str(tmp_path / "w")
+  winrate.run(ppd, winrate.Opponent("base", ppd, cases), cases, Scripted(ppd.source), out,
+              seed=4, log=lambda m: None)
+  before = open(os.path.join(out, "verdicts.jsonl")).read()
+  manifest = json.load(open(os.path.join(out, "manifest.json")))
+  assert manifest["fields"]["ppd"]["step"] == ppd.step
+  assert len(manifest["fields"]["ppd"]["config_sha256"]) == 16
+  for opponent, judge, field in (
+      (winrate.Opponent("control", ppd, cases), Scripted(ppd.source), "against.spec"),
+      (winrate.Opponent("base", ppd, cases), Scripted(ppd.source, temperature=0.5),
+       "judge.temperature")):
+    with pytest.raises(ValueError, match=field):
+      winrate.run(ppd, opponent, cases, judge, out, seed=4, log=lambda m: None)
+    assert judge.asked == 0
+  with pytest.raises(ValueError, match="seed"):
+    winrate.run(ppd, winrate.Opponent("base", ppd, cases), cases, Scripted(ppd.source), out,
+                seed=5, log=lambda m: None)
+  assert open(os.path.join(out, "verdicts.jsonl")).read() == before
+
+
+def test_invalid_answers_are_counted_and_asked_again_on_the_rerun(ppd, tmp_path):
+  cases = winrate.user_cases(ppd, "unseen", 2, 2)
+  opponent = winrate.Opponent("base", ppd, cases)
+  judge = Scripted(ppd.source, failing=2)             # one call per user: both users fail
+  out = str(tmp_path / "w")
+  first = winrate.run(ppd, opponent, cases, judge, out, seed=4, log=lambda m: None)
+  assert first["invalid"] == 4 and first["users_with_a_verdict"] == 0
+  assert first["win_rate"] is None and "4 of 4" in open(os.path.join(out, "winrate.md")).read()
+  asked = judge.asked
+  second = winrate.run(ppd, opponent, cases, judge, out, seed=4, log=lambda m: None)
+  assert judge.asked - asked == 2 * 4                 # exactly the 4 invalid questions, both orders
+  assert second["invalid"] == 0 and second["users_with_a_verdict"] == 2
+  rows = winrate.judge_log.read(os.path.join(out, "verdicts.jsonl"), key="item")
+  for c in cases:
+    reward = hidden.HiddenPropertyReward(ppd.source, c.user_id)
+    for r in rows[c.user_id].values():
+      wins = reward.score([r["ppd"]])[0] > reward.score([r["opponent"]])[0]
+      assert r["verdict"] == ("A" if wins else "B")
+  third = winrate.run(ppd, opponent, cases, judge, out, seed=4, log=lambda m: None)
+  assert judge.asked - asked == 8 and third["win_rate"] == second["win_rate"]

@@ -66,6 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=metrics_lib.log) ->
   from ppd_jax.demo_world import synthetic
   from ppd_jax.evals import interpolate
   from ppd_jax.evals import prompt_sets
+  from ppd_jax.evals import reward_user_ids
   from ppd_jax.evals import score_files
   from ppd_jax.evals import table1
   from ppd_jax.evals.rewards import hidden
@@ -86,7 +87,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=metrics_lib.log) ->
   names = list(config.data.reward_users)
   source = sources.build_source(config)
   rewards = {n: hidden.HiddenPropertyReward(source, -(k + 1)) for k, n in enumerate(names)}
-  users = {n: -(k + 1) for k, n in enumerate(names)}
   captions = synthetic.captions_list()
   e = config.eval
   prompts = [prompt_sets.Prompt(t) for t in captions] * e.multireward_repeats
@@ -94,17 +94,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=metrics_lib.log) ->
       f"{e.multireward_repeats} held-out seeds)")
   specs = [table1.RunSpec("base", os.path.join(workdir, "ppd"))] + [
       table1.RunSpec(row, os.path.join(workdir, row)) for row in rows]
-  table = table1.build_table(specs, prompts, None, rewards, users, os.path.join(workdir, "table1"),
+  table = table1.build_table(specs, prompts, None, rewards, None, os.path.join(workdir, "table1"),
                              seed=e.multireward_seed, chunk=len(captions), log=log)
 
   log(f"[{len(rows) + 2}/{len(rows) + 2}] interpolation among {', '.join(names)}")
   ppd = inference.load_trained(os.path.join(workdir, "ppd"))
+  users = reward_user_ids.resolve(ppd, names)
   embeddings = [ppd.source.user_embedding(users[n]) for n in names]
   edge_prompts = [prompt_sets.Prompt(t) for t in captions] * e.edge_repeats
   curves = interpolate.run_all(ppd, embeddings, names, rewards, captions[0], edge_prompts,
                                os.path.join(workdir, "interpolation"),
                                seed=e.multireward_seed + 7919, n=e.grid, steps=e.edge_steps,
-                               chunk=len(captions), tolerance=EDGE_TOLERANCE, log=log)
+                               chunk=len(captions), tolerance=EDGE_TOLERANCE, log=log,
+                               users=users)
   results = {**summarise(table, curves, names), "seed": config.seed,
              "minutes": (time.perf_counter() - start) / 60}
   score_files.write_json_atomic(os.path.join(workdir, "results.json"), results)

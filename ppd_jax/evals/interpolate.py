@@ -4,7 +4,9 @@
       --edge_prompts=PROMPTS [--rewards=clip_h14,aesthetic,hps_v2] [--users=-1,-2,-3] \
       [--grid=5] [--edge_steps=5] [--seed=0] [--model=REWARD=FOLDER] [--aesthetic_head=PATH]
 
-Vertex k is reward user k's embedding e_k (by default id -(k + 1), data/reward_users.py). A point
+Vertex k is the embedding e_k of reward k's user, looked up by name in what the run's data
+recorded (evals/reward_user_ids.py: the relabel folder's reward_users.json; --users gives the
+ids explicitly). A point
 of the triangle with barycentric weights (w_0, w_1, w_2), sum 1, is the embedding
 sum_k w_k e_k (inference.mix_users). Two outputs:
   * grid.png: every point of the n-row barycentric grid, row r (0 at the top) holding
@@ -13,8 +15,10 @@ sum_k w_k e_k (inference.mix_users). Two outputs:
     (1 - t) e_k + t e_l generates the edge prompts (the same seeds at every t), and every reward's
     mean score is plotted against t. PPD should trade reward k for reward l monotonically.
 Images and scores are kept per point (DIR/points/w<w0>_<w1>_<w2>/, shared by the edges that meet
-at a vertex), so a killed run redoes nothing it finished. DIR, the run and the prompt file may be
-URLs (gs://...): every file goes through ppd_jax.storage.
+at a vertex), so a killed run redoes nothing it finished; DIR/manifest.json (evals/manifest.py)
+records the run's step and config hash, the vertices' users, the rewards' weight hashes, the
+prompts, seed, grid and steps, and a rerun under other ones is refused. DIR, the run and the
+prompt file may be URLs (gs://...): every file goes through ppd_jax.storage.
 """
 import json
 import sys
@@ -24,6 +28,7 @@ import numpy as np
 from ppd_jax import compile_cache
 from ppd_jax import images as image_io
 from ppd_jax import storage
+from ppd_jax.evals import manifest as manifest_lib
 from ppd_jax.evals import plots
 from ppd_jax.evals import score_files
 from ppd_jax.evals import table1
@@ -105,16 +110,26 @@ def monotone(values, tolerance: float = 0.0) -> str | None:
 
 def run_all(run, embeddings, names, rewards: dict, prompt: str, edge_prompts, out: str, *,
             seed: int = 0, n: int = 5, steps: int = 5, chunk: int = 16, tolerance: float = 0.0,
-            log=print) -> dict:
+            log=print, users: dict | None = None, prompt_source: dict | None = None) -> dict:
   """grid.png, edges.json and edges.png in out; returns edges.json's content. A curve counts as
-  monotone when no step goes back by more than `tolerance` (in the reward's units)."""
+  monotone when no step goes back by more than `tolerance` (in the reward's units). users: the
+  vertices' {reward name: user id}, recorded."""
+  manifest_lib.bind(out, {"run": manifest_lib.run_identity(run), "vertices": list(names),
+                          "users": users, "prompt": prompt,
+                          "edge_prompts": table1.prompts_identity(edge_prompts),
+                          "rewards": {k: manifest_lib.reward_identity(r, k)
+                                      for k, r in rewards.items()},
+                          "seed": seed, "grid": n, "edge_steps": steps, "chunk": chunk},
+                    keyed={"prompt_source": prompt_source or {}},
+                    command="ppd_jax.evals.interpolate")
   out = storage.makedirs(out)
   points = grid(run, embeddings, prompt, seed, n, out, log)
   plots.triangle_grid(points, n, names, prompt, out / "grid.png")
   curves = edges(run, embeddings, names, rewards, edge_prompts, seed, steps, out, chunk, log)
   for c in curves:
     c["monotone"] = {r: monotone(c["means"][r], tolerance) for r in rewards}
-  result = {"vertices": list(names), "prompt": prompt, "grid": n, "seed": seed,
+  result = {"vertices": list(names), "users": users, "run": manifest_lib.run_identity(run),
+            "prompt": prompt, "grid": n, "seed": seed,
             "monotone_tolerance": tolerance,
             "edge_prompts": len(edge_prompts), "edges": curves}
   score_files.write_json_atomic(out / "edges.json", result)
@@ -127,6 +142,7 @@ def main(argv):
   from ppd_jax import checkpoint
   from ppd_jax import inference
   from ppd_jax.evals import prompt_sets
+  from ppd_jax.evals import reward_user_ids
   from ppd_jax.evals.rewards import registry
   from ppd_jax.weights import hf_folder
   del argv
@@ -138,24 +154,26 @@ def main(argv):
     names = table1.reward_names(f.rewards)
     if len(names) != 3:
       raise table1.Table1Error(f"--rewards: three reward names, one per vertex, got {names}")
-    users = ([int(u) for u in f.users.split(",")] if f.users else
-             [-(k + 1) for k in range(3)])
-    if len(users) != 3:
+    given = [int(u) for u in f.users.split(",")] if f.users else None
+    if given is not None and len(given) != 3:
       raise table1.Table1Error(f"--users={f.users!r}: three user ids, one per reward")
     storage.check_writable(f.out)     # a wrong bucket fails now, not after the first images
     workdir, _, step = f.run.partition("@")
     run = inference.load_trained(workdir, int(step) if step else None)
+    users = reward_user_ids.resolve(run, names, dict(zip(names, given)) if given else None,
+                                    f"--run={f.run}")
     embeddings = []
-    for u in users:
+    for u in users.values():
       try:
         embeddings.append(run.source.user_embedding(u))
       except KeyError as e:
         raise table1.Table1Error(f"--users: {e}") from None
-    edge_prompts = prompt_sets.read(f.edge_prompts, f.num_prompts)
+    edge_prompts = prompt_sets.read(f.edge_prompts, f.num_prompts, seed=f.prompt_seed)
     rewards = table1.load_rewards(names, f.model, f.aesthetic_head)
     result = run_all(run, embeddings, names, rewards, f.prompt, edge_prompts, f.out,
                      seed=f.seed, n=f.grid, steps=f.edge_steps, chunk=f.chunk,
-                     tolerance=f.tolerance)
+                     tolerance=f.tolerance, users=users,
+                     prompt_source=prompt_sets.describe(edge_prompts, f.edge_prompts))
   except (ValueError, checkpoint.CheckpointError, prompt_sets.PromptSetError,
           registry.RewardConfigError, hf_folder.FolderError, storage.StorageError) as e:
     sys.exit(f"ppd_jax.evals.interpolate: {e}")
@@ -170,9 +188,12 @@ if __name__ == "__main__":
   flags.DEFINE_string("prompt", None, "the grid's prompt")
   flags.DEFINE_string("edge_prompts", None, "prompt set for the edge curves (TSV, .txt, .jsonl, "
                       "pickapic:SHARD_DIR[:split])")
-  flags.DEFINE_integer("num_prompts", None, "use the first N edge prompts")
+  flags.DEFINE_integer("num_prompts", None, "use N edge prompts: a seeded sample, stratified by "
+                       "category where the set has one")
+  flags.DEFINE_integer("prompt_seed", 0, "seed of the --num_prompts sample")
   flags.DEFINE_string("rewards", "clip_h14,aesthetic,hps_v2", "the three rewards (vertices)")
-  flags.DEFINE_string("users", None, "the three reward users' ids (default -1,-2,-3)")
+  flags.DEFINE_string("users", None, "the three reward users' ids, one per --rewards name "
+                      "(default: the run's own map, its relabel folder's reward_users.json)")
   flags.DEFINE_multi_string("model", None, "REWARD=FOLDER: a reward's weights")
   flags.DEFINE_string("aesthetic_head", None, "the aesthetic reward's head file")
   flags.DEFINE_integer("grid", 5, "rows of the barycentric grid (n(n+1)/2 images)")

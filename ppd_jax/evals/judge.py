@@ -50,11 +50,19 @@ class Request:
 @dataclasses.dataclass(frozen=True)
 class Answer:
   """P(the first-shown image is preferred), or None when the backend could not answer
-  (`problem` says why). mass: the probability the model put on "1" and "2" together."""
+  (`problem` says why). mass: the probability the model put on "1" and "2" together.
+  reward_gap: r(first) - r(second) under the user's own reward, where the judge knows it (the
+  synthetic judge; None for a VLM), so a report can count sub-threshold gaps as ties."""
   p_first: float | None
   text: str = ""
   mass: float | None = None
   problem: str = ""
+  reward_gap: float | None = None
+
+
+class JudgeAuthError(RuntimeError):
+  """The judge's server refused the credentials (HTTP 401/403) before any request succeeded:
+  every further request would fail the same way, so the run stops."""
 
 
 class Backend(Protocol):
@@ -71,6 +79,7 @@ class Judgement:
   soft: float | None
   bias: float | None
   problems: tuple = ()
+  reward_gap: float | None = None      # r(A) - r(B) where the judge knows it (Answer.reward_gap)
 
 
 def context_from_pairs(winners, losers, captions) -> tuple:
@@ -98,7 +107,8 @@ def combine(a_first: Answer, b_first: Answer) -> Judgement:
     verdict = "B"
   else:
     verdict = "inconsistent"
-  return Judgement(verdict, p_ab, p_ba, (p_ab + p_ba) / 2, (p_ab - p_ba) / 2)
+  return Judgement(verdict, p_ab, p_ba, (p_ab + p_ba) / 2, (p_ab - p_ba) / 2,
+                   reward_gap=a_first.reward_gap)
 
 
 def judge(backend: Backend, questions: Sequence[Question]) -> list[Judgement]:

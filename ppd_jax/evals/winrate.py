@@ -6,8 +6,8 @@
       [--judge=api|local|synthetic ...] [--seed=0]
 
 For each user: the judge's context is the user's 4 few-shot pairs (the pairs its embedding was made
-from); the prompts are the captions of its next `--items` pairs (or the first items of
---prompts). PPD draws one image per prompt with the user's embedding, the opponent one from the
+from); the prompts are the captions of its next `--items` pairs (or `--items` prompts of
+--prompts, a seeded sample stratified by category, the same for every user: evals/prompt_sets). PPD draws one image per prompt with the user's embedding, the opponent one from the
 same x_T (user k's chunk seed: seed + k):
   * base     the PPD run's frozen base (user branch off);
   * control  the PPD run with another user's embedding (the next user of the list);
@@ -20,12 +20,20 @@ The judge (evals/judge.py) compares each (PPD = A, opponent = B) in both orders.
 
     win_u = #A / (#A + #B)       (inconsistent verdicts dropped, the paper's rule)
 
-and the reported win rate is the mean of win_u over users, with a percentile bootstrap 95%
-interval over users (evals/stats.bootstrap_mean_ci); also the soft (debiased) mean, the
-consistency and the position bias. DIR/winrate.json, DIR/winrate.md and DIR/examples.png (the
-first pairs with their verdicts). Images and verdicts are kept (DIR/images/..., DIR/verdicts.jsonl
-in per-user blocks, evals/judge_log.py), so a killed run redoes only the user in flight. DIR, the
-runs and the prompt file may be URLs (gs://...): every file goes through ppd_jax.storage.
+and the reported win rate is the mean of win_u over users, with a 95% bootstrap interval: over
+users when each user has its own prompts (evals/stats.bootstrap_mean_ci), over users and prompts
+at once when they share a --prompts set (stats.two_way_bootstrap_ci), both with the
+small-sample correction; also the soft (debiased) mean, the consistency, the position bias and
+the number of invalid answers (never counted as a verdict). A judge that knows the users' rewards
+(--judge=synthetic) also gives the rate with gaps below the users' own threshold for a clear pair
+(data.min_reward_gap) counted as ties. DIR/winrate.json, DIR/winrate.md and DIR/examples.png
+(the first pairs with their verdicts). Images and verdicts are kept (DIR/images/...,
+DIR/verdicts.jsonl in per-user blocks, evals/judge_log.py), so a killed run redoes only the user in
+flight, and a rerun asks the judge again where its answer was invalid. DIR/manifest.json
+(evals/manifest.py) records what decides the numbers (the runs' steps and config hashes, the
+opponent, the judge, the users, prompts, items and seed): a rerun into DIR under any other is
+refused, naming the changed fields. DIR, the runs and the prompt file may be URLs (gs://...):
+every file goes through ppd_jax.storage.
 """
 import dataclasses
 import json
@@ -38,6 +46,7 @@ from ppd_jax import images as image_io
 from ppd_jax import storage
 from ppd_jax.evals import judge as judge_lib
 from ppd_jax.evals import judge_log
+from ppd_jax.evals import manifest as manifest_lib
 from ppd_jax.evals import plots
 from ppd_jax.evals import prompt_sets
 from ppd_jax.evals import score_files
@@ -55,6 +64,7 @@ class UserCase:
   user_id: int
   context: tuple                  # users/prompts.Pair x 4
   prompts: tuple                  # captions to generate
+  shared: bool = False            # the prompts are a --prompts set every user shares
 
 
 def _synthetic_cases(source, ids, items: int, fixed) -> list[UserCase]:
@@ -65,7 +75,7 @@ def _synthetic_cases(source, ids, items: int, fixed) -> list[UserCase]:
     context = judge_lib.context_from_pairs(p["winners"][:shots], p["losers"][:shots],
                                            p["captions"][:shots])
     later = fixed or p["captions"][shots:shots + items]
-    out.append(UserCase(int(u), context, tuple(later)))
+    out.append(UserCase(int(u), context, tuple(later), bool(fixed)))
   return out
 
 
@@ -81,11 +91,12 @@ def _pickapic_cases(run, ids, items: int, fixed) -> list[UserCase]:
     if len(context) < 4 or any(not isinstance(c, prompts_lib.Pair) for c in context):
       continue
     later = fixed or [idx.captions[idx.pairs["caption_id"][c]] for c in cands[4:4 + items]]
-    out.append(UserCase(int(u), context, tuple(later)))
+    out.append(UserCase(int(u), context, tuple(later), bool(fixed)))
   return out
 
 
-def user_cases(run, users: str, max_users: int, items: int, prompt_file=None) -> list[UserCase]:
+def user_cases(run, users: str, max_users: int, items: int, prompt_file=None,
+               prompt_seed: int = 0) -> list[UserCase]:
   """The users to evaluate, each with its judge context and prompts (module docstring)."""
   if users not in ("seen", "unseen"):
     raise WinrateError(f"--users={users!r}: seen or unseen")
@@ -94,7 +105,8 @@ def user_cases(run, users: str, max_users: int, items: int, prompt_file=None) ->
   ids = list(ids[:max_users] if max_users else ids)
   if not ids:
     raise WinrateError(f"--users={users}: the run's data has no {users} users")
-  fixed = [p.text for p in prompt_sets.read(prompt_file, items)] if prompt_file else None
+  fixed = ([p.text for p in prompt_sets.read(prompt_file, items, seed=prompt_seed)]
+           if prompt_file else None)
   if run.config.data.source == "pickapic":
     cases = _pickapic_cases(run, ids, items, fixed)
   else:
@@ -129,10 +141,19 @@ class Opponent:
       from ppd_jax import inference
       workdir, _, step = spec[len("run:"):].partition("@")
       self.run = inference.load_trained(workdir, int(step) if step else None)
-      self.tag = "run-" + storage.path(workdir).name + (f"-{step}" if step else "")
+      self.tag = f"run-{storage.path(workdir).name}-{self.run.step}"
     else:
       raise WinrateError(f"--against={spec!r}: base, control, profile_caption or "
                          "run:WORKDIR[@STEP]")
+
+  def identity(self) -> dict:
+    """What the opponent is, for the manifest: its spec, and another run's step and config."""
+    out = {"spec": self.spec}
+    if self.run is not self.ppd:
+      out["run"] = manifest_lib.run_identity(self.run)
+    if self.spec == "control":
+      out["pairs"] = {str(a): b for a, b in self.other.items()}
+    return out
 
   def images(self, case: UserCase, folder: str, seed: int) -> list[str]:
     prompts = [prompt_sets.Prompt(p) for p in case.prompts]
@@ -164,15 +185,68 @@ def _quiet(message: str) -> None:
   del message
 
 
+def describe_backend(backend) -> dict:
+  return backend.describe() if hasattr(backend, "describe") else {"backend": backend.name}
+
+
+def bind(out, ppd_run, opponent: Opponent, cases, backend, seed: int,
+         prompt_source: dict | None = None) -> dict:
+  """Checks and writes out/manifest.json (evals/manifest.py) before any work."""
+  return manifest_lib.bind(out, {
+      "ppd": manifest_lib.run_identity(ppd_run), "against": opponent.identity(),
+      "users": [c.user_id for c in cases],
+      "prompts": {str(c.user_id): list(c.prompts) for c in cases},
+      "shared_prompts": bool(cases and cases[0].shared), "seed": seed,
+      "judge": describe_backend(backend), "template": prompts_lib.TEMPLATE_VERSION,
+  }, keyed={"prompt_source": prompt_source or {}}, command="ppd_jax.evals.winrate")
+
+
+def _rows(case: UserCase, items, mine, theirs, verdicts) -> list[dict]:
+  return [{"user_id": case.user_id, "item": k, "prompt": case.prompts[k], "ppd": a,
+           "opponent": b, "verdict": j.verdict, "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft,
+           "bias": j.bias, "problems": list(j.problems), "reward_gap": j.reward_gap}
+          for k, a, b, j in zip(items, mine, theirs, verdicts)]
+
+
+def _ask(backend, case: UserCase, items, mine, theirs) -> list[dict]:
+  questions = [judge_lib.Question(case.context, case.prompts[k], image_io.load_png(a),
+                                  image_io.load_png(b), user_id=case.user_id)
+               for k, a, b in zip(items, mine, theirs)]
+  return _rows(case, items, mine, theirs, judge_lib.judge(backend, questions))
+
+
+def reask_invalid(backend, cases, done: dict, path, log=print) -> int:
+  """Asks again every question of a finished user whose answer was invalid (an HTTP error, an
+  unreadable or cut-short reply): a failure is never final. Returns how many were asked."""
+  asked = 0
+  for case in cases:
+    rows = done.get(case.user_id) or {}
+    bad = sorted(k for k, r in rows.items() if r["verdict"] == "invalid")
+    if not bad:
+      continue
+    fresh = _ask(backend, case, bad, [rows[k]["ppd"] for k in bad],
+                 [rows[k]["opponent"] for k in bad])
+    merged = {**rows, **{r["item"]: r for r in fresh}}
+    judge_log.append_user(path, case.user_id, [merged[k] for k in sorted(merged)])
+    done[case.user_id] = merged
+    asked += len(bad)
+  if asked:
+    left = sum(r["verdict"] == "invalid" for c in cases for r in done.get(c.user_id, {}).values())
+    log(f"winrate: asked the judge again for {asked} invalid answers; {left} still invalid")
+  return asked
+
+
 def run(ppd_run, opponent: Opponent, cases, backend, out: str, *, seed: int = 0, log=print,
-        after_user=None) -> dict:
+        after_user=None, prompt_source: dict | None = None) -> dict:
   """Every user's images and verdicts into out; returns winrate.json's content."""
+  bind(out, ppd_run, opponent, cases, backend, seed, prompt_source)
   out = storage.makedirs(out)
   path = out / "verdicts.jsonl"
   done = judge_log.read(path, key="item")
+  log(f"winrate: PPD vs {opponent.spec}: {len(cases)} users, "
+      f"{sum(c.user_id in done for c in cases)} done before")
+  reask_invalid(backend, cases, done, path, log)
   todo = [c for c in cases if c.user_id not in done]
-  log(f"winrate: PPD vs {opponent.spec}: {len(cases)} users, {len(cases) - len(todo)} done "
-      "before")
   position = {c.user_id: k for k, c in enumerate(cases)}
   for i, case in enumerate(todo):
     s = seed + position[case.user_id]
@@ -181,37 +255,51 @@ def run(ppd_run, opponent: Opponent, cases, backend, out: str, *, seed: int = 0,
                                [prompt_sets.Prompt(p) for p in case.prompts], where("ppd"), s,
                                len(case.prompts), _quiet)
     theirs = opponent.images(case, where(opponent.tag), s)
-    questions = [judge_lib.Question(case.context, p, image_io.load_png(a), image_io.load_png(b),
-                                    user_id=case.user_id)
-                 for p, a, b in zip(case.prompts, mine, theirs)]
-    verdicts = judge_lib.judge(backend, questions)
-    rows = [{"user_id": case.user_id, "item": k, "prompt": p, "ppd": a, "opponent": b,
-             "verdict": j.verdict, "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft,
-             "bias": j.bias, "problems": list(j.problems)}
-            for k, (p, a, b, j) in enumerate(zip(case.prompts, mine, theirs, verdicts))]
+    rows = _ask(backend, case, range(len(mine)), mine, theirs)
     judge_log.append_user(path, case.user_id, rows)
     done[case.user_id] = {r["item"]: r for r in rows}
     log(f"winrate: {i + 1}/{len(todo)} users")
     if after_user is not None:
       after_user(case.user_id)
-  result = summarise({c.user_id: list(done[c.user_id].values()) for c in cases}, seed)
-  result.update({"against": opponent.spec, "ppd_step": ppd_run.step, "seed": seed,
-                 "judge": backend.describe() if hasattr(backend, "describe") else backend.name,
-                 "template": prompts_lib.TEMPLATE_VERSION})
+  by_user = {c.user_id: [done[c.user_id][k] for k in sorted(done[c.user_id])] for c in cases}
+  result = summarise(by_user, seed, shared_items=bool(cases and cases[0].shared),
+                     tie_gap=ppd_run.config.data.get("min_reward_gap"))
+  result.update({"against": opponent.spec, "ppd_step": ppd_run.step,
+                 "opponent": opponent.identity(), "seed": seed,
+                 "judge": describe_backend(backend), "template": prompts_lib.TEMPLATE_VERSION})
   score_files.write_json_atomic(out / "winrate.json", result)
   storage.write_text(out / "winrate.md", markdown(result))
   examples(done, cases, out / "examples.png")
   return result
 
 
-def summarise(by_user: dict, seed: int = 0) -> dict:
-  """Per-user win rates, their mean with a bootstrap CI over users, and pooled counts."""
+_OUTCOME = {"A": 1.0, "B": 0.0}
+
+
+def tie_counted(rows, gap: float) -> list[float]:
+  """Per question, the verdict's outcome (A 1, B 0) with a pair whose reward gap
+  |r_u(A) - r_u(B)| is below the users' own threshold for a clear pair counted as a tie (1/2);
+  inconsistent and invalid verdicts of clear pairs are left out, as in the win rate."""
+  out = []
+  for r in rows:
+    if r.get("reward_gap") is not None and abs(r["reward_gap"]) < gap:
+      out.append(0.5)
+    elif r["verdict"] in _OUTCOME:
+      out.append(_OUTCOME[r["verdict"]])
+  return out
+
+
+def summarise(by_user: dict, seed: int = 0, shared_items: bool = False,
+              tie_gap: float | None = None) -> dict:
+  """Per-user win rates, their mean with a bootstrap CI (over users and, when every user judges
+  the same items, over items too), invalid counts, and pooled counts."""
   per_user = {}
   for u, rows in by_user.items():
     a = sum(r["verdict"] == "A" for r in rows)
     b = sum(r["verdict"] == "B" for r in rows)
     valid = [r for r in rows if r["verdict"] != "invalid"]
     per_user[u] = {"wins": a, "losses": b, "items": len(rows),
+                   "invalid": len(rows) - len(valid),
                    "win_rate": a / (a + b) if a + b else None,
                    "soft": float(np.mean([r["soft"] for r in valid])) if valid else None}
   rates = [v["win_rate"] for v in per_user.values() if v["win_rate"] is not None]
@@ -219,22 +307,44 @@ def summarise(by_user: dict, seed: int = 0) -> dict:
   rows = [r for rs in by_user.values() for r in rs]
   pooled = judge_lib.summarise([judge_lib.Judgement(r["verdict"], r["p_ab"], r["p_ba"],
                                                     r["soft"], r["bias"]) for r in rows])
-  return {"users": len(per_user), "users_with_a_verdict": len(rates),
-          "win_rate": float(np.mean(rates)) if rates else None,
-          "ci95": list(stats.bootstrap_mean_ci(rates, seed=seed)),
-          "soft_win_rate": float(np.mean(softs)) if softs else None,
-          "soft_ci95": list(stats.bootstrap_mean_ci(softs, seed=seed)),
-          "pooled": pooled, "per_user": {str(u): v for u, v in per_user.items()}}
+  if shared_items and by_user:
+    items = max(len(rs) for rs in by_user.values())
+    outcomes = np.full((len(by_user), items), np.nan)
+    for i, rs in enumerate(by_user.values()):
+      for k, r in enumerate(rs):
+        outcomes[i, k] = _OUTCOME.get(r["verdict"], np.nan)
+    ci, method = stats.two_way_bootstrap_ci(outcomes, seed=seed), "two-way bootstrap (users x items)"
+  else:
+    ci, method = stats.bootstrap_mean_ci(rates, seed=seed), "bootstrap over users"
+  out = {"users": len(per_user), "users_with_a_verdict": len(rates),
+         "win_rate": float(np.mean(rates)) if rates else None, "ci95": list(ci),
+         "ci_method": method + ", small-sample corrected",
+         "soft_win_rate": float(np.mean(softs)) if softs else None,
+         "soft_ci95": list(stats.bootstrap_mean_ci(softs, seed=seed)),
+         "invalid": sum(v["invalid"] for v in per_user.values()),
+         "pooled": pooled, "per_user": {str(u): v for u, v in per_user.items()}}
+  if tie_gap is not None and any(r.get("reward_gap") is not None for r in rows):
+    ties = [np.mean(t) for t in (tie_counted(rs, tie_gap) for rs in by_user.values()) if t]
+    out["tie_counted"] = {"gap": tie_gap, "win_rate": float(np.mean(ties)) if ties else None,
+                          "ci95": list(stats.bootstrap_mean_ci(ties, seed=seed)),
+                          "below_gap": sum(r.get("reward_gap") is not None
+                                           and abs(r["reward_gap"]) < tie_gap for r in rows)}
+  return out
 
 
 def markdown(r: dict) -> str:
   fmt = lambda x: "-" if x is None else f"{x:.3f}"
   lo, hi = r["ci95"]
-  return (f"| PPD vs {r['against']} | win rate | 95% CI (users) | soft | consistency | "
-          f"position bias | users |\n| --- | --- | --- | --- | --- | --- | --- |\n"
-          f"| | {fmt(r['win_rate'])} | [{fmt(lo)}, {fmt(hi)}] | {fmt(r['soft_win_rate'])} | "
-          f"{fmt(r['pooled']['consistency'])} | {fmt(r['pooled']['position_bias'])} | "
-          f"{r['users_with_a_verdict']} of {r['users']} |\n")
+  tie = r.get("tie_counted")
+  head = "| PPD vs {} | win rate | 95% CI | soft | consistency | position bias | invalid | users |"
+  cells = (f"| | {fmt(r['win_rate'])} | [{fmt(lo)}, {fmt(hi)}] | {fmt(r['soft_win_rate'])} | "
+           f"{fmt(r['pooled']['consistency'])} | {fmt(r['pooled']['position_bias'])} | "
+           f"{r['invalid']} of {r['pooled']['n']} | {r['users_with_a_verdict']} of {r['users']} |")
+  if tie:
+    head += " sub-threshold gaps as ties |"
+    cells += f" {fmt(tie['win_rate'])} ({tie['below_gap']} pairs below {tie['gap']}) |"
+  return (head.format(r["against"]) + "\n" + "| --- " * (head.count("|") - 1) + "|\n"
+          + cells + f"\n\n95% CI: {r['ci_method']}\n")
 
 
 def examples(done: dict, cases, path: str, count: int = 6) -> None:
@@ -264,15 +374,25 @@ def main(argv):
     storage.check_writable(f.out)     # a wrong bucket fails now, not after the first images
     workdir, _, step = f.run.partition("@")
     ppd = inference.load_trained(workdir, int(step) if step else None)
-    cases = user_cases(ppd, f.users, f.max_users, f.items, f.prompts)
+    cases = user_cases(ppd, f.users, f.max_users, f.items, f.prompts, f.prompt_seed)
     opponent = Opponent(f.against, ppd, cases)
     backend = judge_backends.from_flags(f, f.out, run=ppd)
+    source = None
+    if f.prompts:
+      from ppd_jax.evals import prompt_sets as sets
+      source = sets.describe(sets.read(f.prompts, f.items, seed=f.prompt_seed), f.prompts)
     result = run(ppd, opponent, cases, backend, f.out, seed=f.seed,
-                 log=lambda m: print(m, flush=True))
-  except (ValueError, OSError, KeyError, checkpoint.CheckpointError, storage.StorageError) as e:
+                 log=lambda m: print(m, flush=True), prompt_source=source)
+  except (ValueError, OSError, KeyError, checkpoint.CheckpointError, storage.StorageError,
+          judge_lib.JudgeAuthError) as e:
     sys.exit(f"ppd_jax.evals.winrate: {e}")
   print(markdown(result))
-  print(json.dumps({"win_rate": result["win_rate"], "ci95": result["ci95"]}))
+  print(json.dumps({"win_rate": result["win_rate"], "ci95": result["ci95"],
+                    "invalid": result["invalid"]}))
+  if result["users_with_a_verdict"] == 0:
+    sys.exit(f"ppd_jax.evals.winrate: no valid verdict ({result['invalid']} invalid answers of "
+             f"{result['pooled']['n']}: see 'problems' in {f.out}/verdicts.jsonl); a rerun asks "
+             "again")
 
 
 if __name__ == "__main__":
@@ -284,7 +404,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("users", "unseen", "seen (training) or unseen (test) users")
   flags.DEFINE_integer("max_users", 0, "at most this many users (0: all)")
   flags.DEFINE_integer("items", 8, "prompts per user")
-  flags.DEFINE_string("prompts", None, "a prompt file instead of the users' own captions")
+  flags.DEFINE_string("prompts", None, "a prompt file instead of the users' own captions "
+                      "(--items of them: a seeded sample, stratified by category)")
+  flags.DEFINE_integer("prompt_seed", 0, "seed of the --prompts sample")
   flags.DEFINE_integer("seed", 0, "x_T seed of the first user (user k: seed + k)")
   flags.DEFINE_string("out", None, "output folder")
   judge_backends.define_flags(synthetic=True)

@@ -1,0 +1,139 @@
+"""What made an evaluation's outputs, written beside them and checked before any of them is reused.
+
+An evaluation folder keeps its images, scores and verdicts so that a killed run resumes. Reused
+under other settings they would be wrong with no error: verdicts of one opponent stamped with
+another's name, images of step 1000 reported as step 2000. So every evaluation command describes
+everything that decides its numbers (runs with their resolved checkpoint step and config hash, the
+opponent, the judge, the prompt set's file hash and chosen indices, items, seed, each reward's name
+and weight-file hashes) and calls `bind(out, fields)` before any work:
+
+  * no DIR/manifest.json yet: it is written, and the work starts;
+  * equal fields: the stored work is reused;
+  * any difference: ManifestMismatch, naming each changed field with its old and new value.
+
+A field that the stored work is keyed by (e.g. table1 keeps each run's images in a folder named
+by its step and config hash) goes in `keyed`: recorded in the manifest, never compared.
+"""
+import hashlib
+import json
+import os
+
+from ppd_jax import storage
+
+FILE = "manifest.json"
+
+
+class ManifestMismatch(ValueError):
+  """A rerun into an output folder made under other settings; the message names the fields."""
+
+
+def _flat(d, prefix: str = "") -> dict:
+  out = {}
+  for k, v in (d or {}).items():
+    name = f"{prefix}{k}"
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, name + "."))
+    else:
+      out[name] = v
+  return out
+
+
+def _short(v) -> str:
+  text = json.dumps(v, sort_keys=True, default=str)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+  """'field: old -> new' for every leaf that differs (missing on one side included)."""
+  a, b = _flat(saved), _flat(current)
+  norm = lambda v: json.loads(json.dumps(v, sort_keys=True, default=str))
+  return [f"{k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in sorted(set(a) | set(b))
+          if norm(a.get(k)) != norm(b.get(k))]
+
+
+def bind(out, fields: dict, keyed: dict | None = None, command: str = "") -> dict:
+  """Checks `fields` against out/manifest.json (module docstring), then writes the manifest
+  (fields + keyed). Returns what was written."""
+  path = storage.path(out) / FILE
+  manifest = {"command": command, "fields": fields, "keyed": keyed or {}}
+  if storage.exists(path):
+    try:
+      saved = json.loads(storage.read_text(path))
+    except ValueError as e:
+      raise ManifestMismatch(f"{path}: unreadable ({e}); use another --out") from None
+    changed = differences(saved.get("fields", {}), fields)
+    if changed:
+      raise ManifestMismatch(
+          f"{out} holds {saved.get('command') or 'evaluation'} outputs made under other "
+          f"settings, which would be reused as if made under these; changed: "
+          + "; ".join(changed) + ". Use another --out (or delete that folder)")
+  storage.makedirs(out)
+  storage.write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+  return manifest
+
+
+def config_sha256(config) -> str:
+  """A hash of a run's whole config (ml_collections or dict), for the manifest."""
+  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_identity(run) -> dict:
+  """A trained run (inference.TrainedRun): its folder, the step restored and its config's hash."""
+  return {"workdir": getattr(run, "workdir", ""), "step": int(run.step),
+          "config_sha256": config_sha256(run.config)[:16]}
+
+
+def _hash_cache() -> str:
+  return os.path.join(os.path.expanduser(os.environ.get("PPD_JAX_CACHE", "~/.cache/ppd_jax")),
+                      "sha256.json")
+
+
+def file_sha256(path) -> str:
+  """The SHA-256 of a file's bytes. A local file's hash is remembered by (path, size, mtime), so
+  multi-GB reward weights are read once, not at every evaluation."""
+  p = storage.path(path)
+  if storage.is_url(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+  st = os.stat(p)
+  key = f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}"
+  cache_path = _hash_cache()
+  try:
+    with open(cache_path, encoding="utf-8") as f:
+      cache = json.load(f)
+  except (OSError, ValueError):
+    cache = {}
+  if key in cache:
+    return cache[key]
+  digest = hashlib.sha256()
+  with open(p, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  cache[key] = digest.hexdigest()
+  try:
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    tmp = f"{cache_path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(cache, f)
+    os.replace(tmp, cache_path)
+  except OSError:
+    pass                                 # a read-only home only costs a re-hash next time
+  return cache[key]
+
+
+def weights_sha256(location) -> dict:
+  """{file name: sha256} of a weight file, or of a folder's weight files (safetensors, and the
+  configs that shape them)."""
+  p = storage.path(location)
+  if not p.is_dir():
+    return {p.name: file_sha256(p)}
+  names = sorted(n.name for n in p.iterdir()
+                 if n.name.endswith((".safetensors", "config.json", ".npz")))
+  return {n: file_sha256(p / n) for n in names}
+
+
+def reward_identity(reward, name: str) -> dict:
+  """What a reward object records about itself (`identity`, set where it is loaded), else its
+  class: the demo's hidden rewards are code, not weights."""
+  found = getattr(reward, "identity", None)
+  return dict(found) if found else {"name": name, "kind": type(reward).__name__}
