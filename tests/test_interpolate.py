@@ -92,6 +92,13 @@ def test_grid_and_edges_on_a_trained_run(tiny_trained_run, tmp_path, monkeypatch
   again = interpolate.run_all(run, embeddings, names, rewards, "a red circle", PROMPTS, out,
                               seed=3, n=3, steps=3, chunk=2, log=lambda m: None)
   assert again == result
+  # Another seed or vertex order into the same folder: refused before anything is made.
+  with pytest.raises(ValueError, match="seed: 3 -> 4"):
+    interpolate.run_all(run, embeddings, names, rewards, "a red circle", PROMPTS, out,
+                        seed=4, n=3, steps=3, chunk=2, log=lambda m: None)
+  with pytest.raises(ValueError, match="vertices"):
+    interpolate.run_all(run, embeddings[::-1], names[::-1], rewards, "a red circle", PROMPTS,
+                        out, seed=3, n=3, steps=3, chunk=2, log=lambda m: None)
 
 
 def test_command_line_errors_name_the_flag(tiny_trained_run, tmp_path):

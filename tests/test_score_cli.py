@@ -89,6 +89,13 @@ def test_a_killed_run_resumes_without_rescoring(setup, tmp_path, monkeypatch):
                              rtol=1e-6)
   with pytest.raises(score_files.ScoreInputError, match="holds scores of reward 'pickscore'"):
     score.run("clip_h14", data, os.fspath(out), model=model_dir, log=lambda *_: None)
+  # The same reward with other weights: refused before anything is scored, naming the field.
+  other = os.fspath(tmp_path / "other_clip")
+  tiny_clip.save_clip(other, seed=1)
+  scored.clear()
+  with pytest.raises(ValueError, match="reward.model.*reward.weights_sha256.model.safetensors"):
+    score.run("pickscore", data, os.fspath(out), model=other, log=lambda *_: None)
+  assert scored == []
 
 
 def test_bad_inputs_are_named(setup, tmp_path):

@@ -184,3 +184,38 @@ def test_invalid_answers_are_counted_and_asked_again_on_the_rerun(ppd, tmp_path)
       assert r["verdict"] == ("A" if wins else "B")
   third = winrate.run(ppd, opponent, cases, judge, out, seed=4, log=lambda m: None)
   assert judge.asked - asked == 8 and third["win_rate"] == second["win_rate"]
+
+
+def _rows(verdicts, gaps=None):
+  gaps = gaps or [None] * len(verdicts)
+  return [{"verdict": v, "p_ab": None if v == "invalid" else 0.5, "p_ba": 0.5,
+           "soft": None if v == "invalid" else 0.5, "bias": 0.0, "reward_gap": g}
+          for v, g in zip(verdicts, gaps)]
+
+
+def test_shared_prompts_are_resampled_too():
+  """When every user judges the same prompts, a prompt that everyone's PPD image wins (or loses)
+  moves every user's rate at once: the interval must resample prompts as well as users. Here
+  four of six prompts are won by every user and two lost, so users alone look certain."""
+  verdicts = ["A", "A", "B", "A", "B", "A"]
+  by_user = {u: _rows(verdicts if u % 5 else verdicts[:-1] + ["inconsistent"])
+             for u in range(30)}
+  alone = winrate.summarise(by_user, shared_items=False)
+  both = winrate.summarise(by_user, shared_items=True)
+  assert alone["win_rate"] == both["win_rate"]
+  width = lambda r: r["ci95"][1] - r["ci95"][0]
+  assert width(alone) < 0.05 and width(both) > 0.3
+  assert both["ci95"][0] <= both["win_rate"] <= both["ci95"][1]
+  assert "two-way" in both["ci_method"] and "two-way" not in alone["ci_method"]
+
+
+def test_sub_threshold_gaps_counted_as_ties_beside_the_rate():
+  by_user = {1: _rows(["A", "A", "B", "invalid"], [0.1, 2.0, -1.0, 3.0]),
+             2: _rows(["A", "inconsistent", "B"], [0.2, -0.3, -0.7])}
+  r = winrate.summarise(by_user, tie_gap=0.5)
+  # user 1: tie, win, loss (the invalid clear pair left out) -> 1.5 / 3;
+  # user 2: tie, tie, loss -> 1 / 3
+  assert r["tie_counted"]["win_rate"] == pytest.approx((1.5 / 3 + 1 / 3) / 2)
+  assert r["tie_counted"]["below_gap"] == 3
+  assert r["win_rate"] == pytest.approx((2 / 3 + 1 / 2) / 2) and r["invalid"] == 1
+  assert "sub-threshold gaps as ties" in winrate.markdown({**r, "against": "base"})

@@ -51,10 +51,11 @@ def differences(saved: dict, current: dict) -> list[str]:
           if norm(a.get(k)) != norm(b.get(k))]
 
 
-def bind(out, fields: dict, keyed: dict | None = None, command: str = "") -> dict:
-  """Checks `fields` against out/manifest.json (module docstring), then writes the manifest
+def bind(out, fields: dict, keyed: dict | None = None, command: str = "",
+         name: str = FILE) -> dict:
+  """Checks `fields` against out/<name> (module docstring), then writes the manifest
   (fields + keyed). Returns what was written."""
-  path = storage.path(out) / FILE
+  path = storage.path(out) / name
   manifest = {"command": command, "fields": fields, "keyed": keyed or {}}
   if storage.exists(path):
     try:
@@ -130,6 +131,24 @@ def weights_sha256(location) -> dict:
   names = sorted(n.name for n in p.iterdir()
                  if n.name.endswith((".safetensors", "config.json", ".npz")))
   return {n: file_sha256(p / n) for n in names}
+
+
+def data_identity(location) -> dict:
+  """A data file (its SHA-256) or folder (a hash of its files' names and sizes, two levels down:
+  cheap on a shard folder of many GB, and it changes when a file is added, removed or rewritten
+  to another size)."""
+  p = storage.path(location)
+  if not p.exists():
+    return {"path": str(location), "missing": True}
+  if not p.is_dir():
+    return {"path": str(location), "sha256": file_sha256(p)}
+  listing = []
+  for child in sorted(p.iterdir(), key=lambda c: c.name):
+    kids = sorted(child.iterdir(), key=lambda c: c.name) if child.is_dir() else [child]
+    listing += [f"{k.relative_to(p)}|{k.stat().length if not k.is_dir() else 'dir'}"
+                for k in kids]
+  return {"path": str(location),
+          "listing_sha256": hashlib.sha256("\n".join(listing).encode()).hexdigest()}
 
 
 def reward_identity(reward, name: str) -> dict:

@@ -6,7 +6,8 @@
 Rewards: evals/rewards/registry.py (pickscore, hps_v2, hps_v21, clip_l14, clip_h14, aesthetic).
 Writes one JSON line per image {"image", "prompt", "reward", "score"} to --out, and the summary
 (n, mean, std, 95% CI of the mean) to <out>.summary.json and stdout. A killed run resumes where it
-stopped; inputs and weights are checked before any scoring. --images, --prompts and --out may be
+stopped; inputs and weights are checked before any scoring. <out>.manifest.json (evals/manifest.py)
+records the reward and the SHA-256 of its weight files: resuming with other weights is refused. --images, --prompts and --out may be
 URLs (gs://...): every file goes through ppd_jax.storage.
 """
 import sys
@@ -51,12 +52,18 @@ def _eta(seconds: float) -> str:
 def run(reward_name: str, images: str, out: str, model=None, aesthetic_head=None, tokenizer=None,
         prompts=None, batch_size: int = 32, log_every: int = 10, log=print) -> dict:
   """The CLI's work; returns the summary."""
+  from ppd_jax.evals import manifest
   items = score_files.read_items(images, prompts, need_prompts=reward_name != "aesthetic")
   log_file = score_files.ScoreLog(out, reward_name)
   todo = [it for it in items if it.key not in log_file.scores]
   if len(todo) < len(items):
     log(f"resuming: {len(items) - len(todo)} of {len(items)} image(s) already scored in {out}")
   reward = registry.load(reward_name, model, aesthetic_head, tokenizer, batch_size)
+  where = storage.path(out)           # before any scoring: other weights, another file
+  manifest.bind(where.parent, {"reward": registry.identity(reward_name, model, aesthetic_head),
+                               "tokenizer": tokenizer},
+                keyed={"images": images, "prompts": prompts}, command="ppd_jax.evals.score",
+                name=f"{where.name}.manifest.json")
   step = reward.runner.batch_size
   start = time.perf_counter()
   for b, first in enumerate(range(0, len(todo), step)):
@@ -85,7 +92,8 @@ def main(argv):
     summary = run(f.reward, f.images, f.out, f.model, f.aesthetic_head, f.tokenizer, f.prompts,
                   f.batch_size, f.log_every)
   except (score_files.ScoreInputError, registry.RewardConfigError, hf_folder.FolderError,
-          convert.WeightsError, preprocess.ImageInputError, storage.StorageError) as e:
+          convert.WeightsError, preprocess.ImageInputError, storage.StorageError,
+          ValueError) as e:
     sys.exit(f"ppd_jax.evals.score: {e}")
   ci = (f"[{summary['ci_low']:.4f}, {summary['ci_high']:.4f}]" if summary["ci_low"] is not None
         else "n/a")

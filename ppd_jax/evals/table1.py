@@ -331,20 +331,7 @@ def load_rewards(names, model_values, aesthetic_head) -> dict:
   for n in names:
     head = aesthetic_head if n == "aesthetic" else None
     out[n] = registry.load(n, models.get(n) or None, head)
-    out[n].identity = registry_identity(n, models.get(n) or None, head)
-  return out
-
-
-def registry_identity(name: str, model: str | None, aesthetic_head: str | None) -> dict:
-  """A registry reward's name, weight location and the SHA-256 of its weight files."""
-  from ppd_jax.evals.rewards import registry
-  from ppd_jax.weights import hf_folder
-  model = model or registry.SPECS[name].model
-  folder = hf_folder.resolve_model(registry._local(model))
-  out = {"name": name, "model": model, "weights_sha256": manifest_lib.weights_sha256(folder)}
-  if aesthetic_head:
-    out["aesthetic_head"] = aesthetic_head
-    out["aesthetic_head_sha256"] = manifest_lib.file_sha256(aesthetic_head)
+    out[n].identity = registry.identity(n, models.get(n) or None, head)
   return out
 
 

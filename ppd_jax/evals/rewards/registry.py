@@ -116,3 +116,17 @@ def load(name: str, model: str | None = None, aesthetic_head: str | None = None,
   clean = clip_similarity.open_clip_text if spec.open_clip else None
   return clip_similarity.ClipSimilarityReward(name, module, params, tok, spec.formula,
                                               batch_size, workers, clean)
+
+
+def identity(name: str, model: str | None = None, aesthetic_head: str | None = None) -> dict:
+  """What a loaded reward is, for evaluation manifests and score files (evals/manifest.py): its
+  name, where its weights came from and the SHA-256 of each weight file, so that a score made
+  with other weights is never reused."""
+  from ppd_jax.evals import manifest
+  model = model or SPECS[name].model
+  out = {"name": name, "model": model,
+         "weights_sha256": manifest.weights_sha256(hf_folder.resolve_model(_local(model)))}
+  if aesthetic_head:
+    out["aesthetic_head"] = aesthetic_head
+    out["aesthetic_head_sha256"] = manifest.file_sha256(aesthetic_head)
+  return out
