@@ -134,17 +134,21 @@ def _exported_processor(folder):
 
 def test_export_runs_in_the_prior_pipeline_as_ours(run, folders, tmp_path, monkeypatch):
   """export on the command line, then diffusers' StableCascadePriorPipeline (its own text encoder,
-  scheduler and [cond; uncond] CFG) with the exported processor against our Stage C chain from the
-  same x_T and per-step noise: equal, and the user changes the pipeline's latents."""
+  scheduler and [cond; uncond] CFG) with the exported processor against our Stage C chain as
+  `python -m ppd_jax.sample` runs it (inference.generate: its conditioning, its user scale in
+  each CFG half), from the same x_T and per-step noise: equal, and the user changes the
+  pipeline's latents."""
   import torch
   from diffusers import StableCascadePriorPipeline
   from diffusers.schedulers import scheduling_ddpm_wuerstchen
   from safetensors.torch import load_file
 
+  import jax
+  import jax.numpy as jnp
+
   import tiny_cascade as tc
   from ppd_jax import inference
-  from ppd_jax.backbones import stable_cascade
-  from ppd_jax.diffusion import cascade_sampler
+  from ppd_jax.diffusion import generation
 
   out = tmp_path / "export"
   log = _run("ppd_jax.export", f"--workdir={run['workdir']}", f"--out={out}")
@@ -156,10 +160,14 @@ def test_export_runs_in_the_prior_pipeline_as_ours(run, folders, tmp_path, monke
   assert (meta["user_embed_dim"], meta["prior_subfolder"], meta["step"]) == (16, "prior", 4)
   assert meta["num_cross_attention_layers"] == 6
 
-  prompts, steps, w = ["red circle", "a big dark dog"], 3, 4.0
-  rng = np.random.RandomState(0)
-  x_T = rng.randn(2, 4, 4, 16).astype(np.float32)
-  noise = rng.randn(steps, 2, 4, 4, 16).astype(np.float32)
+  prompts, steps, w, seed = ["red circle", "a big dark dog"], 3, 4.0, 0
+  trained = inference.load_trained(run["workdir"])
+  assert trained.config.sample.sampler == "ddpm_wuerstchen"
+  # generate's noise for `seed`: x_T from generation.initial_noise; the chunk's key
+  # fold_in(key(seed), 0) and step i's z = normal(split(key, steps)[i]) (cascade_sampler.sample).
+  x_T = generation.initial_noise(seed, len(prompts), trained.config.model)
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0), steps)
+  noise = np.stack([np.asarray(jax.random.normal(k, x_T.shape, jnp.float32)) for k in keys])
   embedding = next(iter(run["users"].values()))                       # [1, 16]
 
   pipe = StableCascadePriorPipeline.from_pretrained(folders["prior"])
@@ -177,20 +185,16 @@ def test_export_runs_in_the_prior_pipeline_as_ours(run, folders, tmp_path, monke
                  latents=tc.nchw(x_T), output_type="pt").image_embeddings
     return tc.nhwc(got)
 
-  trained = inference.load_trained(run["workdir"])
-  text = stable_cascade.StableCascadeBackbone(trained.config).encode_captions(prompts + ["", ""])
+  stage_c = []   # the shipped chain's Stage C latents, kept before Stage B and A would run
 
-  def eps_fn(x, r, c):   # c: the [cond; uncond] rows of `half` below, concatenated
-    return trained.model.apply({"params": trained.params}, x, r, c["text_embedding"], c["user"],
-                               c["scale"], {"text_embeds": c["pooled_text_embedding"]})
-
-  def half(rows, scale):   # sample's rule: the user branch off (scale 0) in the uncond half
-    return {k: v[rows] for k, v in text.items()} | {
-        "user": np.stack([embedding] * 2), "scale": np.full(2, scale, np.float32)}
-
-  ours = np.asarray(cascade_sampler.sample(eps_fn, x_T, None, steps, w, half(slice(0, 2), 1.0),
-                                           half(slice(2, 4), 0.0), noise=noise,
-                                           schedule=trained.schedule))
+  def keep_latents(latents, text=None, seed=0):
+    stage_c.append(np.asarray(latents))
+    return np.zeros((len(latents), 1, 1, 3), np.float32)
+  monkeypatch.setattr(trained.source.backbone, "to_images", keep_latents)
+  inference.generate(trained, prompts, embedding, user_scale=1.0, seed=seed, num_steps=steps,
+                     guidance_scale=w)
+  ours = np.concatenate(stage_c)
+  assert ours.shape == x_T.shape
   with_user, base = theirs(1.0), theirs(0.0)
   err, effect = np.abs(with_user - ours).max(), np.abs(with_user - base).max()
   assert err <= 1e-4 * np.abs(ours).max(), (err, effect)

@@ -145,3 +145,32 @@ def test_sft_loss_is_the_policy_error_on_preferred_images_in_numpy():
   for other in (policy_error(np_b["dispreferred"], 1.0), policy_error(np_b["preferred"], 0.0)):
     assert abs(other - want) > 1e-3 * want, "the test inputs should tell these apart"
   assert "implicit_accuracy" in m  # DPO metrics are still reported for comparison
+
+
+def test_p2_weighting_scales_each_pairs_z_by_one_minus_abar_t():
+  """dpo.weighting=p2: z_p2 = (1 - abar_t) z_none per pair, for the same batch, t and eps, with
+  abar_t = prod_{s<=t} (1 - beta_s) from the schedule's betas in float64; loss = -log sigmoid(z)."""
+  sched = schedules.make_schedule(1000, "scaled_linear", 0.00085, 0.012)
+  rng = np.random.default_rng(4)
+  b, shape = 5, (4, 4, 3)
+  batch = {"preferred": rng.normal(size=(b, *shape)), "dispreferred": rng.normal(size=(b, *shape)),
+           "text_embedding": rng.normal(size=(b, 2, 3)),
+           "user_embedding": rng.normal(size=(b, 4, 6))}
+  batch = {k: jnp.asarray(v, jnp.float32) for k, v in batch.items()}
+  t = jnp.asarray([0, 150, 400, 700, 999], jnp.int32)
+  noise = jnp.asarray(rng.normal(size=(b, *shape)), jnp.float32)
+  user_params = {"user_projector": {"w": jnp.float32(0.7)}}
+
+  def z_and_loss(weighting):
+    cfg = ml_collections.ConfigDict({"loss": "dpo", "dpo": {"beta": 300.0, "reduction": "mean",
+                                                            "weighting": weighting}})
+    loss, m = step_lib.make_loss_fn(_FakeModel(), sched, cfg)(user_params, {}, batch, t, noise)
+    return np.asarray(m["z"], np.float64), float(loss)
+
+  (z_none, _), (z_p2, loss_p2) = z_and_loss("none"), z_and_loss("p2")
+  abar = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))[np.asarray(t)]
+  np.testing.assert_allclose(z_p2, (1.0 - abar) * z_none, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(loss_p2, np.mean(np.logaddexp(0.0, -(1.0 - abar) * z_none)),
+                             rtol=1e-5)
+  assert np.abs(z_none).min() > 1e-3, "every pair should have a margin to scale"
+  assert np.ptp(1.0 - abar) > 0.5, "the weights should differ between pairs"
