@@ -3,6 +3,8 @@
 Every field is documented where it is set. `ppd_jax.config_validation.validate` checks the values
 before any work starts.
 """
+import math
+
 import ml_collections
 
 
@@ -98,6 +100,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.worker_count = 0           # Grain worker processes (0: read in the main process)
   c.data.num_users = 0              # synthetic source: training users
   c.data.num_unseen_users = 0       # synthetic source: users held out for evaluation
+  # synthetic source: users held out for choosing the recipe (val/* while training), neither
+  # trained on nor reported; 0: validation scores the unseen users' pairs
+  c.data.num_validation_users = 0
   c.data.pairs_per_user = 0         # synthetic source: preference pairs per user
   c.data.fewshot = 4                # pairs that make a user embedding (the paper's N)
   c.data.text_length = 77           # caption tokens
@@ -144,9 +149,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.unseen_users = 0           # unseen users evaluated; 0: all of them
   c.eval.train_users = 16           # training users evaluated (the first ones)
   c.eval.interpolation_pairs = 4    # pairs of unseen users mixed at weights 0, 0.25, ..., 1
-  # The synthetic judge (evals/judge_synthetic.py) that plays each user in the win rates:
-  # P(first preferred) = sigmoid((r(first) - r(second)) / T + position bias logit).
-  c.eval.judge_temperature = 0.1
+  # The synthetic judge (evals/judge_synthetic.py) that plays each user in the win rates: each
+  # order's answer drawn with P(first) = sigmoid((r(first) - r(second)) / T + position bias logit).
+  # T follows the users' own threshold for a clear pair: a gap of data.min_reward_gap is answered
+  # right with probability 0.9 per order, T = min_reward_gap / ln 9
+  # (judge_synthetic.default_temperature); a value given explicitly is used as it is.
+  c.eval.judge_temperature = c.data.get_ref("min_reward_gap") / math.log(9)
   c.eval.judge_position_bias = 0.0
   # Validation while training (ppd_jax/validation.py), every `eval_every` steps: held-out pairs
   # of validation users, each with a fixed timestep and noise (seeded by eval.seed).

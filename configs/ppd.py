@@ -34,7 +34,7 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.total_steps = 300
   c.log_every = 10
   c.checkpoint_every = 100
-  c.eval_every = 100                # validation on 256 pairs of the unseen users
+  c.eval_every = 100                # validation on 256 pairs of the validation users
   c.batch_size = 32
   c.dpo.beta = 2000.0
   c.optim.lr = 3e-4
@@ -63,7 +63,8 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d = c.data
   d.source = "synthetic"
   d.num_users = 128                 # training users
-  d.num_unseen_users = 48           # held out for evaluation
+  d.num_unseen_users = 48           # held out for evaluation (the reported win rates)
+  d.num_validation_users = 16       # held out for choosing the recipe (val/*), never reported
   d.pairs_per_user = 24
   d.pool_per_caption = 32           # 576 base samples that users' pairs are drawn from
   d.fewshot = 4                     # pairs the user embedder sees (the paper's N)
@@ -89,6 +90,7 @@ def _tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.cross_attention_dim = 16
   c.data.num_users = 8
   c.data.num_unseen_users = 4
+  c.data.num_validation_users = 0   # validation (where a test turns it on) on the unseen users
   c.data.pairs_per_user = 8
   c.data.pool_per_caption = 4
   c.sample.num_steps = 4

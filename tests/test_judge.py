@@ -1,12 +1,19 @@
 """The judge (evals/judge.py): the verdict rule, the debiased score and the position bias on
 hand-made answers; the prompt's layout; the API backend against a stub HTTP server on 127.0.0.1
 (both orders, the answer and its logprobs, retries, the cache, errors, and the key never written
-or logged); the synthetic judge."""
+or logged; invalid replies never cached; a refused key stopping the run with one line; the verdict
+from the text or the logprobs); the judge flags' defaults; judge agreement re-asking invalid
+answers, through run() and through its CLI; the synthetic judge."""
+import base64
 import http.server
+import io
 import os
 import json
 import math
+import subprocess
+import sys
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -88,11 +95,15 @@ def test_the_prompt_swaps_only_the_new_pair():
 
 class Stub:
   """An OpenAI-compatible /chat/completions on 127.0.0.1. It prefers image A (whatever its
-  position) with probability 0.8, answering with logprobs; scripted failures come first."""
+  position) with probability 0.8, answering with logprobs when asked for them; scripted failures
+  come first. refuse: a status (401/403) answered to every request after the first
+  `refuse_after`; finish_reason: what each reply says (None: the field left out)."""
 
-  def __init__(self, image_a_url: str, failures=(), reply=None, logprobs=True):
+  def __init__(self, image_a_url: str, failures=(), reply=None, logprobs=True, refuse=None,
+               refuse_after=0, finish_reason="stop"):
     self.a_url, self.failures = image_a_url, list(failures)
     self.reply, self.logprobs = reply, logprobs
+    self.refuse, self.refuse_after, self.finish_reason = refuse, refuse_after, finish_reason
     self.requests, self.headers = [], []
     stub = self
 
@@ -117,16 +128,25 @@ class Stub:
     self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
   def respond(self, body):
+    if self.refuse and len(self.requests) > self.refuse_after:
+      return self.refuse, {"error": {"message": f"Incorrect API key provided: {SECRET[:6]}..."}}
     if self.failures:
       status = self.failures.pop(0)
       return status, {"error": {"message": f"scripted {status}"}}
     images = [c["image_url"]["url"] for c in body["messages"][1]["content"]
               if c["type"] == "image_url"]
-    digit = "1" if images[-2] == self.a_url else "2"
+    if self.a_url is None:             # no image A given: the brighter new image is preferred
+      first, second = (np.asarray(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))),
+                                  np.float32).mean() for u in images[-2:])
+      digit = "1" if first > second else "2"
+    else:
+      digit = "1" if images[-2] == self.a_url else "2"
     other = "2" if digit == "1" else "1"
     text = self.reply or f"Image 1 looks better.\nPrediction of user preference: {digit}"
     choice = {"message": {"role": "assistant", "content": text}}
-    if self.logprobs:
+    if self.finish_reason is not None:
+      choice["finish_reason"] = self.finish_reason
+    if self.logprobs and body.get("logprobs"):
       head = text[:text.rfind(digit)]
       choice["logprobs"] = {"content": [
           {"token": head, "logprob": -0.01, "top_logprobs": []},
@@ -149,7 +169,7 @@ def test_api_judge_against_a_stub_server(tmp_path, monkeypatch):
   try:
     api = judge_api.ApiJudge("gpt-4o-mini-2024-07-18", cache, base_url=stub.url,
                              key_env="PPD_TEST_JUDGE_KEY", backoff=0.01, workers=1,
-                             log=logs.append)
+                             verdict_from="logprobs", log=logs.append)
     [j] = judge.judge(api, [q])
     # Two scripted failures retried, then both orders answered: A preferred in each.
     assert api.calls == 4 and len(stub.requests) == 4 and len(logs) == 2
@@ -165,7 +185,8 @@ def test_api_judge_against_a_stub_server(tmp_path, monkeypatch):
     assert all(h.get("Authorization") == f"Bearer {SECRET}" for h in stub.headers)
     # A rerun is answered from the cache: nothing sent.
     again = judge_api.ApiJudge("gpt-4o-mini-2024-07-18", cache, base_url=stub.url,
-                               key_env="PPD_TEST_JUDGE_KEY", log=logs.append)
+                               key_env="PPD_TEST_JUDGE_KEY", verdict_from="logprobs",
+                               log=logs.append)
     assert judge.judge(again, [q]) == [j] and len(stub.requests) == 4 and again.calls == 0
     # Another question (other images) is asked.
     judge.judge(again, [question(a=90, b=250)])
@@ -239,12 +260,13 @@ def test_the_synthetic_judge_answers_from_the_hidden_reward():
   seen = []
   reward_for = lambda u: seen.append(u) or (Brightness() if u == 3 else Darkness())
   # Two users in one call: each user's requests are scored with that user's reward.
-  j, k = judge.judge(judge_synthetic.SyntheticJudge(reward_for), [q, darker])
+  j, k = judge.judge(judge_synthetic.SyntheticJudge(reward_for, sample=False), [q, darker])
   assert j.verdict == "A" and k.verdict == "B" and sorted(seen) == [3, 4]
   assert j.bias == pytest.approx(0.0, abs=1e-6)
   assert j.p_ab == pytest.approx(1 / (1 + np.exp(-(160 / 127.5) / 0.1)), rel=1e-6)
   near = judge.Question(CONTEXT, "c", arrays(130), arrays(128), user_id=3)
-  biased = judge_synthetic.SyntheticJudge(reward_for, temperature=0.1, position_bias_logit=3.0)
+  biased = judge_synthetic.SyntheticJudge(reward_for, temperature=0.1, position_bias_logit=3.0,
+                                          sample=False)
   [j] = judge.judge(biased, [near])
   # Favouring the first-shown image flips the verdict with the order: dropped as inconsistent,
   # while the debiased score still leans to the better image.
@@ -351,3 +373,262 @@ def test_judge_agreement_counts_resumes_and_summarises(tmp_path):
   with pytest.raises(ValueError, match="more than 7 pairs"):
     judge_agreement.run(pairs, backend, out, split="all", questions=3, shots=7,
                         log=lambda m: None)
+  # Users 1 and 3 are always right, user 2 never: the questions of a user are not independent,
+  # and the interval over users is much wider than Wilson's over questions.
+  lo, hi = summary["ci95_users"]
+  assert lo <= summary["accuracy"] <= hi and hi - lo > 1.5 * (summary["wilson95"][1]
+                                                                - summary["wilson95"][0])
+  # Another judge, or other questions, into the same folder: refused, naming the field.
+  other = ByBrightness()
+  other.name = "darkness"
+  with pytest.raises(ValueError, match="judge.backend"):
+    judge_agreement.run(pairs, other, out, split="all", questions=3, log=lambda m: None)
+  with pytest.raises(ValueError, match="questions_per_user: 3 -> 2"):
+    judge_agreement.run(pairs, backend, out, split="all", questions=2, log=lambda m: None)
+  assert other.asked == 0 and backend.asked == 18
+
+
+def _api(stub, cache, **kw):
+  return judge_api.ApiJudge("m", str(cache), base_url=stub.url, key_env="PPD_TEST_JUDGE_KEY",
+                            backoff=0.01, workers=1, **kw)
+
+
+def test_invalid_replies_are_never_cached_and_a_rerun_asks_again(tmp_path, monkeypatch):
+  monkeypatch.setenv("PPD_TEST_JUDGE_KEY", SECRET)
+  q = question()
+  a_url, _ = judge_api.png_data_url(q.image_a)
+  cache = tmp_path / "cache.jsonl"
+  stub = Stub(a_url, finish_reason="length")
+  try:
+    # A reply cut short, even one holding an answer, is invalid and not kept.
+    [j] = judge.judge(_api(stub, cache), [q])
+    assert j.verdict == "invalid" and len(stub.requests) == 2
+    assert j.problems == ("reply cut short (finish_reason=length)",) * 2
+    assert not cache.exists() or judge_api._read_cache(str(cache)) == {}
+    # An unreadable reply: the same.
+    stub.finish_reason, stub.reply = "stop", "Both images are lovely."
+    [j] = judge.judge(_api(stub, cache), [q])
+    assert j.verdict == "invalid" and len(stub.requests) == 4
+    assert not cache.exists() or judge_api._read_cache(str(cache)) == {}
+    # The rerun asks again and gets the answers, now cached: a third run sends nothing.
+    stub.reply = None
+    [j] = judge.judge(_api(stub, cache), [q])
+    assert j.verdict == "A" and len(stub.requests) == 6
+    assert len(judge_api._read_cache(str(cache))) == 2
+    assert judge.judge(_api(stub, cache), [q]) == [j] and len(stub.requests) == 6
+    # A server that leaves finish_reason out is taken at its word.
+    stub.finish_reason = None
+    [j] = judge.judge(_api(stub, tmp_path / "other.jsonl"), [q])
+    assert j.verdict == "A"
+    # An older cache holding an invalid reply under the request's key: asked again.
+    old = tmp_path / "old.jsonl"
+    api = _api(stub, old)
+    for r in judge.requests_for(q):
+      judge_api._append_cache(str(old), api.body(r)[1], {"text": "no answer here"})
+    before = len(stub.requests)
+    [j] = judge.judge(_api(stub, old), [q])
+    assert j.verdict == "A" and len(stub.requests) == before + 2
+  finally:
+    stub.close()
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_stops_the_run_with_one_line(tmp_path, monkeypatch, status):
+  monkeypatch.setenv("PPD_TEST_JUDGE_KEY", SECRET)
+  qs = [question(a=200 - 10 * k, b=40 + k) for k in range(6)]
+  a_url, _ = judge_api.png_data_url(qs[0].image_a)
+  stub = Stub(a_url, refuse=status)
+  logs = []
+  try:
+    api = judge_api.ApiJudge("m", str(tmp_path / "c.jsonl"), base_url=stub.url,
+                             key_env="PPD_TEST_JUDGE_KEY", backoff=0.01, workers=3,
+                             log=logs.append)
+    with pytest.raises(judge.JudgeAuthError) as e:
+      judge.judge(api, qs)
+    msg = str(e.value)
+    assert msg == (f"HTTP {status} from {stub.url}/chat/completions: the server refused the API "
+                   "key; check the environment variable PPD_TEST_JUDGE_KEY (set)")
+    # Not one request per question: at most one per worker was in flight when the first failed.
+    assert len(stub.requests) <= 3 and api.calls <= 3
+    assert SECRET[:6] not in msg and not logs
+    # After a success, a refusal is one invalid answer: the run goes on.
+    stub.requests.clear()
+    stub.refuse_after = 1
+    later = _api(stub, tmp_path / "c2.jsonl")
+    j, k = judge.judge(later, qs[:2])
+    assert len(stub.requests) == 4 and j.verdict == k.verdict == "invalid"
+    assert j.problems == (f"HTTP {status} from {stub.url}/chat/completions (the key was accepted "
+                          "before: this request only)",)     # only its B-first order failed
+    assert len(k.problems) == 2
+  finally:
+    stub.close()
+  monkeypatch.delenv("PPD_TEST_JUDGE_KEY")
+  stub = Stub(a_url, refuse=401)
+  try:
+    with pytest.raises(judge.JudgeAuthError, match=r"PPD_TEST_JUDGE_KEY \(not set\)"):
+      judge.judge(_api(stub, tmp_path / "c3.jsonl"), qs[:1])
+  finally:
+    stub.close()
+
+
+def test_verdict_from_the_text_or_from_the_logprobs(tmp_path, monkeypatch):
+  monkeypatch.setenv("PPD_TEST_JUDGE_KEY", SECRET)
+  q = question()
+  a_url, _ = judge_api.png_data_url(q.image_a)
+  stub = Stub(a_url)
+  cache = tmp_path / "cache.jsonl"
+  try:
+    text = _api(stub, cache)
+    [j] = judge.judge(text, [q])
+    # The paper: the sampled digit decides (the stub names A in both orders).
+    assert (j.p_ab, j.p_ba, j.verdict) == (1.0, 1.0, "A")
+    assert "logprobs" not in stub.requests[-1] and text.describe()["verdict_from"] == "text"
+    assert text.describe()["cot"] is True
+    soft = _api(stub, cache, verdict_from="logprobs")
+    [k] = judge.judge(soft, [q])
+    # Asked again (the mode is in the cache key), the digit's alternatives give a soft p.
+    assert len(stub.requests) == 4 and stub.requests[-1]["logprobs"] is True
+    assert k.p_ab == pytest.approx(0.8 / 0.95) and k.verdict == "A"
+    assert soft.describe()["verdict_from"] == "logprobs"
+    # A reply without logprobs cannot give a soft verdict: invalid, named.
+    stub.logprobs = False
+    [k] = judge.judge(_api(stub, tmp_path / "c2.jsonl", verdict_from="logprobs"), [q])
+    assert k.verdict == "invalid" and "no logprobs" in k.problems[0]
+  finally:
+    stub.close()
+  with pytest.raises(ValueError, match="verdict_from='soft'"):
+    _api(stub, cache, verdict_from="soft")
+
+
+def test_judge_flags_default_to_the_papers_protocol(tmp_path):
+  from absl import flags
+  from ppd_jax.evals import judge_backends
+  fv = flags.FlagValues()
+  judge_backends.define_flags(synthetic=True, flag_values=fv)
+  fv(["prog"])
+  assert fv.cot is True and fv.verdict_from == "text" and fv.judge_temperature is None
+  api = judge_backends.from_flags(fv, str(tmp_path))
+  assert isinstance(api, judge_api.ApiJudge)
+  assert {k: api.describe()[k] for k in ("cot", "verdict_from", "temperature")} == {
+      "cot": True, "verdict_from": "text", "temperature": 1.0}
+  fv.unparse_flags()
+  fv(["prog", "--nocot", "--verdict_from=logprobs", "--judge_temperature=0.5"])
+  api = judge_backends.from_flags(fv, str(tmp_path))
+  assert (api.cot, api.verdict_from, api.temperature) == (False, "logprobs", 0.5)
+  # --judge=synthetic: the run's users' judge, at --judge_temperature or the judge's own rule.
+  import ml_collections
+  run = types.SimpleNamespace(source=types.SimpleNamespace(user_reward=None),
+                              config=ml_collections.ConfigDict(
+                                  {"data": {"source": "synthetic", "min_reward_gap": 0.2}}))
+  fv.unparse_flags()
+  fv(["prog", "--judge=synthetic"])
+  own = judge_backends.from_flags(fv, str(tmp_path), run=run)
+  assert own.temperature == judge_synthetic.default_temperature(0.2) and own.seed == 0
+  flags.DEFINE_integer("seed", 0, "the command's seed (winrate defines one)", flag_values=fv)
+  fv.unparse_flags()
+  fv(["prog", "--judge=synthetic", "--judge_temperature=0.3", "--seed=5"])
+  given = judge_backends.from_flags(fv, str(tmp_path), run=run)
+  assert (given.temperature, given.seed) == (0.3, 5)
+  with pytest.raises(ValueError, match="synthetic users"):
+    judge_backends.from_flags(fv, str(tmp_path), run=None)
+
+
+def test_agreement_reasks_only_the_invalid_rows_of_judged_users(tmp_path):
+  from ppd_jax.evals import judge_agreement
+  from ppd_jax.evals import judge_log
+  from ppd_jax.users import shots
+  pairs = shots.open_pairs(_pairs_file(tmp_path), 4, split_params={}, log=lambda m: None)
+  out = tmp_path / "agree"
+
+  class Flaky(ByBrightness):
+    """ByBrightness, but with no answer for "caption 5" while `down`."""
+    down = True
+
+    def answer(self, requests):
+      good = super().answer(requests)
+      return [judge.Answer(None, problem="server down") if self.down and
+              r.question.caption == "caption 5" else a for r, a in zip(requests, good)]
+  backend, logs = Flaky(), []
+  first = judge_agreement.run(pairs, backend, str(out), split="all", questions=3, log=logs.append)
+  # Users 1 and 2 ask "caption 5" (pair 5); user 3's pair 5 is "a coin".
+  assert first["invalid"] == 2 and first["counts"]["invalid"] == 2 and backend.asked == 18
+  log_path = str(out / "judgements.jsonl")
+  before = judge_log.read(log_path)
+  middle = {u: list(before[u])[1] for u in before}   # each user's 2nd question: its pair 5
+  assert judge_log.invalid(before) == {1: [middle[1]], 2: [middle[2]]}
+  assert "| invalid |" in (out / "agreement.md").read_text()
+  head, _, cells = (out / "agreement.md").read_text().splitlines()[:3]
+  column = [c.strip() for c in head.split("|")].index("invalid")
+  assert cells.split("|")[column].strip() == "2"
+  backend.down = False
+  logs.clear()
+  second = judge_agreement.run(pairs, backend, str(out), split="all", questions=3,
+                               log=logs.append)
+  assert backend.asked == 18 + 2 * 2                  # the two invalid questions, both orders
+  assert "2 invalid answers of 2 users asked again" in logs[0]
+  after = judge_log.read(log_path)
+  assert judge_log.invalid(after) == {}
+  for u in (1, 2):                                    # a new block: all rows, the valid kept
+    assert sorted(after[u]) == sorted(before[u])
+    assert all(after[u][k] == before[u][k] for k in before[u] if k != middle[u])
+    assert after[u][middle[u]]["verdict"] != "invalid"
+  assert after[3] == before[3]
+  assert second["invalid"] == 0 and second["questions"] == 9
+  # Independently (see the test above): 7 decided, 4 right, once "caption 5" is answered too.
+  assert second["right"] == 4 and second["accuracy"] == pytest.approx(4 / 7)
+  # A third run asks nothing.
+  judge_agreement.run(pairs, backend, str(out), split="all", questions=3, log=logs.append)
+  assert backend.asked == 22
+
+
+def _agreement_cli(pairs, out, url, env):
+  return subprocess.run(
+      [sys.executable, "-m", "ppd_jax.evals.judge_agreement", f"--pairs={pairs}",
+       f"--out={out}", "--split=all", "--questions=3", "--judge=api", f"--base_url={url}",
+       "--key_env=PPD_TEST_JUDGE_KEY", "--judge_workers=1"],
+      env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_agreement_cli_refused_key_then_all_invalid_then_asked_again(tmp_path):
+  """A 401 stops the CLI with one line about the key; replies without an answer end it non-zero;
+  the rerun into the same --out asks those questions again and gets verdicts."""
+  pairs = _pairs_file(tmp_path)
+  out = tmp_path / "agree"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": root, "PPD_TEST_JUDGE_KEY": SECRET, "JAX_PLATFORMS": "cpu",
+         "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+  stub = Stub(None, refuse=401)
+  outputs = []
+  try:
+    refused = _agreement_cli(pairs, out, stub.url, env)
+    outputs.append(refused.stdout + refused.stderr)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"ppd_jax.evals.judge_agreement: HTTP 401 from {stub.url}/chat/completions: the server "
+        "refused the API key; check the environment variable PPD_TEST_JUDGE_KEY (set)")
+    assert len(stub.requests) == 1                  # stopped at the first refusal
+    # A working key, but replies without an answer: all invalid, the run fails.
+    stub.refuse, stub.reply = None, "Both images are lovely."
+    blank = _agreement_cli(pairs, out, stub.url, env)
+    outputs.append(blank.stdout + blank.stderr)
+    assert blank.returncode != 0 and "Traceback" not in blank.stderr, blank.stderr[-2000:]
+    assert blank.stderr.strip().splitlines()[-1].startswith(
+        "ppd_jax.evals.judge_agreement: no valid verdict: 9 of 9 answers invalid")
+    assert json.loads(blank.stdout.strip().splitlines()[-1])["invalid"] == 9
+    assert len(stub.requests) == 1 + 9 * 2
+    # The server answers: the rerun asks every invalid question again.
+    stub.reply = None
+    good = _agreement_cli(pairs, out, stub.url, env)
+    outputs.append(good.stdout + good.stderr)
+    assert good.returncode == 0, good.stderr[-2000:]
+    # Users 1 and 3 see the same context and the same "caption 4" pair: asked once, cached.
+    assert len(stub.requests) == 1 + 9 * 2 + 8 * 2
+    printed = json.loads(good.stdout.strip().splitlines()[-1])
+    # The stub prefers the brighter image: users 1 and 3 agree with it, user 2 never.
+    assert printed["invalid"] == 0 and printed["accuracy"] == pytest.approx(6 / 9)
+    assert "| 0.667 |" in good.stdout
+  finally:
+    stub.close()
+  assert all(SECRET[:6] not in o for o in outputs)
+  for name in os.listdir(out):
+    assert SECRET[:6] not in (out / name).read_text(), name

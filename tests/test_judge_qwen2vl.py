@@ -97,7 +97,8 @@ def _reference(model, tokenizer, image_processor, request) -> tuple[float, float
 
 
 def test_batched_left_padded_answers_equal_unpadded_forward_passes(qwen):
-  local = judge_local.LocalJudge(qwen, batch_size=4)
+  local = judge_local.LocalJudge(qwen, batch_size=4, cot=False, verdict_from="logprobs",
+                                 min_mass=0.0)
   questions = _questions()
   reqs = [r for q in questions for r in judge.requests_for(q)]
   # The batch is padded: the two questions' prompts differ in length.
@@ -138,7 +139,8 @@ def test_chain_of_thought_then_the_answer(qwen):
   steps = 4
   greedy = vlm_lib.Decoding(mode="greedy", max_new_tokens=steps)
   reqs = [r for q in _questions() for r in judge.requests_for(q)]
-  batched = judge_local.LocalJudge(qwen, cot=True, batch_size=4, decoding=greedy).answer(reqs)
+  batched = judge_local.LocalJudge(qwen, cot=True, batch_size=4, decoding=greedy,
+                                   verdict_from="logprobs", min_mass=0.0).answer(reqs)
   for a in batched:     # an answer, or a problem the judge counts
     assert (0 < a.p_first < 1 and a.text) or (a.p_first is None and a.problem)
     assert judge_prompt.ANSWER_PREFIX.strip() not in a.text
@@ -151,7 +153,8 @@ def test_chain_of_thought_then_the_answer(qwen):
 
 def _flags(model):
   return types.SimpleNamespace(judge="local", judge_model=model, cot=False,
-                               judge_temperature=1.0, judge_batch=2)
+                               judge_temperature=1.0, judge_batch=2, verdict_from="logprobs",
+                               min_answer_mass=0.5)
 
 
 def test_judge_flags_choose_the_family_by_model_type(folder, tmp_path):

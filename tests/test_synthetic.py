@@ -334,3 +334,35 @@ def test_user_groups_follow_the_population_direction():
   assert groups == want and set(groups) == {"majority", "minority"}
   c.data.population = "opposed"
   assert synthetic_users.SyntheticPreferences(c, log=lambda _: None).user_group(0) is None
+
+
+def test_validation_users_are_held_out_apart_and_leave_the_other_users_as_they_were(tiny):
+  """data.num_validation_users adds users after the unseen ones: neither trained on nor
+  reported, the only users validation (val/*) scores; the training and unseen users keep
+  their weights and pairs, so adding them changes no other number."""
+  c = ppd.get_config("tiny")
+  c.data.num_validation_users = 3
+  ds = synthetic_users.SyntheticPreferences(c)
+  d = c.data
+  val = ds.validation_user_ids.tolist()
+  assert val == list(range(d.num_users + d.num_unseen_users,
+                           d.num_users + d.num_unseen_users + 3))
+  assert not set(val) & (set(ds.train_user_ids.tolist()) | set(ds.unseen_user_ids.tolist()))
+  held = ds.held_out()
+  assert set(held.gather(np.arange(len(held)))["user_id"].tolist()) == set(val)
+  assert len(held) == 3 * d.pairs_per_user
+  assert ds.gather(np.arange(len(ds)))["user_id"].max() < d.num_users
+  before = _everything(tiny)
+  for k, v in _everything(ds).items():
+    np.testing.assert_array_equal(v[:len(before[k])], before[k], err_msg=k)
+  n = d.num_users + d.num_unseen_users
+  np.testing.assert_array_equal(ds.winner_index[:n], tiny.winner_index)
+  for u in val:                                     # their own clear pairs and embeddings
+    diff = (ds.user_reward(u, ds.user_pairs(u)["winners"])
+            - ds.user_reward(u, ds.user_pairs(u)["losers"]))
+    assert (diff > 0).all() and ds.user_embedding(u).shape == ds.user_embedding(0).shape
+  # Without validation users, validation falls back to the unseen users.
+  held = tiny.held_out()
+  assert set(held.gather(np.arange(len(held)))["user_id"].tolist()) == set(
+      tiny.unseen_user_ids.tolist())
+  assert ppd.get_config("demo").data.num_validation_users > 0

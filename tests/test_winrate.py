@@ -22,7 +22,7 @@ def ppd(tiny_trained_run):
 
 class Counting(judge_synthetic.SyntheticJudge):
   def __init__(self, source):
-    super().__init__(lambda u: hidden.HiddenPropertyReward(source, u))
+    super().__init__(lambda u: hidden.HiddenPropertyReward(source, u), sample=False)
     self.asked = 0
 
   def answer(self, requests):
@@ -216,6 +216,6 @@ def test_sub_threshold_gaps_counted_as_ties_beside_the_rate():
   # user 1: tie, win, loss (the invalid clear pair left out) -> 1.5 / 3;
   # user 2: tie, tie, loss -> 1 / 3
   assert r["tie_counted"]["win_rate"] == pytest.approx((1.5 / 3 + 1 / 3) / 2)
-  assert r["tie_counted"]["below_gap"] == 3
+  assert r["tie_counted"]["below_threshold"] == pytest.approx(3 / 6)
   assert r["win_rate"] == pytest.approx((2 / 3 + 1 / 2) / 2) and r["invalid"] == 1
   assert "sub-threshold gaps as ties" in winrate.markdown({**r, "against": "base"})

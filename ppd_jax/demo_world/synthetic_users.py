@@ -15,7 +15,10 @@ measured from pixels, so it judges PPD's samples exactly as it judged the pairs.
   opposed   couples w_{2k+1} = -w_{2k}: no taste is the majority's, so a model that ignores the
             user scores exactly 1/2 on average.
 Captions cannot tell users apart, only the user embedding can. Ids 0..num_users-1 are training
-users, the next num_unseen_users are held out (never in a training record).
+users, the next num_unseen_users are held out (never in a training record) for the reported
+evaluation, and the next num_validation_users are held out too, for choosing the recipe
+(validation while training, `val/*`), so that the users who chose it are not the ones it is
+reported on. With no validation users, validation falls back to the unseen users.
 
 Pairs. Each user labels `pairs_per_user` pairs: a random caption, two distinct pool images of it
 (demo_world/base_pool.py: samples of the frozen base), the one of higher reward preferred.
@@ -34,6 +37,9 @@ from ppd_jax.demo_world import synthetic
 from ppd_jax.users import fewshot
 
 _STREAM_USERS, _STREAM_PAIRS, _STREAM_CONSTANT, _STREAM_DIRECTION = 1, 2, 3, 4
+# The validation users' pairs come from their own stream, so adding them leaves every training
+# and unseen user's pairs as they were (their weights are drawn after the others' in one stream).
+_STREAM_VALIDATION_PAIRS = 5
 _CANDIDATES_PER_PAIR = 8  # candidate pairs drawn per kept pair
 
 
@@ -114,7 +120,9 @@ class SyntheticPreferences:
     self.user_conditioning = bool(d.user_conditioning)
     self.train_user_ids = np.arange(d.num_users, dtype=np.int32)
     self.unseen_user_ids = np.arange(d.num_users, d.num_users + d.num_unseen_users, dtype=np.int32)
-    num_all = d.num_users + d.num_unseen_users
+    num_labelled = d.num_users + d.num_unseen_users
+    num_all = num_labelled + d.get("num_validation_users", 0)
+    self.validation_user_ids = np.arange(num_labelled, num_all, dtype=np.int32)
 
     self.backbone, pool = base_pool.with_backbone(config, backbone, log)
     self.pool_images, self.pool_caption_ids = pool.images, pool.caption_ids
@@ -127,9 +135,13 @@ class SyntheticPreferences:
     self.user_weights, self.population_direction = population(
         config.seed, num_all, len(self.reward_properties), d.get("population", "opposed"),
         d.get("taste_deviation", 1.5))
-    self.winner_index, self.loser_index = _sample_pairs(
-        _stream(config.seed, _STREAM_PAIRS), self.pool_features, self.pool_caption_ids,
-        self.user_weights, d.pairs_per_user, d.min_reward_gap)
+    pairs = [_sample_pairs(_stream(config.seed, stream), self.pool_features, self.pool_caption_ids,
+                           weights, d.pairs_per_user, d.min_reward_gap)
+             for stream, weights in ((_STREAM_PAIRS, self.user_weights[:num_labelled]),
+                                     (_STREAM_VALIDATION_PAIRS, self.user_weights[num_labelled:]))
+             if len(weights)]
+    self.winner_index = np.concatenate([w for w, _ in pairs])
+    self.loser_index = np.concatenate([l for _, l in pairs])
 
     self.captions = synthetic.captions_list()
     self._text = self.backbone.encode_captions(self.captions)
@@ -177,14 +189,22 @@ class SyntheticPreferences:
     }
 
   def held_out(self) -> "HeldOutPairs":
-    """The unseen users' pairs (never in a training record), for validation while training."""
+    """The validation users' pairs (never in a training record), for validation while training;
+    the unseen users' where there are no validation users (data.num_validation_users = 0)."""
     return HeldOutPairs(self)
+
+  @property
+  def held_out_user_ids(self) -> np.ndarray:
+    """Whose pairs validation scores: the validation users, else the unseen ones."""
+    return self.validation_user_ids if len(self.validation_user_ids) else self.unseen_user_ids
 
   def check_user(self, user_id) -> None:
     n = len(self.user_weights)
     if not isinstance(user_id, (int, np.integer)) or not 0 <= user_id < n:
       raise KeyError(f"unknown user {user_id!r}: this synthetic data set has users 0..{n - 1} "
-                     f"(training 0..{len(self.train_user_ids) - 1}, the rest unseen)")
+                     f"(training 0..{len(self.train_user_ids) - 1}, then "
+                     f"{len(self.unseen_user_ids)} unseen, then "
+                     f"{len(self.validation_user_ids)} validation)")
 
   def user_group(self, user_id: int) -> str | None:
     """"majority" when w_u . d > 0, else "minority"; None for a population without a majority."""
@@ -223,20 +243,20 @@ class SyntheticPreferences:
 
 
 class HeldOutPairs:
-  """A PairSource over the unseen users' pairs of a SyntheticPreferences: record i is pair
-  i % pairs_per_user of unseen user i // pairs_per_user; `pair` ids continue after the training
-  records'."""
+  """A PairSource over the held-out users' pairs of a SyntheticPreferences (held_out_user_ids:
+  the validation users, else the unseen ones): record i is pair i % pairs_per_user of held-out
+  user i // pairs_per_user; `pair` ids continue after the training records'."""
 
   def __init__(self, source: SyntheticPreferences):
     self.source = source
 
   def __len__(self) -> int:
-    return len(self.source.unseen_user_ids) * self.source.pairs_per_user
+    return len(self.source.held_out_user_ids) * self.source.pairs_per_user
 
   def gather(self, indices: np.ndarray) -> dict:
     idx = np.asarray(indices, np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
       raise IndexError(f"held-out record indices must be in [0, {len(self)})")
     per = self.source.pairs_per_user
-    user = self.source.unseen_user_ids[idx // per].astype(np.int64)
+    user = self.source.held_out_user_ids[idx // per].astype(np.int64)
     return self.source._pairs(user, idx % per, self.source.num_records + idx)

@@ -9,14 +9,23 @@ and each of its next `--questions` pairs is a question, image 1 as A and image 2
 answers in both orders (evals/judge.py); a consistent verdict is right when it names the image the
 user preferred:
 
-    accuracy = #right / #consistent   with its Wilson 95% interval (evals/stats.py)
+    accuracy = #right / #consistent
+
+with a 95% interval from a bootstrap over users (a user's questions share its context and taste,
+so they are not independent; evals/stats.cluster_ratio_ci) and, beside it, Wilson's over
+questions;
 
 also the share dropped as inconsistent, the invalid count, the soft accuracy (mean debiased
 probability of the user's image, over all valid questions) and the position bias.
 DIR/judgements.jsonl keeps one row per question, appended as each user is judged, between a
-user_start and a user_done row: a killed run resumes with the first user not closed.
-DIR/agreement.json holds the summary. DIR may be a URL (gs://...): its files go through
-ppd_jax.storage.
+user_start and a user_done row: a killed run resumes with the first user not closed. An invalid
+answer (the judge could not answer) is never final: the next run into DIR asks those questions
+again and appends the user's block anew (evals/judge_log.py). DIR/agreement.json holds the
+summary and DIR/agreement.md its table. DIR may be a URL (gs://...): its files go through
+ppd_jax.storage. DIR/manifest.json (evals/manifest.py) records the pairs, split, users,
+questions and the judge's full description; a rerun under others is refused, naming the fields.
+The command exits non-zero when no question got a valid verdict, and with one
+line when the API refuses the key (evals/judge_api.py).
 """
 import json
 import sys
@@ -29,6 +38,7 @@ from ppd_jax import metrics
 from ppd_jax import storage
 from ppd_jax.evals import judge as judge_lib
 from ppd_jax.evals import judge_log
+from ppd_jax.evals import manifest as manifest_lib
 from ppd_jax.evals import score_files
 from ppd_jax.evals import stats
 from ppd_jax.users import shots as shots_lib
@@ -70,25 +80,37 @@ def questions_for(pairs, user_id: int, shots: int, count: int) -> tuple[list, li
 
 
 def run(pairs, backend, out: str, *, split: str = "test", max_users: int = 0, questions: int = 4,
-        shots: int = 4, log=print, after_user=None) -> dict:
-  """Judges every user's questions into out (module docstring); returns agreement.json."""
-  out = storage.makedirs(out)
-  path = out / "judgements.jsonl"
-  done = judge_log.read(path)
+        shots: int = 4, log=print, after_user=None, pairs_source: dict | None = None) -> dict:
+  """Judges every user's questions into out (module docstring); returns agreement.json.
+  pairs_source: what the pairs were read from (manifest.data_identity), for the manifest."""
   users = [u for u in users_of(pairs, split) if len(pairs.candidates(u)) > shots]
   if max_users:
     users = users[:max_users]
   if not users:
     raise ValueError(f"no user ({split} split) has more than {shots} pairs: nothing to ask")
-  todo = [u for u in users if u not in done]
-  log(f"judge agreement: {len(users)} users, {len(users) - len(todo)} judged before")
+  judge = backend.describe() if hasattr(backend, "describe") else {"backend": backend.name}
+  manifest_lib.bind(out, {"pairs": pairs_source or {}, "split": split, "users": users,
+                          "questions_per_user": questions, "shots": shots, "judge": judge},
+                    command="ppd_jax.evals.judge_agreement")
+  out = storage.makedirs(out)
+  path = out / "judgements.jsonl"
+  done = judge_log.read(path)
+  retry = judge_log.invalid({u: done[u] for u in users if u in done})
+  todo = [u for u in users if u not in done or u in retry]
+  log(f"judge agreement: {len(users)} users, {len(users) - len(todo) + len(retry)} judged "
+      f"before" + (f"; {sum(map(len, retry.values()))} invalid answers of {len(retry)} users "
+                   "asked again" if retry else ""))
   start = time.time()
   for i, u in enumerate(todo):
     qs, ids = questions_for(pairs, u, shots, questions)
-    verdicts = judge_lib.judge(backend, [q for q, _ in qs]) if qs else []
-    rows = [{"user_id": u, "pair_id": pid, "truth": truth, "verdict": j.verdict,
-             "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft, "bias": j.bias,
-             "problems": list(j.problems)} for (q, truth), pid, j in zip(qs, ids, verdicts)]
+    # A user judged before keeps its valid rows; only its invalid ones are asked again.
+    kept = {k: r for k, r in done.get(u, {}).items() if r["verdict"] != "invalid"}
+    asked = [(q, pid) for q, pid in zip(qs, ids) if pid not in kept]
+    verdicts = judge_lib.judge(backend, [q for (q, _), _ in asked]) if asked else []
+    new = {pid: {"user_id": u, "pair_id": pid, "truth": truth, "verdict": j.verdict,
+                 "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft, "bias": j.bias,
+                 "problems": list(j.problems)} for ((q, truth), pid), j in zip(asked, verdicts)}
+    rows = [kept.get(pid) or new[pid] for pid in ids]
     judge_log.append_user(path, u, rows)
     done[u] = {r["pair_id"]: r for r in rows}
     rate = (i + 1) / max(time.time() - start, 1e-9)
@@ -99,21 +121,53 @@ def run(pairs, backend, out: str, *, split: str = "test", max_users: int = 0, qu
   rows = [r for u in users for r in done.get(u, {}).values()]
   summary = summarise(rows)
   summary.update({"split": split, "users": len(users), "questions_per_user": questions,
-                  "judge": backend.describe() if hasattr(backend, "describe") else backend.name})
+                  "judge": judge})
   score_files.write_json_atomic(out / "agreement.json", summary)
+  storage.write_text(out / "agreement.md", table(summary))
   return summary
 
 
-def summarise(rows: list[dict]) -> dict:
-  """Counts, accuracy with its Wilson interval, consistency, soft accuracy, bias."""
+def table(summary: dict) -> str:
+  """agreement.md: the headline numbers, the invalid count beside them."""
+  fmt = lambda x: "-" if x is None else f"{x:.3f}"
+  lo, hi = summary["wilson95"]
+  clo, chi = summary["ci95_users"]
+  return ("| accuracy | 95% CI (users) | Wilson 95% (questions) | consistency | invalid | "
+          "questions |\n|---|---|---|---|---|---|\n"
+          f"| {fmt(summary['accuracy'])} | [{fmt(clo)}, {fmt(chi)}] | [{fmt(lo)}, {fmt(hi)}] | "
+          f"{fmt(summary['consistency'])} | {summary['invalid']} | {summary['questions']} |\n")
+
+
+def no_valid_verdict(summary: dict) -> str | None:
+  """Why the run has nothing to report (every answer invalid), or None."""
+  if summary["questions"] and summary["invalid"] < summary["questions"]:
+    return None
+  first = summary["problems"][0] if summary["problems"] else "no question asked"
+  return (f"no valid verdict: {summary['invalid']} of {summary['questions']} answers invalid "
+          f"(first: {first}); a rerun into the same --out asks them again")
+
+
+def summarise(rows: list[dict], seed: int = 0) -> dict:
+  """Counts, accuracy with its intervals, consistency, soft accuracy, bias. A user's questions
+  share its context and its taste, so they are not independent: the interval reported is a
+  bootstrap over users of right / decided (stats.cluster_ratio_ci); Wilson's, which treats every
+  question as independent, is kept beside it."""
   counts = {v: sum(r["verdict"] == v for r in rows) for v in judge_lib.VERDICTS}
   decided = [r for r in rows if r["verdict"] in ("A", "B")]
   valid = [r for r in rows if r["verdict"] != "invalid"]
   right = sum(r["verdict"] == r["truth"] for r in decided)
   lo, hi = stats.wilson(right, len(decided))
+  per_user: dict = {}
+  for r in decided:
+    hits = per_user.setdefault(r["user_id"], [0, 0])
+    hits[0] += r["verdict"] == r["truth"]
+    hits[1] += 1
+  clustered = stats.cluster_ratio_ci([h[0] for h in per_user.values()],
+                                     [h[1] for h in per_user.values()], seed=seed)
   soft = [r["soft"] if r["truth"] == "A" else 1 - r["soft"] for r in valid]
-  return {"questions": len(rows), "counts": counts, "right": right,
+  return {"questions": len(rows), "counts": counts, "invalid": counts["invalid"], "right": right,
           "accuracy": right / len(decided) if decided else None, "wilson95": [lo, hi],
+          "ci95_users": list(clustered),
           "consistency": len(decided) / len(valid) if valid else None,
           "dropped_inconsistent": counts["inconsistent"] / len(valid) if valid else None,
           "soft_accuracy": float(np.mean(soft)) if soft else None,
@@ -135,11 +189,17 @@ def main(argv):
     pairs = shots_lib.open_pairs(f.pairs, 4, split_params=embed._split_params())
     backend = judge_backends.from_flags(f, f.out)
     summary = run(pairs, backend, f.out, split=f.split, max_users=f.max_users,
-                  questions=f.questions, log=lambda m: print(m, flush=True))
-  except (ValueError, OSError, storage.StorageError) as e:
+                  questions=f.questions, log=lambda m: print(m, flush=True),
+                  pairs_source=manifest_lib.data_identity(f.pairs))
+  except (ValueError, OSError, storage.StorageError, judge_lib.JudgeAuthError) as e:
     sys.exit(f"ppd_jax.evals.judge_agreement: {e}")
-  print(json.dumps({k: summary[k] for k in ("questions", "accuracy", "wilson95", "consistency",
-                                             "position_bias")}))
+  print(table(summary), end="")
+  print(json.dumps({k: summary[k] for k in ("questions", "accuracy", "ci95_users", "wilson95",
+                                             "consistency",
+                                             "invalid", "position_bias")}))
+  failed = no_valid_verdict(summary)
+  if failed:
+    sys.exit(f"ppd_jax.evals.judge_agreement: {failed}")
 
 
 if __name__ == "__main__":

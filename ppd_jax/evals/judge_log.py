@@ -5,6 +5,12 @@ Reading keeps, for each closed user, the rows after its last start: a user cut o
 closing row, maybe a torn last line) counts as not done, and what it left is ignored. A block is
 appended on a fresh line even after a torn one. A log on a URL (gs://...) is rewritten whole for
 each user (an object cannot be appended to; storage.append_text), which a kill cannot tear.
+
+An invalid verdict (the judge could not answer: an HTTP error, an unreadable or cut-short reply,
+too little mass on the answer) is never final. invalid() lists a closed user's invalid rows; the
+next run asks those rows again and appends a new closed block for the user with all its rows
+(the valid ones kept as they were, the re-asked ones replaced), which read() then takes, as it
+takes the last block of a user.
 """
 import json
 import os
@@ -31,6 +37,16 @@ def read(path, key: str = "pair_id") -> dict:
       elif key in row and u in pending:
         pending[u][row[key]] = row
   return final
+
+
+def invalid(final: dict) -> dict:
+  """{user: [row keys whose verdict is "invalid"]} of read()'s users that have any, in row order."""
+  out = {}
+  for u, rows in final.items():
+    bad = [k for k, r in rows.items() if r.get("verdict") == "invalid"]
+    if bad:
+      out[u] = bad
+  return out
 
 
 def append_lines(path, text: str) -> None:

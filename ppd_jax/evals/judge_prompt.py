@@ -6,13 +6,25 @@ The paper's system prompt (users/prompts.SYSTEM_PROMPT), then the user turn, in 
 the per-pair format and the user profile, then the prediction request; without: the prediction
 request alone), and the new pair ("Here is Pair 5: ..."). The labelled pairs keep their order
 and image order in both calls of a question; only the new pair's images swap. A judge reads the
-answer after ANSWER_PREFIX. Any change to the words changes the verdicts, so the template
-carries a version that results record.
+answer after ANSWER_PREFIX; a written reply's answer is its last "Prediction of user preference:
+1|2" (answer_in). Any change to the words changes the verdicts, so the template carries a version
+that results record.
 """
+import re
+
 from ppd_jax.users import prompts
 
 TEMPLATE_VERSION = "judge-table2-v1"
 ANSWER_PREFIX = "Prediction of user preference: "
+# The marker as models write it, bold or not ("**Prediction of user preference:** 2").
+_ANSWER = re.compile(r"Prediction of user preference:\s*\**\s*([12])")
+
+
+def answer_in(text: str) -> re.Match | None:
+  """The reply's last answer (group 1: the digit), or None: a reply that names several answers
+  means the last, as the prompt's format ends with it."""
+  found = list(_ANSWER.finditer(text or ""))
+  return found[-1] if found else None
 
 
 def judge_prompt(context, caption: str, first, second, cot: bool = False) -> tuple[list, list]:

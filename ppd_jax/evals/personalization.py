@@ -7,8 +7,15 @@ synthetic one (evals/judge_synthetic.py): u's hidden reward answering as a VLM w
 
     win_u(a vs b) = #A / (#A + #B)             (inconsistent verdicts dropped, the paper's rule)
 
-averaged over users, with a bootstrap 95% interval over users (evals/winrate.summarise, the
-protocol `python -m ppd_jax.evals.winrate` runs). Reported, for unseen users unless said:
+averaged over users, with a 95% bootstrap interval over users and the shared items
+(evals/winrate.summarise, the protocol `python -m ppd_jax.evals.winrate` runs; users only for the
+control, whose image sets differ per user). Beside each rate, `tie_counted`: the same with
+every question whose reward gap is below the users' own threshold for a clear pair
+(|r_u(a) - r_u(b)| < data.min_reward_gap) counted as a tie
+(evals/winrate.tie_counted_win_rate). The judge's
+answers are sampled, so a rate on near-equal images is a coin toss that only looks like a
+preference; the tie-counted rate shows how much of a rate rests on differences the users
+themselves would not label. Reported, for unseen users unless said:
   unseen_user_win_rate   PPD with u's few-shot embedding vs the frozen base
   train_user_win_rate    the same for training users
   dpo_baseline_win_rate  Diffusion-DPO (one embedding for all: no user) vs the base
@@ -40,8 +47,8 @@ from ppd_jax.evals.rewards import hidden
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 HEAD_TO_HEAD = ("unseen_user_win_rate", "dpo_baseline_win_rate", "ppd_vs_dpo_win_rate")
 RESULT_KEYS = ("unseen_user_win_rate", "train_user_win_rate", "dpo_baseline_win_rate",
-               "ppd_vs_dpo_win_rate", "control_win_rate", "ci95", "groups", "judge",
-               "interpolation", "per_user", "counts", "seconds")
+               "ppd_vs_dpo_win_rate", "control_win_rate", "ci95", "tie_counted", "groups",
+               "judge", "interpolation", "per_user", "counts", "seconds")
 
 
 def _items(seed: int, num_items: int, model_cfg):
@@ -103,8 +110,10 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print,
       baseline_run.source.user_embedding(0)[None])[0]
 
   rewards = _per_user(user_reward or (lambda u: hidden.HiddenPropertyReward(source, u)))
-  judge = judge_synthetic.SyntheticJudge(rewards, e.judge_temperature, e.judge_position_bias)
+  judge = judge_synthetic.SyntheticJudge(rewards, e.judge_temperature, e.judge_position_bias,
+                                         seed=e.seed)
   compare = _Comparer(judge, source, prompts)
+  min_gap = ppd_run.config.data.min_reward_gap
   others = {u: [o for o in unseen if o != u] for u in unseen}
   summaries = {
       "unseen_user_win_rate": compare(unseen, lambda u: [ppd[u]], lambda u: [base]),
@@ -121,11 +130,18 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print,
       groups.setdefault(source.user_group(u), []).append(u)
 
   interpolation = _interpolate(sample, source, unseen, pairs, ppd, rewards, prompts)
+  ties = {k: winrate.tie_counted_win_rate(v["rows"], min_gap) for k, v in summaries.items()}
   results = {
       **{k: _round(v["win_rate"]) for k, v in summaries.items()},
       "ci95": {k: [_round(x) for x in v["ci95"]] for k, v in summaries.items()},
+      "tie_counted": {k: {"win_rate": _round(t["win_rate"]), "min_reward_gap": min_gap,
+                          "below_threshold": _round(t["below_threshold"]),
+                          "per_user": {u: _round(r) for u, r in t["per_user"].items()}}
+                      for k, t in ties.items()},
       "groups": {g: {"users": len(ids),
-                     **{k: _round(_mean_of(summaries[k], ids)) for k in HEAD_TO_HEAD}}
+                     **{k: _round(_mean_of(summaries[k], ids)) for k in HEAD_TO_HEAD},
+                     "tie_counted": {k: _round(np.mean([ties[k]["per_user"][str(u)] for u in ids]))
+                                     for k in HEAD_TO_HEAD}}
                  for g, ids in sorted(groups.items())},
       "judge": {**judge.describe(), **{k: _consistency(v) for k, v in summaries.items()}},
       "interpolation": interpolation,
@@ -166,8 +182,11 @@ class _Comparer:
     rows = {u: [] for u in users}
     for u, j in zip(owner, judge_lib.judge(self.judge, questions)):
       rows[u].append({"verdict": j.verdict, "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft,
-                      "bias": j.bias})
-    return winrate.summarise(rows)
+                      "bias": j.bias, "reward_gap": j.reward_gap})
+    # One image set per user: every user judged the same items, so the interval resamples items
+    # too (the control's sets pair each user with every other user's images: users only).
+    shared = all(len(r) == len(self.prompts) for r in rows.values())
+    return {**winrate.summarise(rows, shared_items=shared), "rows": rows}
 
 
 def _per_user(user_reward):
@@ -242,11 +261,16 @@ def format_table(results: dict) -> str:
           ("Diffusion-DPO (no user) vs base", "dpo_baseline_win_rate"),
           ("PPD vs Diffusion-DPO", "ppd_vs_dpo_win_rate"),
           ("control: another user's embedding vs base", "control_win_rate")]
-  lines = ["win rates judged by each user's hidden reward (synthetic judge, both orders)"]
+  ties = results.get("tie_counted", {})
+  lines = ["win rates judged by each user's hidden reward (synthetic judge, both orders; "
+           "tie_counted: gaps below data.min_reward_gap as ties)"]
   for name, key in rows:
     lo, hi = ci.get(key, (None, None))
     interval = f"  [{fmt(lo)}, {fmt(hi)}]" if lo is not None else ""
-    lines.append(f"  {name:<44s} {fmt(results[key])}{interval}")
+    below = ties.get(key, {}).get("below_threshold")
+    tie = (f"  tie_counted {fmt(ties[key]['win_rate'])}"
+           + ("" if below is None else f" ({below:.0%} of gaps below it)") if key in ties else "")
+    lines.append(f"  {name:<44s} {fmt(results[key])}{interval}{tie}")
   for group, g in results.get("groups", {}).items():
     lines.append(f"  {group} ({g['users']} unseen users): PPD vs base {fmt(g[HEAD_TO_HEAD[0]])}, "
                  f"DPO vs base {fmt(g[HEAD_TO_HEAD[1]])}, PPD vs DPO {fmt(g[HEAD_TO_HEAD[2]])}")

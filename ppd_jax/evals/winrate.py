@@ -276,17 +276,34 @@ def run(ppd_run, opponent: Opponent, cases, backend, out: str, *, seed: int = 0,
 _OUTCOME = {"A": 1.0, "B": 0.0}
 
 
-def tie_counted(rows, gap: float) -> list[float]:
-  """Per question, the verdict's outcome (A 1, B 0) with a pair whose reward gap
-  |r_u(A) - r_u(B)| is below the users' own threshold for a clear pair counted as a tie (1/2);
-  inconsistent and invalid verdicts of clear pairs are left out, as in the win rate."""
-  out = []
-  for r in rows:
-    if r.get("reward_gap") is not None and abs(r["reward_gap"]) < gap:
-      out.append(0.5)
-    elif r["verdict"] in _OUTCOME:
-      out.append(_OUTCOME[r["verdict"]])
-  return out
+def tie_counted_win_rate(rows_by_user: dict, min_reward_gap: float) -> dict:
+  """The win rate with sub-threshold reward gaps counted as ties. Per question
+
+      score = 1/2                                 if |r_u(a) - r_u(b)| < min_reward_gap
+            = 1, 0, 1/2 for verdict A, B, inconsistent   otherwise
+
+  (invalid verdicts left out), averaged per user, then over users: win_rate. The users label
+  only pairs of gap >= min_reward_gap, so a smaller one is a difference they would not call.
+  rows_by_user: user -> [{"verdict", "reward_gap"}] (reward_gap = r_u(a) - r_u(b)).
+  Returns win_rate, per_user and below_threshold (the share of valid questions under it)."""
+  score = {"A": 1.0, "B": 0.0, "inconsistent": 0.5}
+  per_user, below, valid = {}, 0, 0
+  for u, rows in rows_by_user.items():
+    s = []
+    for r in rows:
+      if r["verdict"] not in score:
+        continue
+      if r.get("reward_gap") is None:
+        raise ValueError(f"tie_counted_win_rate: user {u}'s verdict has no reward_gap "
+                         "(only a judge that knows the user's reward gives one)")
+      tie = abs(r["reward_gap"]) < min_reward_gap
+      below += tie
+      s.append(0.5 if tie else score[r["verdict"]])
+    valid += len(s)
+    per_user[str(u)] = float(np.mean(s)) if s else None
+  rates = [r for r in per_user.values() if r is not None]
+  return {"win_rate": float(np.mean(rates)) if rates else None, "per_user": per_user,
+          "below_threshold": below / valid if valid else None}
 
 
 def summarise(by_user: dict, seed: int = 0, shared_items: bool = False,
@@ -327,12 +344,13 @@ def summarise(by_user: dict, seed: int = 0, shared_items: bool = False,
          "soft_ci95": list(stats.bootstrap_mean_ci(softs, seed=seed)),
          "invalid": sum(v["invalid"] for v in per_user.values()),
          "pooled": pooled, "per_user": {str(u): v for u, v in per_user.items()}}
-  if tie_gap is not None and any(r.get("reward_gap") is not None for r in rows):
-    ties = [np.mean(t) for t in (tie_counted(rs, tie_gap) for rs in by_user.values()) if t]
-    out["tie_counted"] = {"gap": tie_gap, "win_rate": float(np.mean(ties)) if ties else None,
-                          "ci95": list(stats.bootstrap_mean_ci(ties, seed=seed)),
-                          "below_gap": sum(r.get("reward_gap") is not None
-                                           and abs(r["reward_gap"]) < tie_gap for r in rows)}
+  answered = [r for r in rows if r["verdict"] != "invalid"]
+  if tie_gap is not None and answered and all(r.get("reward_gap") is not None for r in answered):
+    t = tie_counted_win_rate(by_user, tie_gap)
+    rates = [v for v in t["per_user"].values() if v is not None]
+    out["tie_counted"] = {"gap": tie_gap, "win_rate": t["win_rate"],
+                          "ci95": list(stats.bootstrap_mean_ci(rates, seed=seed)),
+                          "below_threshold": t["below_threshold"]}
   return out
 
 
@@ -346,7 +364,8 @@ def markdown(r: dict) -> str:
            f"{r['invalid']} of {r['pooled']['n']} | {r['users_with_a_verdict']} of {r['users']} |")
   if tie:
     head += " sub-threshold gaps as ties |"
-    cells += f" {fmt(tie['win_rate'])} ({tie['below_gap']} pairs below {tie['gap']}) |"
+    cells += (f" {fmt(tie['win_rate'])} ({tie['below_threshold']:.0%} of the pairs below "
+              f"{tie['gap']}) |")
   return (head.format(r["against"]) + "\n" + "| --- " * (head.count("|") - 1) + "|\n"
           + cells + f"\n\n95% CI: {r['ci_method']}\n")
 
