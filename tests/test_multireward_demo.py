@@ -110,10 +110,31 @@ def experiment(tmp_path_factory):
   return workdir, multireward.run(c, workdir, log=lambda m: None)
 
 
+FIGURES = "<!-- figures: demo_multireward_quick -->"
+
+
+def readme_figures() -> dict:
+  """The README's test-size table (after the FIGURES marker): {row: {reward: mean}}."""
+  readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+  with open(readme, encoding="utf-8") as f:
+    block = f.read().split(FIGURES, 1)[1].strip().split("\n\n", 1)[0]
+  lines = [line.strip().strip("|").split("|") for line in block.splitlines()]
+  header = [c.strip() for c in lines[0]]
+  return {cells[0].strip().strip("`"): {r: float(cells[i]) for i, r in enumerate(header) if i}
+          for cells in lines[2:]}
+
+
 def test_the_experiment_at_test_size(experiment, monkeypatch):
-  """The claims the README makes for the laptop experiment, at test size."""
+  """The claims the README makes for the laptop experiment, at test size, and the README's own
+  test-size figures: training and evaluation are deterministic on a CPU, so a change that moves
+  a figure fails here until the README is re-measured."""
   workdir, results = experiment
   t, rewards = results["table"], ("vivid", "airy", "contrast")
+  printed = readme_figures()
+  assert set(printed) == set(t), (sorted(printed), sorted(t))
+  for row, cells in printed.items():
+    for r, v in cells.items():
+      assert abs(t[row][r] - v) <= 0.005, (row, r, t[row][r], v)
   for r in rewards:
     assert t["ppd"][r] > t["diffusion_dpo"][r], (r, t)
     assert t["ppd"][r] > t["base"][r], (r, t)

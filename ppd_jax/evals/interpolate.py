@@ -187,7 +187,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "output folder (grid.png, edges.json, edges.png, points/)")
   flags.DEFINE_string("prompt", None, "the grid's prompt")
   flags.DEFINE_string("edge_prompts", None, "prompt set for the edge curves (TSV, .txt, .jsonl, "
-                      "pickapic:SHARD_DIR[:split])")
+                      "Pick-a-Pic v2 .parquet, pickapic:SHARD_DIR[:split])")
   flags.DEFINE_integer("num_prompts", None, "use N edge prompts: a seeded sample, stratified by "
                        "category where the set has one")
   flags.DEFINE_integer("prompt_seed", 0, "seed of the --num_prompts sample")

@@ -2,7 +2,7 @@
 
   python -m ppd_jax.evals.table1 --out=DIR --prompts=PartiPrompts.tsv \
       --run=base=W_PPD --run=diffusion_dpo=W_DPO --run=sft=W_SFT --run=ppd=W1 --run=ppd=W2 \
-      --run=dpo_clip_h14=W_C [--val_prompts=pickapic:SHARD_DIR] \
+      --run=dpo_clip_h14=W_C [--val_prompts=VALIDATION_UNIQUE_PARQUET_DIR] \
       [--rewards=clip_h14,aesthetic,hps_v2] [--model=hps_v2=FOLDER] [--aesthetic_head=PATH]
 
 Rows: `base` (the run's frozen base: user branch off), `diffusion_dpo`, `sft`, `dpo_<reward>` (one
@@ -386,9 +386,10 @@ if __name__ == "__main__":
                             "ppd, dpo_<reward>; a row given several runs is chosen on "
                             "--val_prompts")
   flags.DEFINE_string("prompts", None, "the test prompt set (PartiPrompts TSV, .txt, .jsonl, "
-                      "pickapic:SHARD_DIR[:split])")
-  flags.DEFINE_string("val_prompts", None, "the selection prompt set (the paper: Pick-a-Pic's "
-                      "validation captions, pickapic:SHARD_DIR)")
+                      "Pick-a-Pic v2 validation_unique .parquet, or pickapic:SHARD_DIR[:split], "
+                      "one of this project's own user splits)")
+  flags.DEFINE_string("val_prompts", None, "the selection prompt set (the paper: Pick-a-Pic v2's "
+                      "validation_unique captions, its parquet file or folder)")
   flags.DEFINE_integer("num_prompts", None, "use N prompts of each set: a seeded sample, "
                        "stratified by category where the set has one (evals/prompt_sets.py)")
   flags.DEFINE_integer("prompt_seed", 0, "seed of the --num_prompts sample")
