@@ -113,7 +113,10 @@ def test_answers_with_little_mass_on_the_digits_are_invalid(vlm):
   between = judge_local.LocalJudge(vlm, cot=False, verdict_from="logprobs",
                                    min_mass=min(a.mass for a in loose) * 0.99)
   assert [a.p_first for a in between.answer(reqs)] == pytest.approx([a.p_first for a in loose])
-  assert [j.verdict for j in judge.judge(strict, _questions())] == ["invalid"] * 2
+  judged = judge.judge(strict, _questions())
+  assert [j.verdict for j in judged] == ["invalid"] * 2
+  # The judgement keeps both orders' masses (the verdict logs record them).
+  assert judged[0].mass == pytest.approx((checked[0].mass, checked[1].mass))
 
 
 def test_the_verdict_from_the_written_reply(vlm, monkeypatch):

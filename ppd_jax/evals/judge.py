@@ -80,6 +80,7 @@ class Judgement:
   bias: float | None
   problems: tuple = ()
   reward_gap: float | None = None      # r(A) - r(B) where the judge knows it (Answer.reward_gap)
+  mass: tuple = (None, None)           # each order's probability mass on "1" + "2" (Answer.mass)
 
 
 def context_from_pairs(winners, losers, captions) -> tuple:
@@ -97,9 +98,11 @@ def requests_for(question: Question) -> tuple[Request, Request]:
 
 def combine(a_first: Answer, b_first: Answer) -> Judgement:
   """The two orders' answers -> the verdict, soft score and bias (module docstring)."""
+  mass = (a_first.mass, b_first.mass)
   if a_first.p_first is None or b_first.p_first is None:
     return Judgement("invalid", None, None, None, None,
-                     tuple(x.problem for x in (a_first, b_first) if x.p_first is None))
+                     tuple(x.problem for x in (a_first, b_first) if x.p_first is None),
+                     mass=mass)
   p_ab, p_ba = float(a_first.p_first), 1.0 - float(b_first.p_first)
   if p_ab > 0.5 and p_ba > 0.5:
     verdict = "A"
@@ -108,7 +111,7 @@ def combine(a_first: Answer, b_first: Answer) -> Judgement:
   else:
     verdict = "inconsistent"
   return Judgement(verdict, p_ab, p_ba, (p_ab + p_ba) / 2, (p_ab - p_ba) / 2,
-                   reward_gap=a_first.reward_gap)
+                   reward_gap=a_first.reward_gap, mass=mass)
 
 
 def judge(backend: Backend, questions: Sequence[Question]) -> list[Judgement]:

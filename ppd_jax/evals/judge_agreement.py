@@ -109,7 +109,8 @@ def run(pairs, backend, out: str, *, split: str = "test", max_users: int = 0, qu
     verdicts = judge_lib.judge(backend, [q for (q, _), _ in asked]) if asked else []
     new = {pid: {"user_id": u, "pair_id": pid, "truth": truth, "verdict": j.verdict,
                  "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft, "bias": j.bias,
-                 "problems": list(j.problems)} for ((q, truth), pid), j in zip(asked, verdicts)}
+                 "problems": list(j.problems), "mass": list(j.mass)}
+           for ((q, truth), pid), j in zip(asked, verdicts)}
     rows = [kept.get(pid) or new[pid] for pid in ids]
     judge_log.append_user(path, u, rows)
     done[u] = {r["pair_id"]: r for r in rows}

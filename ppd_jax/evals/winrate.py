@@ -204,7 +204,8 @@ def bind(out, ppd_run, opponent: Opponent, cases, backend, seed: int,
 def _rows(case: UserCase, items, mine, theirs, verdicts) -> list[dict]:
   return [{"user_id": case.user_id, "item": k, "prompt": case.prompts[k], "ppd": a,
            "opponent": b, "verdict": j.verdict, "p_ab": j.p_ab, "p_ba": j.p_ba, "soft": j.soft,
-           "bias": j.bias, "problems": list(j.problems), "reward_gap": j.reward_gap}
+           "bias": j.bias, "problems": list(j.problems), "reward_gap": j.reward_gap,
+           "mass": list(j.mass)}
           for k, a, b, j in zip(items, mine, theirs, verdicts)]
 
 
