@@ -169,7 +169,8 @@ def run_torch(unet_cfg: dict, torch_sd, ip_sd, cfg, inputs, steps: int, dtype: s
   unet.to(device=device, dtype=torch.bfloat16 if bf16_weights else torch.float32)
   user_params = [p for n, p in unet.named_parameters()
                  if n.startswith("encoder_hid_proj.") or ".to_k_ip." in n or ".to_v_ip." in n]
-  n_expected = 6 + 2 * len(export.cross_attention_layers(cfg))
+  n_expected = (sum(k.startswith("image_proj.") for k in ip_sd)          # the projector's own
+                + 2 * len(export.cross_attention_layers(cfg)))          # to_k_ip, to_v_ip
   assert len(user_params) == n_expected, (len(user_params), n_expected)
   for p in user_params:
     p.requires_grad_(True)
