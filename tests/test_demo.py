@@ -15,7 +15,7 @@ from configs import ppd
 from ppd_jax.demo import pipeline
 from ppd_jax.evals import judge_synthetic
 from ppd_jax.evals import personalization
-from ppd_jax.evals import winrate
+from ppd_jax.evals import win_rates
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +281,7 @@ def test_tie_counted_rate_against_a_count_by_hand():
   got = personalization._Comparer(judge, users, ["c"] * 12)([0, 1, 2], sets,
                                                             lambda u: [b] * len(sets(u)))
   min_gap = 0.15
-  tie = winrate.tie_counted_win_rate(got["rows"], min_gap)
+  tie = win_rates.tie_counted_win_rate(got["rows"], min_gap)
   want, below = {}, 0
   for u in range(3):
     gap = np.concatenate([x.mean(axis=(1, 2)) @ users.weights[u]

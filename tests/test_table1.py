@@ -8,6 +8,7 @@ import pytest
 
 from ppd_jax import images as image_io
 from ppd_jax import inference
+from ppd_jax.evals import image_sets
 from ppd_jax.evals import prompt_sets
 from ppd_jax.evals import table1
 from ppd_jax.evals.rewards import hidden
@@ -47,7 +48,7 @@ def test_the_table_against_a_direct_computation(workdir, tmp_path):
     assert tag.startswith(f"ppd-{os.path.basename(workdir)}-{step}-")
     cands.append({n: np.array([json.loads(line)["score"] for line in open(os.path.join(
         out, "images", tag, f"user{users[n]}", "val",
-        table1.score_file_name(n, rewards[n])))]) for n in rewards})
+        image_sets.score_file_name(n, rewards[n])))]) for n in rewards})
   pooled = {n: np.concatenate([c[n] for c in cands]) for n in rewards}
   expected = [np.mean([c[n].mean() / pooled[n].std() for n in rewards]) for c in cands]
   best = (2, 4)[int(np.argmax(expected))]

@@ -11,6 +11,7 @@ from ppd_jax import images as image_io
 from ppd_jax import inference
 from ppd_jax.evals import judge_synthetic
 from ppd_jax.evals import stats
+from ppd_jax.evals import win_rates
 from ppd_jax.evals import winrate
 from ppd_jax.evals.rewards import hidden
 
@@ -200,8 +201,8 @@ def test_shared_prompts_are_resampled_too():
   verdicts = ["A", "A", "B", "A", "B", "A"]
   by_user = {u: _rows(verdicts if u % 5 else verdicts[:-1] + ["inconsistent"])
              for u in range(30)}
-  alone = winrate.summarise(by_user, shared_items=False)
-  both = winrate.summarise(by_user, shared_items=True)
+  alone = win_rates.summarise(by_user, shared_items=False)
+  both = win_rates.summarise(by_user, shared_items=True)
   assert alone["win_rate"] == both["win_rate"]
   width = lambda r: r["ci95"][1] - r["ci95"][0]
   assert width(alone) < 0.05 and width(both) > 0.3
@@ -212,10 +213,10 @@ def test_shared_prompts_are_resampled_too():
 def test_sub_threshold_gaps_counted_as_ties_beside_the_rate():
   by_user = {1: _rows(["A", "A", "B", "invalid"], [0.1, 2.0, -1.0, 3.0]),
              2: _rows(["A", "inconsistent", "B"], [0.2, -0.3, -0.7])}
-  r = winrate.summarise(by_user, tie_gap=0.5)
+  r = win_rates.summarise(by_user, tie_gap=0.5)
   # user 1: tie, win, loss (the invalid clear pair left out) -> 1.5 / 3;
   # user 2: tie, tie, loss -> 1 / 3
   assert r["tie_counted"]["win_rate"] == pytest.approx((1.5 / 3 + 1 / 3) / 2)
   assert r["tie_counted"]["below_threshold"] == pytest.approx(3 / 6)
   assert r["win_rate"] == pytest.approx((2 / 3 + 1 / 2) / 2) and r["invalid"] == 1
-  assert "sub-threshold gaps as ties" in winrate.markdown({**r, "against": "base"})
+  assert "sub-threshold gaps as ties" in win_rates.markdown({**r, "against": "base"})

@@ -28,6 +28,7 @@ import numpy as np
 from ppd_jax import compile_cache
 from ppd_jax import images as image_io
 from ppd_jax import storage
+from ppd_jax.evals import image_sets
 from ppd_jax.evals import manifest as manifest_lib
 from ppd_jax.evals import plots
 from ppd_jax.evals import score_files
@@ -85,10 +86,10 @@ def edges(run, embeddings, names, rewards: dict, prompts, seed: int, steps: int,
       w = [0.0, 0.0, 0.0]
       w[a], w[b] = 1.0 - float(t), float(t)
       where = storage.path(folder) / "points" / _key(w)
-      paths = table1.generate_set(run, mix(embeddings, w), 1.0, prompts, where, seed, chunk,
+      paths = image_sets.generate_set(run, mix(embeddings, w), 1.0, prompts, where, seed, chunk,
                                   log=lambda m: None)
       for name, reward in rewards.items():
-        c = table1.cell(table1.score_set(paths, prompts, name, reward, where))
+        c = image_sets.cell(image_sets.score_set(paths, prompts, name, reward, where))
         curve["means"][name].append(c["mean"])
         curve["ci95"][name].append(c["ci95"])
     log(f"interpolate: edge {names[a]} -> {names[b]}: " + "; ".join(
@@ -116,7 +117,7 @@ def run_all(run, embeddings, names, rewards: dict, prompt: str, edge_prompts, ou
   vertices' {reward name: user id}, recorded."""
   manifest_lib.bind(out, {"run": manifest_lib.run_identity(run), "vertices": list(names),
                           "users": users, "prompt": prompt,
-                          "edge_prompts": table1.prompts_identity(edge_prompts),
+                          "edge_prompts": image_sets.prompts_identity(edge_prompts),
                           "rewards": {k: manifest_lib.reward_identity(r, k)
                                       for k, r in rewards.items()},
                           "seed": seed, "grid": n, "edge_steps": steps, "chunk": chunk},

@@ -8,11 +8,11 @@ synthetic one (evals/judge_synthetic.py): u's hidden reward answering as a VLM w
     win_u(a vs b) = #A / (#A + #B)             (inconsistent verdicts dropped, the paper's rule)
 
 averaged over users, with a 95% bootstrap interval over users and the shared items
-(evals/winrate.summarise, the protocol `python -m ppd_jax.evals.winrate` runs; users only for the
+(evals/win_rates.summarise, the protocol `python -m ppd_jax.evals.winrate` runs; users only for the
 control, whose image sets differ per user). Beside each rate, `tie_counted`: the same with
 every question whose reward gap is below the users' own threshold for a clear pair
 (|r_u(a) - r_u(b)| < data.min_reward_gap) counted as a tie
-(evals/winrate.tie_counted_win_rate). The judge's
+(evals/win_rates.tie_counted_win_rate). The judge's
 answers are sampled, so a rate on near-equal images is a coin toss that only looks like a
 preference; the tie-counted rate shows how much of a rate rests on differences the users
 themselves would not label. Reported, for unseen users unless said:
@@ -41,7 +41,7 @@ from ppd_jax.diffusion import generation
 from ppd_jax.evals import judge as judge_lib
 from ppd_jax.evals import judge_synthetic
 from ppd_jax.evals import plots
-from ppd_jax.evals import winrate
+from ppd_jax.evals import win_rates
 from ppd_jax.evals.rewards import hidden
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -130,7 +130,7 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print,
       groups.setdefault(source.user_group(u), []).append(u)
 
   interpolation = _interpolate(sample, source, unseen, pairs, ppd, rewards, prompts)
-  ties = {k: winrate.tie_counted_win_rate(v["rows"], min_gap) for k, v in summaries.items()}
+  ties = {k: win_rates.tie_counted_win_rate(v["rows"], min_gap) for k, v in summaries.items()}
   results = {
       **{k: _round(v["win_rate"]) for k, v in summaries.items()},
       "ci95": {k: [_round(x) for x in v["ci95"]] for k, v in summaries.items()},
@@ -165,7 +165,7 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print,
 
 class _Comparer:
   """compare(users, a_of, b_of): user u judges a_of(u)[k][i] against b_of(u)[k][i] for every
-  image set k and item i; returns evals/winrate.summarise of the verdicts."""
+  image set k and item i; returns evals/win_rates.summarise of the verdicts."""
 
   def __init__(self, judge, source, prompts):
     self.judge, self.prompts = judge, prompts
@@ -186,7 +186,7 @@ class _Comparer:
     # One image set per user: every user judged the same items, so the interval resamples items
     # too (the control's sets pair each user with every other user's images: users only).
     shared = all(len(r) == len(self.prompts) for r in rows.values())
-    return {**winrate.summarise(rows, shared_items=shared), "rows": rows}
+    return {**win_rates.summarise(rows, shared_items=shared), "rows": rows}
 
 
 def _per_user(user_reward):

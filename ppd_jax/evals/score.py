@@ -6,9 +6,10 @@
 Rewards: evals/rewards/registry.py (pickscore, hps_v2, hps_v21, clip_l14, clip_h14, aesthetic).
 Writes one JSON line per image {"image", "prompt", "reward", "score"} to --out, and the summary
 (n, mean, std, 95% CI of the mean) to <out>.summary.json and stdout. A killed run resumes where it
-stopped; inputs and weights are checked before any scoring. <out>.manifest.json (evals/manifest.py)
-records the reward and the SHA-256 of its weight files: resuming with other weights is refused. --images, --prompts and --out may be
-URLs (gs://...): every file goes through ppd_jax.storage.
+stopped; inputs and weights are checked before any scoring. <out>.manifest.json
+(evals/manifest.py) records the reward and the SHA-256 of its weight files: resuming with other
+weights is refused. --images, --prompts and --out may be URLs (gs://...): every file goes through
+ppd_jax.storage.
 """
 import sys
 import time

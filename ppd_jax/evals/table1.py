@@ -11,8 +11,9 @@ their one shared embedding is used) and `ppd` (per reward, the images made for t
 user, scored by that reward). A reward's user is looked up by name in what the PPD run's data
 recorded (evals/reward_user_ids.py: the relabel folder's reward_users.json), never by the order
 of --rewards; --reward_user=NAME=ID maps one explicitly. Every row draws the same x_T for a
-prompt: prompts go in fixed chunks, chunk c with seed + c. A row given several runs (e.g. betas) keeps the one with the best
-validation score (--val_prompts; the mean over rewards of each reward's mean in units of its
+prompt: prompts go in fixed chunks, chunk c with seed + c (evals/image_sets.py). A row given
+several runs (e.g. betas) keeps the one with the best validation score (--val_prompts; the mean
+over rewards of each reward's mean in units of its
 standard deviation, so rewards of different scales weigh alike; a dpo_<reward> row by its own
 reward) and reports it on --prompts: the paper's beta selection.
 
@@ -31,16 +32,14 @@ and a killed run redoes nothing it finished. DIR, the run
 folders and the prompt files may be URLs (gs://...): every file goes through ppd_jax.storage.
 """
 import dataclasses
-import hashlib
 import json
-import os
 import sys
 
 import numpy as np
 
 from ppd_jax import compile_cache
-from ppd_jax import images as image_io
 from ppd_jax import storage
+from ppd_jax.evals import image_sets
 from ppd_jax.evals import manifest as manifest_lib
 from ppd_jax.evals import prompt_sets
 from ppd_jax.evals import reward_user_ids
@@ -110,46 +109,6 @@ def parse_runs(values, rewards) -> list[RunSpec]:
   return out
 
 
-def generate_set(run, embedding, user_scale: float, prompts, folder, seed: int, chunk: int,
-                 log=print) -> list[str]:
-  """PNG paths, one per prompt, made chunk by chunk (chunk c with seed + c); chunks whose files
-  all exist are not redone. folder/prompts.jsonl lists them (evals/score.py reads it)."""
-  from ppd_jax import inference
-  from ppd_jax import sample
-  where = storage.makedirs(folder)
-  paths = [os.fspath(where / f"{i:05d}.png") for i in range(len(prompts))]
-  for c in range(0, len(prompts), chunk):
-    if all(storage.exists(p) for p in paths[c:c + chunk]):
-      continue
-    texts = [p.text for p in prompts[c:c + chunk]]
-    batch = inference.generate(run, texts, embedding, user_scale=user_scale, seed=seed + c // chunk)
-    for path, image in zip(paths[c:c + chunk], batch):
-      image_io.save_png(image, path)
-    sample.update_listing(where, [{"image": storage.path(p).name, "prompt": t}
-                                  for p, t in zip(paths[c:c + chunk], texts)])
-    log(f"table1: {folder}: {min(c + chunk, len(prompts))}/{len(prompts)} images")
-  return paths
-
-
-def score_file_name(name: str, reward) -> str:
-  """scores-<name>-<hash of the reward's identity>.jsonl: other weights, another file."""
-  identity = manifest_lib.reward_identity(reward, name)
-  digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-  return f"scores-{name}-{digest}.jsonl"
-
-
-def score_set(paths, prompts, name: str, reward, folder) -> np.ndarray:
-  """[P] scores of one reward, kept in folder/scores-<name>-<hash>.jsonl (resumable)."""
-  log_file = score_files.ScoreLog(os.fspath(storage.path(folder) / score_file_name(name, reward)),
-                                  name)
-  items = [score_files.Item(storage.path(p).name, p, q.text) for p, q in zip(paths, prompts)]
-  todo = [it for it in items if it.key not in log_file.scores]
-  for c in range(0, len(todo), 64):
-    part = todo[c:c + 64]
-    log_file.append(part, reward.score([it.path for it in part], [it.prompt for it in part]))
-  return np.array([log_file.scores[it.key] for it in items], np.float64)
-
-
 def _fixed_embedding(run, spec: RunSpec) -> np.ndarray:
   if run.config.data.get("user_conditioning", True):
     raise Table1Error(f"--run={spec.row}={spec.workdir}: a {spec.row} row is a model trained "
@@ -159,7 +118,8 @@ def _fixed_embedding(run, spec: RunSpec) -> np.ndarray:
 
 
 def evaluate_run(spec: RunSpec, set_name: str, prompts, rewards: dict, reward_users: dict | None,
-                 out: str, seed: int, chunk: int, log=print, users_seen: dict | None = None) -> dict:
+                 out: str, seed: int, chunk: int, log=print,
+                 users_seen: dict | None = None) -> dict:
   """{reward: [P] scores} of one run on one prompt set. A ppd run's reward users are its own map
   by name (evals/reward_user_ids.py) with `reward_users` as explicit overrides; the map used is
   put in users_seen[spec.tag]."""
@@ -174,20 +134,21 @@ def evaluate_run(spec: RunSpec, set_name: str, prompts, rewards: dict, reward_us
       users_seen[spec.tag] = users
     for name, reward in rewards.items():
       folder = where(f"user{users[name]}")
-      paths = generate_set(run, run.source.user_embedding(users[name]), 1.0, prompts,
+      paths = image_sets.generate_set(run, run.source.user_embedding(users[name]), 1.0, prompts,
                            folder, seed, chunk, log)
-      scores[name] = score_set(paths, prompts, name, reward, folder)
+      scores[name] = image_sets.score_set(paths, prompts, name, reward, folder)
     return scores
   if spec.row == "base":
     embedding = np.zeros((run.config.model.user_tokens, run.config.model.user_embed_dim),
                          np.float32)
-    paths = generate_set(run, embedding, 0.0, prompts, where("none"), seed, chunk, log)
+    paths = image_sets.generate_set(run, embedding, 0.0, prompts, where("none"), seed, chunk, log)
   else:
-    paths = generate_set(run, _fixed_embedding(run, spec), 1.0, prompts, where("shared"), seed,
+    paths = image_sets.generate_set(run, _fixed_embedding(run, spec), 1.0, prompts,
+                                    where("shared"), seed,
                          chunk, log)
+  folder = where("none" if spec.row == "base" else "shared")
   for name, reward in rewards.items():
-    scores[name] = score_set(paths, prompts, name, reward, where("none" if spec.row == "base"
-                                                                 else "shared"))
+    scores[name] = image_sets.score_set(paths, prompts, name, reward, folder)
   return scores
 
 
@@ -202,22 +163,6 @@ def selection_score(row: str, candidates: list[dict]) -> list[float]:
     scale = pooled.std() or 1.0
     out += np.array([c[name].mean() for c in candidates]) / scale
   return (out / len(rewards)).tolist()
-
-
-def cell(scores: np.ndarray) -> dict:
-  s = stats.mean_ci(scores)
-  return {"mean": s["mean"], "ci95": [s["ci_low"], s["ci_high"]], "n": s["n"]}
-
-
-def prompts_identity(prompts) -> dict | None:
-  """What a prompt list is, for the manifest: its size, a hash of its texts in order, and the
-  rows of its file it was drawn from (prompt_sets.Prompt.index, where known)."""
-  if prompts is None:
-    return None
-  texts = "\n".join(p.text for p in prompts)
-  indices = [getattr(p, "index", None) for p in prompts]
-  return {"count": len(prompts), "texts_sha256": hashlib.sha256(texts.encode()).hexdigest(),
-          "indices": None if any(i is None for i in indices) else indices}
 
 
 def differences(scores: dict, prompts) -> dict:
@@ -246,8 +191,8 @@ def build_table(specs, prompts, val_prompts, rewards: dict, reward_users: dict |
   tags = [s.tag for s in specs]
   if len(set(tags)) != len(tags):
     raise Table1Error(f"--run: the same checkpoint twice ({tags})")
-  manifest_lib.bind(out, {"prompts": prompts_identity(prompts),
-                          "val_prompts": prompts_identity(val_prompts), "seed": seed,
+  manifest_lib.bind(out, {"prompts": image_sets.prompts_identity(prompts),
+                          "val_prompts": image_sets.prompts_identity(val_prompts), "seed": seed,
                           "chunk": chunk, "reward_user_overrides": reward_users or {}},
                     keyed={"runs": {s.tag: dataclasses.asdict(s) for s in specs},
                            "rewards": {n: manifest_lib.reward_identity(r, n)
@@ -276,13 +221,13 @@ def build_table(specs, prompts, val_prompts, rewards: dict, reward_users: dict |
                     for r, s in selected.items()},
            "validation": validation, "rewards": list(rewards),
            "reward_identity": {n: manifest_lib.reward_identity(r, n) for n, r in rewards.items()},
-           "prompts": len(prompts), "prompt_set": prompts_identity(prompts), "seed": seed,
-           "chunk": chunk}
+           "prompts": len(prompts), "prompt_set": image_sets.prompts_identity(prompts),
+           "seed": seed, "chunk": chunk}
   test_scores = {}
   for row, spec in selected.items():
     test_scores[row] = evaluate_run(spec, "test", prompts, rewards, reward_users, out, seed,
                                     chunk, log, users_seen)
-    table["rows"][row] = {name: cell(v) for name, v in test_scores[row].items()}
+    table["rows"][row] = {name: image_sets.cell(v) for name, v in test_scores[row].items()}
   table["reward_users"] = users_seen.get(selected["ppd"].tag) if "ppd" in selected else None
   table["differences"] = differences(test_scores, prompts)
   score_files.write_json_atomic(storage.path(out) / "table1.json", table)

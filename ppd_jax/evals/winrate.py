@@ -7,8 +7,9 @@
 
 For each user: the judge's context is the user's 4 few-shot pairs (the pairs its embedding was made
 from); the prompts are the captions of its next `--items` pairs (or `--items` prompts of
---prompts, a seeded sample stratified by category, the same for every user: evals/prompt_sets). PPD draws one image per prompt with the user's embedding, the opponent one from the
-same x_T (user k's chunk seed: seed + k):
+--prompts, a seeded sample stratified by category, the same for every user: evals/prompt_sets).
+PPD draws one image per prompt with the user's embedding, the opponent one from the same x_T
+(user k's chunk seed: seed + k):
   * base     the PPD run's frozen base (user branch off);
   * control  the PPD run with another user's embedding (the next user of the list);
   * profile_caption  the frozen base with the user's VLM profile text appended to every prompt
@@ -50,8 +51,8 @@ from ppd_jax.evals import manifest as manifest_lib
 from ppd_jax.evals import plots
 from ppd_jax.evals import prompt_sets
 from ppd_jax.evals import score_files
-from ppd_jax.evals import stats
-from ppd_jax.evals import table1
+from ppd_jax.evals import image_sets
+from ppd_jax.evals import win_rates
 from ppd_jax.users import prompts as prompts_lib
 
 
@@ -161,10 +162,10 @@ class Opponent:
     if self.spec == "base":
       c = self.run.config.model
       zero = np.zeros((c.user_tokens, c.user_embed_dim), np.float32)
-      return table1.generate_set(self.run, zero, 0.0, prompts, folder, seed, chunk, _quiet)
+      return image_sets.generate_set(self.run, zero, 0.0, prompts, folder, seed, chunk, _quiet)
     if self.spec == "control":
       emb = self.run.source.user_embedding(self.other[case.user_id])
-      return table1.generate_set(self.run, emb, 1.0, prompts, folder, seed, chunk, _quiet)
+      return image_sets.generate_set(self.run, emb, 1.0, prompts, folder, seed, chunk, _quiet)
     d = self.run.config.data
     if self.spec == "profile_caption" or d.get("profile_in_caption", False):
       from ppd_jax.users import profile_caption
@@ -173,12 +174,12 @@ class Opponent:
                  for p in prompts]
       emb = np.zeros((self.run.config.model.user_tokens, self.run.config.model.user_embed_dim),
                      np.float32)
-      return table1.generate_set(self.run, emb, 0.0, prompts, folder, seed, chunk, _quiet)
+      return image_sets.generate_set(self.run, emb, 0.0, prompts, folder, seed, chunk, _quiet)
     if d.get("user_conditioning", True):
       emb = self.run.source.user_embedding(case.user_id)
     else:
       emb = self.run.source.user_embedding(self.run.source.train_user_ids[0])
-    return table1.generate_set(self.run, emb, 1.0, prompts, folder, seed, chunk, _quiet)
+    return image_sets.generate_set(self.run, emb, 1.0, prompts, folder, seed, chunk, _quiet)
 
 
 def _quiet(message: str) -> None:
@@ -252,7 +253,7 @@ def run(ppd_run, opponent: Opponent, cases, backend, out: str, *, seed: int = 0,
   for i, case in enumerate(todo):
     s = seed + position[case.user_id]
     where = lambda side: out / "images" / side / f"user{case.user_id}"
-    mine = table1.generate_set(ppd_run, ppd_run.source.user_embedding(case.user_id), 1.0,
+    mine = image_sets.generate_set(ppd_run, ppd_run.source.user_embedding(case.user_id), 1.0,
                                [prompt_sets.Prompt(p) for p in case.prompts], where("ppd"), s,
                                len(case.prompts), _quiet)
     theirs = opponent.images(case, where(opponent.tag), s)
@@ -263,112 +264,15 @@ def run(ppd_run, opponent: Opponent, cases, backend, out: str, *, seed: int = 0,
     if after_user is not None:
       after_user(case.user_id)
   by_user = {c.user_id: [done[c.user_id][k] for k in sorted(done[c.user_id])] for c in cases}
-  result = summarise(by_user, seed, shared_items=bool(cases and cases[0].shared),
+  result = win_rates.summarise(by_user, seed, shared_items=bool(cases and cases[0].shared),
                      tie_gap=ppd_run.config.data.get("min_reward_gap"))
   result.update({"against": opponent.spec, "ppd_step": ppd_run.step,
                  "opponent": opponent.identity(), "seed": seed,
                  "judge": describe_backend(backend), "template": prompts_lib.TEMPLATE_VERSION})
   score_files.write_json_atomic(out / "winrate.json", result)
-  storage.write_text(out / "winrate.md", markdown(result))
+  storage.write_text(out / "winrate.md", win_rates.markdown(result))
   examples(done, cases, out / "examples.png")
   return result
-
-
-_OUTCOME = {"A": 1.0, "B": 0.0}
-
-
-def tie_counted_win_rate(rows_by_user: dict, min_reward_gap: float) -> dict:
-  """The win rate with sub-threshold reward gaps counted as ties. Per question
-
-      score = 1/2                                 if |r_u(a) - r_u(b)| < min_reward_gap
-            = 1, 0, 1/2 for verdict A, B, inconsistent   otherwise
-
-  (invalid verdicts left out), averaged per user, then over users: win_rate. The users label
-  only pairs of gap >= min_reward_gap, so a smaller one is a difference they would not call.
-  rows_by_user: user -> [{"verdict", "reward_gap"}] (reward_gap = r_u(a) - r_u(b)).
-  Returns win_rate, per_user and below_threshold (the share of valid questions under it)."""
-  score = {"A": 1.0, "B": 0.0, "inconsistent": 0.5}
-  per_user, below, valid = {}, 0, 0
-  for u, rows in rows_by_user.items():
-    s = []
-    for r in rows:
-      if r["verdict"] not in score:
-        continue
-      if r.get("reward_gap") is None:
-        raise ValueError(f"tie_counted_win_rate: user {u}'s verdict has no reward_gap "
-                         "(only a judge that knows the user's reward gives one)")
-      tie = abs(r["reward_gap"]) < min_reward_gap
-      below += tie
-      s.append(0.5 if tie else score[r["verdict"]])
-    valid += len(s)
-    per_user[str(u)] = float(np.mean(s)) if s else None
-  rates = [r for r in per_user.values() if r is not None]
-  return {"win_rate": float(np.mean(rates)) if rates else None, "per_user": per_user,
-          "below_threshold": below / valid if valid else None}
-
-
-def summarise(by_user: dict, seed: int = 0, shared_items: bool = False,
-              tie_gap: float | None = None) -> dict:
-  """Per-user win rates, their mean with a bootstrap CI (over users and, when every user judges
-  the same items, over items too), invalid counts, and pooled counts."""
-  per_user = {}
-  for u, rows in by_user.items():
-    a = sum(r["verdict"] == "A" for r in rows)
-    b = sum(r["verdict"] == "B" for r in rows)
-    valid = [r for r in rows if r["verdict"] != "invalid"]
-    per_user[u] = {"wins": a, "losses": b, "items": len(rows),
-                   "invalid": len(rows) - len(valid),
-                   "win_rate": a / (a + b) if a + b else None,
-                   "soft": float(np.mean([r["soft"] for r in valid])) if valid else None}
-  rates = [v["win_rate"] for v in per_user.values() if v["win_rate"] is not None]
-  softs = [v["soft"] for v in per_user.values() if v["soft"] is not None]
-  rows = [r for rs in by_user.values() for r in rs]
-  pooled = judge_lib.summarise([judge_lib.Judgement(r["verdict"], r["p_ab"], r["p_ba"],
-                                                    r["soft"], r["bias"]) for r in rows])
-  if shared_items and by_user:
-    items = max(len(rs) for rs in by_user.values())
-    outcomes = np.full((len(by_user), items), np.nan)
-    for i, rs in enumerate(by_user.values()):
-      for k, r in enumerate(rs):
-        outcomes[i, k] = _OUTCOME.get(r["verdict"], np.nan)
-    # Plain percentiles: resampling items counts the verdicts' own noise a second time, which
-    # already keeps this interval at or above its level (tests/test_stats.py's simulations).
-    ci = stats.two_way_bootstrap_ci(outcomes, seed=seed, expanded=False)
-    method = "two-way bootstrap over users and the shared items"
-  else:
-    ci = stats.bootstrap_mean_ci(rates, seed=seed)
-    method = "bootstrap over users, small-sample (expanded percentile) level"
-  out = {"users": len(per_user), "users_with_a_verdict": len(rates),
-         "win_rate": float(np.mean(rates)) if rates else None, "ci95": list(ci),
-         "ci_method": method,
-         "soft_win_rate": float(np.mean(softs)) if softs else None,
-         "soft_ci95": list(stats.bootstrap_mean_ci(softs, seed=seed)),
-         "invalid": sum(v["invalid"] for v in per_user.values()),
-         "pooled": pooled, "per_user": {str(u): v for u, v in per_user.items()}}
-  answered = [r for r in rows if r["verdict"] != "invalid"]
-  if tie_gap is not None and answered and all(r.get("reward_gap") is not None for r in answered):
-    t = tie_counted_win_rate(by_user, tie_gap)
-    rates = [v for v in t["per_user"].values() if v is not None]
-    out["tie_counted"] = {"gap": tie_gap, "win_rate": t["win_rate"],
-                          "ci95": list(stats.bootstrap_mean_ci(rates, seed=seed)),
-                          "below_threshold": t["below_threshold"]}
-  return out
-
-
-def markdown(r: dict) -> str:
-  fmt = lambda x: "-" if x is None else f"{x:.3f}"
-  lo, hi = r["ci95"]
-  tie = r.get("tie_counted")
-  head = "| PPD vs {} | win rate | 95% CI | soft | consistency | position bias | invalid | users |"
-  cells = (f"| | {fmt(r['win_rate'])} | [{fmt(lo)}, {fmt(hi)}] | {fmt(r['soft_win_rate'])} | "
-           f"{fmt(r['pooled']['consistency'])} | {fmt(r['pooled']['position_bias'])} | "
-           f"{r['invalid']} of {r['pooled']['n']} | {r['users_with_a_verdict']} of {r['users']} |")
-  if tie:
-    head += " sub-threshold gaps as ties |"
-    cells += (f" {fmt(tie['win_rate'])} ({tie['below_threshold']:.0%} of the pairs below "
-              f"{tie['gap']}) |")
-  return (head.format(r["against"]) + "\n" + "| --- " * (head.count("|") - 1) + "|\n"
-          + cells + f"\n\n95% CI: {r['ci_method']}\n")
 
 
 def examples(done: dict, cases, path: str, count: int = 6) -> None:
@@ -410,7 +314,7 @@ def main(argv):
   except (ValueError, OSError, KeyError, checkpoint.CheckpointError, storage.StorageError,
           judge_lib.JudgeAuthError) as e:
     sys.exit(f"ppd_jax.evals.winrate: {e}")
-  print(markdown(result))
+  print(win_rates.markdown(result))
   print(json.dumps({"win_rate": result["win_rate"], "ci95": result["ci95"],
                     "invalid": result["invalid"]}))
   if result["users_with_a_verdict"] == 0:
