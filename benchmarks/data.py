@@ -43,7 +43,7 @@ from ppd_jax.data import pickapic_source
 from ppd_jax.data import pipeline
 from ppd_jax.data import records
 from ppd_jax.data import shards
-from ppd_jax.users import store as store_lib
+from ppd_jax.data import user_store as store_lib
 
 LATENT_SHAPE = (64, 64, 4)          # SD 1.5 at 512 px
 TEXT_SHAPE = (77, 768)              # CLIP ViT-L/14 last hidden state
@@ -87,7 +87,7 @@ def build_folder(folder: str, sizes: dict) -> None:
 
   Mirrors what ppd_jax.data.precompute leaves behind (encode_file's record fields,
   encode_text_chunk's text files, finalize()'s records-{split}.npz and manifest.json, the
-  pickapic index's users.npz) plus a user store (users/store.py), so PickapicPairs reads it as
+  pickapic index's users.npz) plus a user store (data/user_store.py), so PickapicPairs reads it as
   it reads a real one; only the numbers are random (no VAE, no text encoder, no parquet).
   """
   rng = np.random.default_rng(sizes["seed"])

@@ -1,5 +1,5 @@
 """Images/s of the ViT-H/14 CLIP reward (PickScore / HPS / clip_h14 all have this shape): ours
-(Flax, jitted, sharded over the local devices: evals/rewards) against transformers' PyTorch
+(Flax, jitted, sharded over the local devices: rewards/) against transformers' PyTorch
 CLIPModel on the same random weights and the same inputs, as a ratio, plus the host-side
 preprocessing rate.
 
@@ -26,8 +26,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 import transformers  # pylint: disable=wrong-import-position
 
-from ppd_jax.evals.rewards import clip_similarity  # pylint: disable=wrong-import-position
-from ppd_jax.evals.rewards import preprocess  # pylint: disable=wrong-import-position
+from ppd_jax.rewards import clip_similarity  # pylint: disable=wrong-import-position
+from ppd_jax.rewards import preprocess  # pylint: disable=wrong-import-position
 from ppd_jax.models import clip  # pylint: disable=wrong-import-position
 from ppd_jax.weights import convert  # pylint: disable=wrong-import-position
 

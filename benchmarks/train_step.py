@@ -22,7 +22,7 @@ from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
 from ppd_jax import throughput
-from ppd_jax.data import sources
+from ppd_jax import sources
 from ppd_jax.diffusion import schedules
 from ppd_jax.models import build_model
 

@@ -117,7 +117,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.user_conditioning = True   # False: one constant embedding for all (Diffusion-DPO baseline)
   # pickapic source (ppd_jax/data/pickapic.py, precompute.py, pickapic_source.py):
   c.data.shards = ""                # the folder python -m ppd_jax.data.precompute made
-  c.data.user_embeddings = ""       # user-embedding store (ppd_jax/users/store.py)
+  c.data.user_embeddings = ""       # user-embedding store (ppd_jax/data/user_store.py)
   c.data.profile_in_caption = False  # baseline: caption + its user's profile (profile_caption.py)
   c.data.relabel = ""               # reward users' labels (data/relabel.py) instead of people's
   c.data.relabel_rewards = ""       # with relabel: only these reward users (comma list; "" all)

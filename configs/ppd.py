@@ -139,7 +139,7 @@ def _pretrained_run(c: ml_collections.ConfigDict) -> None:
 
 def _pickapic_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The paper's real-user setting on any backbone: Pick-a-Pic v2 pairs, each conditioned on its
-  labeller's VLM embedding (users/store.py), one epoch at an effective batch of 768."""
+  labeller's VLM embedding (data/user_store.py), one epoch at an effective batch of 768."""
   # The paper's 8 GPUs x 16 pairs x 6 accumulation steps. Accumulation follows from the backbone's
   # per_device_batch and the device count (1, 2, 4 or 8 GPUs: 48, 24, 12, 6 micro-steps at 16).
   c.batch_size = 768
@@ -213,7 +213,7 @@ def _stable_diffusion(c: ml_collections.ConfigDict, name: str) -> ml_collections
 
 def _pickapic(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   """The paper's real-user setting on Stable Diffusion: Pick-a-Pic v2 pairs, each conditioned on
-  its labeller's VLM embedding (users/store.py), one epoch at an effective batch of 768."""
+  its labeller's VLM embedding (data/user_store.py), one epoch at an effective batch of 768."""
   return _pickapic_run(_stable_diffusion(c, name))
 
 

@@ -377,9 +377,9 @@ def _validate_profile_in_caption(c: ml_collections.ConfigDict) -> None:
 
 def _open_store(d: ml_collections.ConfigDict):
   """The user-embedding store data.user_embeddings names, or a ConfigError naming the field."""
-  from ppd_jax.users import store as store_lib
+  from ppd_jax.data import user_store as store_lib
   _require(bool(d.user_embeddings), "data.user_embeddings", d.user_embeddings,
-           "must name a user-embedding store file (ppd_jax/users/store.py)")
+           "must name a user-embedding store file (ppd_jax/data/user_store.py)")
   try:
     return store_lib.UserEmbeddingStore(d.user_embeddings)
   except store_lib.StoreError as e:

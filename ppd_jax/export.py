@@ -6,17 +6,18 @@ Stable Diffusion runs (weights/export.py): DIR/NAME.safetensors as IP-Adapter we
 with `pipe.load_ip_adapter(DIR, subfolder="", weight_name=NAME, image_encoder_folder=None)`).
 Stable Cascade runs (weights/export_cascade.py): DIR/NAME.safetensors keyed by diffusers' module
 paths plus DIR/ppd_cascade.py, the attention processor that attaches them to the prior. Both write
-DIR/NAME.json (embedding size, tokens, step, the call) and print the diffusers code that generates
-for a user.
+DIR/NAME.json (embedding size, tokens, step, the call) and print the diffusers script that
+generates for a user from the embedding file `python -m ppd_jax.users.embedding` writes (for
+Stable Diffusion with the run's config.sample: scheduler, timesteps, steps, guidance).
 """
 import os
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from ppd_jax import checkpoint
+from ppd_jax import cli_logging
 from ppd_jax import inference
 from ppd_jax import storage
 from ppd_jax.models import cascade
@@ -49,7 +50,7 @@ def _check_flags(workdir: str, out: str, weight_name: str | None) -> None:
     raise ValueError(f"--weight_name={weight_name} must be a file name ending in .safetensors")
 
 
-def _export_cascade(run, out: str, weight_name: str | None) -> None:
+def _export_cascade(run, out: str, weight_name: str | None, workdir: str) -> None:
   """Stable Cascade: diffusers-keyed weights, their JSON and ppd_cascade.py in --out."""
   cfg, model_cfg = run.model.config, run.config.model
   weight_name = weight_name or export_cascade.DEFAULT_WEIGHT_NAME
@@ -58,13 +59,15 @@ def _export_cascade(run, out: str, weight_name: str | None) -> None:
   metadata = export_cascade.export_metadata(
       cfg, step=run.step, variant=run.config.get("variant"), base=base,
       prior_subfolder=subfolder, decoder=model_cfg.get("decoder") or None,
-      weight_name=weight_name, folder=str(storage.path(out)))
+      weight_name=weight_name, folder=str(storage.path(out)),
+      decoder_subfolder=model_cfg.get("decoder_subfolder", "decoder"), workdir=workdir,
+      sample=run.config.sample)
   weights, info, processor = export_cascade.save(out, weight_name, state_dict, metadata)
   _report(run, state_dict, ".to_k_user.weight", "attention blocks", f"prior {base} {subfolder}",
           f"{weights}, {info} and {processor}", metadata)
 
 
-def _export_ip_adapter(run, out: str, weight_name: str | None) -> None:
+def _export_ip_adapter(run, out: str, weight_name: str | None, workdir: str) -> None:
   """Stable Diffusion: IP-Adapter weights and their JSON in --out."""
   cfg = run.model.config
   weight_name = weight_name or "ip-adapter_ppd.safetensors"
@@ -73,7 +76,8 @@ def _export_ip_adapter(run, out: str, weight_name: str | None) -> None:
   base = model_cfg.get("pretrained") or model_cfg.get("base")
   metadata = export_lib.export_metadata(
       cfg, step=run.step, variant=run.config.get("variant"), base=base,
-      weight_name=weight_name, folder=str(storage.path(out)))
+      weight_name=weight_name, folder=str(storage.path(out)), workdir=workdir,
+      sample=run.config.sample)
   weights, info = export_lib.save_ip_adapter(str(storage.path(out) / weight_name), state_dict,
                                              metadata)
   _report(run, state_dict, "to_k_ip.weight", "cross-attention layers", f"base {base}",
@@ -93,17 +97,17 @@ def _report(run, state_dict, layer_suffix: str, layers_are: str, source: str, fi
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
   try:
     _check_flags(f.workdir, f.out, f.weight_name)
     run = inference.load_trained(f.workdir, f.step)
     if isinstance(run.model.config, cascade.CascadeConfig):
-      _export_cascade(run, f.out, f.weight_name)
+      _export_cascade(run, f.out, f.weight_name, f.workdir)
     else:
-      _export_ip_adapter(run, f.out, f.weight_name)
+      _export_ip_adapter(run, f.out, f.weight_name, f.workdir)
   except (ValueError, KeyError, checkpoint.CheckpointError, WeightsError) as e:
     sys.exit(f"ppd_jax.export: {e}")
 

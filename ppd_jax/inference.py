@@ -10,12 +10,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ppd_jax import backbones
 from ppd_jax import checkpoint as ckpt_lib
+from ppd_jax import run_users
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
 from ppd_jax import storage
-from ppd_jax.data import sources
+from ppd_jax import sources
 from ppd_jax.diffusion import generation
 from ppd_jax.diffusion import schedules
 from ppd_jax.models import build_model, merge_params
@@ -35,7 +37,29 @@ class TrainedRun:
   @functools.cached_property
   def source(self) -> Any:
     """The run's data source: users' embeddings, the caption encoder and the backbone."""
-    return sources.build_source(self.config)
+    source = sources.build_source(self.config)
+    if self._pickapic and "backbone" in self.__dict__:
+      source._backbone = self.backbone    # pylint: disable=protected-access  # one copy loaded
+    return source
+
+  @property
+  def _pickapic(self) -> bool:
+    return self.config.data.source == "pickapic"
+
+  @functools.cached_property
+  def users(self) -> Any:
+    """Whom the run generates for: a Pick-a-Pic run's users kept in its workdir (run_users.py;
+    no shards needed), else its source (the demo worlds re-make their users)."""
+    if self._pickapic:
+      return run_users.RunUsers(self.workdir, self.config, lambda: self.backbone)
+    return self.source
+
+  @functools.cached_property
+  def backbone(self) -> Any:
+    """The caption encoder and decoder; a Pick-a-Pic run builds it without its shards."""
+    if self._pickapic and "source" not in self.__dict__:
+      return backbones.build_backbone(self.config)
+    return self.source.backbone
 
 
 def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
@@ -55,6 +79,18 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
                     schedule=schedules.schedule_from_config(config.diffusion),
                     params=merge_params(base, state.user_params),
                     step=int(state.step), workdir=os.fspath(storage.path(workdir)))
+
+
+def run_users_only(workdir: str, step: int | None = None) -> Any:
+  """A run's users (TrainedRun.users) from its config alone: no weights are loaded."""
+  checkpointer = ckpt_lib.Checkpointer(storage.path(workdir) / "checkpoints", async_save=False)
+  try:
+    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+  finally:
+    checkpointer.close()
+  if config.data.source == "pickapic":
+    return run_users.RunUsers(workdir, config, backbone_fn=None)
+  return sources.build_source(config)   # the demo worlds re-make their users
 
 
 def mix_users(embeddings: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -84,11 +120,11 @@ def generate(run: TrainedRun, prompts: Sequence[str], user_embedding: np.ndarray
   user = np.broadcast_to(np.asarray(user_embedding, np.float32),
                          (len(prompts),) + user_embedding.shape)
   return generation.sample_images(
-      run.model, run.schedule, run.params, run.source.encode_captions(list(prompts)),
-      run.source.encode_captions([""]), noise, user, user_scale=user_scale,
+      run.model, run.schedule, run.params, run.backbone.encode_captions(list(prompts)),
+      run.backbone.encode_captions([""]), noise, user, user_scale=user_scale,
       guidance_scale=guidance_scale, num_steps=num_steps, eta=eta,
       clip_sample=c.sample.clip_sample, sampler=sampler or c.sample.get("sampler", "ddim"),
-      seed=seed, decode=run.source.backbone.to_images)
+      seed=seed, decode=run.backbone.to_images)
 
 
 
@@ -100,8 +136,8 @@ def generate_mixes(run: TrainedRun, prompt: str, user_embeddings: np.ndarray, *,
   user = np.asarray(user_embeddings, np.float32)
   noise = np.repeat(generation.initial_noise(seed, 1, c.model), len(user), axis=0)
   return generation.sample_images(
-      run.model, run.schedule, run.params, run.source.encode_captions([prompt] * len(user)),
-      run.source.encode_captions([""]), noise, user, user_scale=1.0,
+      run.model, run.schedule, run.params, run.backbone.encode_captions([prompt] * len(user)),
+      run.backbone.encode_captions([""]), noise, user, user_scale=1.0,
       guidance_scale=c.sample.guidance_scale, num_steps=c.sample.num_steps, eta=c.sample.eta,
       clip_sample=c.sample.clip_sample, sampler=c.sample.get("sampler", "ddim"), seed=seed,
-      decode=run.source.backbone.to_images)
+      decode=run.backbone.to_images)

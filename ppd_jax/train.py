@@ -10,11 +10,11 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from ppd_jax import checkpoint
 from ppd_jax import cli_config
+from ppd_jax import cli_logging
 from ppd_jax import compile_cache
 from ppd_jax import config_validation
 from ppd_jax import distributed
@@ -32,10 +32,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
   compile_cache.setup()
   try:
     config_validation.prepare(config)  # before anything heavy starts

@@ -20,6 +20,7 @@ from ppd_jax import config_validation
 from ppd_jax import distributed
 from ppd_jax import metrics as metrics_lib
 from ppd_jax import preemption
+from ppd_jax import run_users
 from ppd_jax import sharding as shd
 from ppd_jax import state as state_lib
 from ppd_jax import step as step_lib
@@ -27,7 +28,7 @@ from ppd_jax import storage
 from ppd_jax import throughput as throughput_lib
 from ppd_jax import validation
 from ppd_jax.data import pipeline
-from ppd_jax.data import sources
+from ppd_jax import sources
 from ppd_jax.diffusion import schedules
 from ppd_jax.models import build_model
 
@@ -39,8 +40,9 @@ class NonFiniteError(RuntimeError):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
-                       allow_changed=()) -> step_lib.TrainState:
-  """Trains the user branch for config.total_steps steps; returns the final TrainState.
+                       allow_changed=()) -> step_lib.TrainState | None:
+  """Trains the user branch for config.total_steps steps; returns the final TrainState, or None
+  when the latest checkpoint is already at total_steps (or past it): nothing is built or run.
 
   allow_changed: config fields (or sections) a resumed run may change, e.g. ("optim.lr",).
   """
@@ -56,6 +58,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
   if resume_step is not None:   # before any expensive work
     for change in checkpointer.check_compatible(config, allow_changed=allow_changed):
       metrics_lib.log(f"resuming with a changed setting (allowed): {change}")
+    if resume_step >= config.total_steps:   # a rerun of a finished run: no model, no compile
+      metrics_lib.log(f"finished at step {resume_step} (total_steps {config.total_steps}); "
+                      f"nothing to do; raise --config.total_steps above {resume_step} to "
+                      "continue")
+      checkpointer.close()
+      return None
 
   mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
   model = build_model(config.model)
@@ -88,6 +96,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir,
       metrics_lib.log("warning: no held-out pairs of validation users; validation is off")
 
   _write_run_info(workdir, config, mesh, base_params, state.user_params)
+  if jax.process_index() == 0:   # the users sampling needs, kept beside checkpoints/
+    run_users.save(workdir, source, config)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   metrics_lib.log(f"{'resuming at' if start else 'starting'} step {start} of "
                   f"{config.total_steps}; mesh {dict(mesh.shape)}; {split}; workdir {workdir}")

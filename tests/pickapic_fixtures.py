@@ -6,7 +6,7 @@ import numpy as np
 import tiny_sd
 from configs import ppd
 from ppd_jax.data import make_pickapic
-from ppd_jax.users import store as store_lib
+from ppd_jax.data import user_store as store_lib
 
 
 def make_inputs(root: str, **generator_args) -> dict:

@@ -21,8 +21,51 @@ from ppd_jax.evals import win_rates
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("demo"))
-  results = pipeline.run_demo(ppd.get_config("demo_quick"), workdir, log=lambda _: None)
+  results = pipeline.run_demo(ppd.get_config("demo_quick"), workdir, log=_FIRST_LOG.append)
   return workdir, results
+
+
+_FIRST_LOG = []
+
+
+@pytest.fixture(scope="module")
+def demo_rerun(demo_run):
+  """The same command again on the finished demo: (its log, the trainer's lines, results)."""
+  from ppd_jax import metrics as metrics_lib
+  from ppd_jax import trainer
+  workdir, _ = demo_run
+  def refuse(*a, **k):
+    raise AssertionError("trained, built or evaluated again")
+  log, said = [], []
+  with pytest.MonkeyPatch.context() as mp:
+    for module, name in ((personalization, "evaluate"), (trainer.state_lib, "create_train_state"),
+                         (trainer.step_lib, "make_train_step")):
+      mp.setattr(module, name, refuse)
+    mp.setattr(metrics_lib, "log", said.append)
+    again = pipeline.run_demo(ppd.get_config("demo_quick"), workdir, log=log.append)
+  return log, said, again
+
+
+def test_a_rerun_redoes_nothing_and_prints_the_same_table(demo_run, demo_rerun):
+  workdir, results = demo_run
+  log, said, again = demo_rerun
+  assert again == results
+  table = personalization.format_table(results)
+  assert table in _FIRST_LOG and table in log
+  assert any("reusing it" in m for m in log), log
+  steps = ppd.get_config("demo_quick").total_steps
+  assert sum(f"finished at step {steps} (total_steps {steps}); nothing to do" in m
+             for m in said) == 2, said                      # the PPD run and the baseline
+  # What the kept results are bound to: another step or eval setting is not a match.
+  made_by = pipeline.evaluation_inputs(ppd.get_config("demo_quick"), workdir)
+  out = os.path.join(workdir, "eval")
+  assert pipeline.kept_results(out, made_by) == results
+  other_step = json.loads(json.dumps(made_by))
+  other_step["runs"]["ppd"]["step"] -= 1
+  other_eval = json.loads(json.dumps(made_by))
+  other_eval["eval"]["num_items"] += 1
+  assert pipeline.kept_results(out, other_step) is None
+  assert pipeline.kept_results(out, other_eval) is None
 
 
 def test_unseen_users_are_personalised_better_than_control(demo_run):

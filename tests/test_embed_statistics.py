@@ -14,7 +14,7 @@ from ppd_jax.data import make_pickapic
 from ppd_jax.data import pickapic
 from ppd_jax.users import embed_statistics
 from ppd_jax.users import fewshot
-from ppd_jax.users import store
+from ppd_jax.data import user_store as store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM, TOKENS, SIZE = 16, 4, 32          # dim 16: token features are fewshot.STATISTICS in order
@@ -177,7 +177,7 @@ def test_cli_writes_a_store(world):
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert done.returncode == 0, done.stderr
   assert f"{len(world['ids'])} users embedded, 0 skipped" in done.stdout
-  assert "users/vlm.py" in done.stdout
+  assert "python -m ppd_jax.users.embed " in done.stdout and "to come" not in done.stdout
   users = store.UserEmbeddingStore(out)
   np.testing.assert_array_equal(users.user_ids, world["ids"])
   assert (users.tokens, users.dim) == (TOKENS, DIM)

@@ -371,6 +371,9 @@ def test_export_cli_writes_the_ip_adapter_file(trained_run, tmp_path):
   assert (info["user_embed_dim"], info["user_tokens"], info["cross_attention_dim"]) == (
       e, c.model.user_tokens, d)
   assert info["step"] == 1 and info["variant"] == "tiny" and info["num_cross_attention_layers"] == 4
+  # what it prints is the JSON's script, for this run's workdir (test_sample.py runs it)
+  assert "\n".join(info["usage"]) in result.stdout
+  assert f"python -m ppd_jax.users.embedding --workdir={workdir} --user=ID" in result.stdout
   assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
@@ -378,3 +381,20 @@ def test_export_cli_names_a_missing_workdir(tmp_path):
   result = _cli(f"--workdir={tmp_path / 'nope'}", f"--out={tmp_path / 'out'}")
   assert result.returncode != 0 and "--workdir" in result.stderr and "nope" in result.stderr
   assert not (tmp_path / "nope").exists() and not (tmp_path / "out").exists()
+
+
+def test_sampling_page_shows_the_scripts_export_prints():
+  """docs/sampling.md's two scripts are usage_snippet's text for its example runs (the Stable
+  Diffusion one a pickapic_sd15 run, sampling with that config's sampler, steps and guidance)."""
+  from ppd_jax.weights import export_cascade
+  with open(os.path.join(ROOT, "docs", "sampling.md")) as f:
+    page = f.read()
+  sd = export.usage_snippet("adapter", "ip-adapter_ppd.safetensors", single_token=True,
+                            base="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                            workdir="runs/mine", sample=ppd.get_config("pickapic_sd15").sample)
+  cascade = export_cascade.usage_snippet(
+      "adapter", "ppd_cascade_user.safetensors", "stabilityai/stable-cascade-prior",
+      "prior_lite", "stabilityai/stable-cascade", decoder_subfolder="decoder_lite",
+      workdir="runs/mine")
+  for what, text in (("Stable Diffusion", sd), ("Stable Cascade", cascade)):
+    assert f"```python\n{text}```" in page, f"docs/sampling.md: the {what} script differs"

@@ -4,6 +4,8 @@ weights, for the prior pipeline's [cond; uncond] batch (user off in the second h
 without CFG, both projector layouts, and the refusals. The CLI export and the whole prior
 pipeline are in test_cascade_end_to_end.py."""
 import importlib.util
+import os
+import sys
 
 import jax
 import numpy as np
@@ -147,3 +149,31 @@ def test_state_dict_names_a_missing_or_misshaped_leaf(ported):
   block["to_v_user"] = {"kernel": v["kernel"][:, :8]}
   with pytest.raises(convert.WeightsError, match=r"wrong shape.*to_v_user/kernel \(32, 8\)"):
     export_cascade.cascade_state_dict(user, ported["cfg"])
+
+
+def test_printed_usage_runs_in_diffusers(tmp_path, monkeypatch):
+  """The script `python -m ppd_jax.export` prints for a Stable Cascade run (its JSON's "usage"),
+  run as printed on tiny prior and decoder folders, an exported user branch and a user.npy: the
+  decoder pipeline is built from its parts (diffusers 0.42.1's from_pretrained cannot resolve
+  PaellaVQModel), and it writes one PNG per prompt."""
+  import tiny_cascade_folders
+  prior = tiny_cascade_folders.save_prior(str(tmp_path / "prior"))
+  decoder = tiny_cascade_folders.save_decoder(str(tmp_path / "decoder"))
+  cfg = cascade.config_from_diffusers(tc.TINY_C, user_embed_dim=USER_DIM, user_tokens=1,
+                                      user_tokens_per_embedding=3)
+  rng = np.random.RandomState(7)
+  user = jax.tree.map(lambda a: 0.3 * rng.randn(*a.shape).astype(np.float32),
+                      pc.init_user_params(pc.PersonalizedCascade(cfg), jax.random.key(0)))
+  out, name = str(tmp_path / "export"), export_cascade.DEFAULT_WEIGHT_NAME
+  meta = export_cascade.export_metadata(
+      cfg, step=1, variant="test", base=prior, prior_subfolder="prior", decoder=decoder,
+      decoder_subfolder="decoder", weight_name=name, folder=out, workdir="runs/cascade")
+  export_cascade.save(out, name, export_cascade.cascade_state_dict(user, cfg), meta)
+  np.save(tmp_path / "user.npy", rng.randn(1, USER_DIM).astype(np.float32))
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, "path", list(sys.path))      # the script puts the export folder first
+  monkeypatch.delitem(sys.modules, "ppd_cascade", raising=False)
+  exec(compile("\n".join(meta["usage"]), "usage", "exec"), {})   # pylint: disable=exec-used
+  sys.modules.pop("ppd_cascade", None)
+  assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ppd_")) == [
+      "ppd_0.png", "ppd_1.png"]

@@ -151,7 +151,7 @@ def test_embed_reads_pairs_from_a_bucket_and_writes_its_store_there(bucket, tmp_
   """users.embed --pairs=gs://.../pairs.jsonl --out=gs://.../users.safetensors: the store, its
   responses and progress are in the bucket (no parts left), a rerun finds it complete."""
   from tiny_llava import save_tiny_llava
-  from ppd_jax.users import store as store_lib
+  from ppd_jax.data import user_store as store_lib
   model = save_tiny_llava(str(tmp_path / "tiny-llava"))
   _pairs_jsonl(bucket, "embed/")
   out = f"gs://{BUCKET}/embed/users.safetensors"

@@ -30,7 +30,7 @@ PROMPTS = ["a red circle", "a blue square", "a dark cat", "a small dog"]
 
 
 def _env(emulator, tmp_path) -> dict:
-  # XDG_CACHE_HOME: where a reward folder given as a URL is copied to (evals/rewards/remote.py)
+  # XDG_CACHE_HOME: where a reward folder given as a URL is copied to (rewards/remote.py)
   return {**emulator.client_env(), "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
           "XDG_CACHE_HOME": str(tmp_path / "cache"),
           "PPD_JAX_COMPILATION_CACHE": os.path.join(ROOT, ".jax_cache")}
@@ -67,7 +67,7 @@ def test_score_reads_images_and_weights_from_the_bucket_and_writes_there(bucket,
                                                                          tmp_path):
   """Images, their prompts.jsonl and the reward's weights in the bucket; the scores and the
   summary land there, equal to the reward called directly on the local files."""
-  from ppd_jax.evals.rewards import registry
+  from ppd_jax.rewards import registry
   model, floats = uploaded
   expected = registry.load("pickscore", model=model).score(floats, PROMPTS)
 
@@ -93,7 +93,7 @@ def test_score_reads_images_and_weights_from_the_bucket_and_writes_there(bucket,
 def test_the_aesthetic_head_is_read_from_the_bucket(bucket, uploaded, tmp_path):
   """--aesthetic_head=gs://.../head.safetensors (storage.load_safetensors), --model=gs://..."""
   pytest.importorskip("torch")
-  from ppd_jax.evals.rewards import registry
+  from ppd_jax.rewards import registry
   import safetensors.numpy
   model, floats = uploaded
   layers = tiny_clip.aesthetic_head(str(tmp_path / "head.pth"))

@@ -11,7 +11,7 @@ from ppd_jax import images as image_io
 from ppd_jax import inference
 from ppd_jax.evals import interpolate
 from ppd_jax.evals import prompt_sets
-from ppd_jax.evals.rewards import hidden
+from ppd_jax.rewards import hidden
 
 def as_png(x):
   """What saving to PNG and reading back does to [-1, 1] images."""
@@ -39,10 +39,45 @@ def test_barycentric_grid_weights():
 
 def test_monotone():
   assert interpolate.monotone([0.1, 0.2, 0.2, 0.5]) == "increasing"
-  assert interpolate.monotone([0.5, 0.3, 0.31, 0.1], tolerance=0.02) == "decreasing"
-  assert interpolate.monotone([0.5, 0.3, 0.31, 0.1]) is None
   assert interpolate.monotone([0.1, 0.4, 0.2]) is None
   assert interpolate.monotone([0.2, 0.2]) is None
+  # A step back is weighed against the curve's range: 0.01 back on a range of 0.4 is 2.5% of it.
+  wobble = [0.5, 0.3, 0.31, 0.1]
+  assert interpolate.monotone(wobble) is None
+  assert interpolate.monotone(wobble, tolerance=0.05) == "decreasing"
+  assert interpolate.monotone(wobble, tolerance=0.02) is None
+  # ...so the verdict is the same in any units and offset (CLIP logits in the tens, [0, 1]).
+  for k, b in ((1e-3, 0.0), (100.0, 20.0)):
+    assert interpolate.monotone([k * v + b for v in wobble], tolerance=0.05) == "decreasing"
+    assert interpolate.monotone([k * v + b for v in wobble], tolerance=0.02) is None
+  # A fixed unit instead (the multireward demo's standardised rewards): tolerance * scale.
+  assert interpolate.monotone(wobble, tolerance=0.02, scale=1.0) == "decreasing"
+  assert interpolate.monotone([100 * v for v in wobble], tolerance=0.02, scale=1.0) is None
+
+
+def test_the_edge_plot_shares_one_axis(tmp_path, monkeypatch):
+  """Each reward is scaled over the points of every edge, not per panel: the same value sits at
+  the same height in every panel, and the axis says how it is scaled."""
+  from PIL import ImageDraw
+  from ppd_jax.evals import plots
+  curves = [{"from": "a", "to": "b", "t": [0.0, 0.5, 1.0],
+             "means": {"a": [1.0, 0.5, 0.0], "b": [20.0, 25.0, 30.0]}},
+            {"from": "b", "to": "a", "t": [0.0, 0.5, 1.0],
+             "means": {"a": [0.0, 0.2, 0.5], "b": [30.0, 28.0, 25.0]}}]
+  assert plots.edge_scales(curves, ["a", "b"]) == {"a": (0.0, 1.0), "b": (20.0, 10.0)}
+  dots, texts = [], []
+  real_ellipse, real_text = ImageDraw.ImageDraw.ellipse, ImageDraw.ImageDraw.text
+  monkeypatch.setattr(ImageDraw.ImageDraw, "ellipse",
+                      lambda self, xy, **k: (dots.append(xy), real_ellipse(self, xy, **k)))
+  monkeypatch.setattr(ImageDraw.ImageDraw, "text",
+                      lambda self, xy, t, **k: (texts.append(t), real_text(self, xy, t, **k)))
+  plots.edge_curves(curves, ["a", "b"], str(tmp_path / "edges.png"))
+  height = lambda i: (dots[i][1] + dots[i][3]) / 2
+  # dots: panel 0 a (0-2), b (3-5); panel 1 a (6-8), b (9-11).
+  assert height(2) == height(6) and height(1) == height(8)     # a = 0 twice, a = 0.5 twice
+  assert height(4) == height(11) and height(5) == height(9)    # b = 25 twice, b = 30 twice
+  assert height(0) == height(5)            # each reward's own max at the top: a 1.0, b 30
+  assert texts.count(plots.EDGE_Y_LABEL) == 2
 
 
 def test_grid_and_edges_on_a_trained_run(tiny_trained_run, tmp_path, monkeypatch):
@@ -125,7 +160,7 @@ def test_the_command_line_end_to_end(tiny_trained_run, tmp_path):
   import subprocess
   import sys
   import tiny_clip
-  from ppd_jax.evals.rewards import registry
+  from ppd_jax.rewards import registry
   model = str(tmp_path / "clip")
   tiny_clip.save_clip(model)
   (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")

@@ -500,6 +500,19 @@ def test_verdict_from_the_text_or_from_the_logprobs(tmp_path, monkeypatch):
     _api(stub, cache, verdict_from="soft")
 
 
+@pytest.mark.parametrize("command", ["winrate", "judge_agreement"])
+def test_the_judge_flags_are_in_help(command):
+  """--help lists the judge's flags (defined in judge_backends.py, adopted by the command)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, "-m", f"ppd_jax.evals.{command}", "--help"], cwd=root,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert "flags:" in done.stdout, done.stderr[-2000:]     # (absl's --help exits 1)
+  for flag in ("--judge:", "--judge_model:", "--base_url:", "--key_env:", "--[no]cot:",
+               "--verdict_from:", "--judge_temperature:", "--judge_batch:"):
+    assert flag in done.stdout, (flag, done.stdout[-2000:])
+
+
 def test_judge_flags_default_to_the_papers_protocol(tmp_path):
   from absl import flags
   from ppd_jax.evals import judge_backends

@@ -356,3 +356,11 @@ def test_remat_gradients_match():
   assert max(jax.tree.leaves(jax.tree.map(_max_err, plain, rematted))) <= 1e-6
   _, user_grads = models.split_params(plain[0])
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(user_grads))
+
+
+def test_an_unknown_model_family_is_named():
+  """models/family.py is the one place that picks the family: a misspelt one is refused by name,
+  never built as a UNet."""
+  from ppd_jax.models import family
+  with pytest.raises(ValueError, match=r"config.model.family.*'unte'"):
+    family.build_model({"family": "unte"})

@@ -1,6 +1,6 @@
 """Section 5.1 on a laptop (ppd_jax.demo.multireward, demo_world/synthetic_reward_users.py):
 the reward users' labels against the rewards written out here, their partial conflict, their
-embeddings, the rows' configs, and the whole experiment at test size with the claims the README
+embeddings, the rows' configs, and the whole experiment at test size with the claims docs/table1.md
 makes."""
 import os
 
@@ -114,8 +114,8 @@ FIGURES = "<!-- figures: demo_multireward_quick -->"
 
 
 def readme_figures() -> dict:
-  """The README's test-size table (after the FIGURES marker): {row: {reward: mean}}."""
-  readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+  """docs/table1.md's test-size table (after the FIGURES marker): {row: {reward: mean}}."""
+  readme = os.path.join(os.path.dirname(__file__), "..", "docs", "table1.md")
   with open(readme, encoding="utf-8") as f:
     block = f.read().split(FIGURES, 1)[1].strip().split("\n\n", 1)[0]
   lines = [line.strip().strip("|").split("|") for line in block.splitlines()]
@@ -125,9 +125,9 @@ def readme_figures() -> dict:
 
 
 def test_the_experiment_at_test_size(experiment, monkeypatch):
-  """The claims the README makes for the laptop experiment, at test size, and the README's own
+  """The claims docs/table1.md makes for the laptop experiment, at test size, and its own
   test-size figures: training and evaluation are deterministic on a CPU, so a change that moves
-  a figure fails here until the README is re-measured."""
+  a figure fails here until the page is re-measured."""
   workdir, results = experiment
   t, rewards = results["table"], ("vivid", "airy", "contrast")
   printed = readme_figures()

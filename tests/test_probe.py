@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ppd_jax.users import probe
-from ppd_jax.users import store
+from ppd_jax.data import user_store as store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F = 32

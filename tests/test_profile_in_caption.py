@@ -14,8 +14,8 @@ from ppd_jax.data import pickapic_source
 from ppd_jax.data import precompute
 from ppd_jax.data import profile_text
 from ppd_jax.data import shards
-from ppd_jax.users import profile_caption
-from ppd_jax.users import store as store_lib
+from ppd_jax.data import profile_caption
+from ppd_jax.data import user_store as store_lib
 
 _F16 = dict(rtol=2e-3, atol=2e-3)      # float16 storage of values of order one
 

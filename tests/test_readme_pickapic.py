@@ -1,7 +1,8 @@
-"""The README's Pick-a-Pic sequence runs exactly as written: make the smoke data, precompute,
+"""docs/pickapic.md's Pick-a-Pic sequence runs exactly as written: make the smoke data, precompute,
 embed the users with LLaVA-OneVision (its defaults: sampled decoding, every layer), train with
 the pickapic_sd15 variant, which takes the embedding's shape from the store. Only the two model
 paths are replaced, by a tiny diffusers folder and a tiny random LLaVA-OneVision."""
+import json
 import os
 import shlex
 import subprocess
@@ -16,12 +17,11 @@ VLM_PLACEHOLDER = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 
 
 def readme_commands() -> list[str]:
-  """The command block of the README's "Pick-a-Pic v2: real users" section, one per command."""
-  with open(os.path.join(ROOT, "README.md")) as f:
+  """The first command block of docs/pickapic.md, one entry per command."""
+  with open(os.path.join(ROOT, "docs", "pickapic.md")) as f:
     text = f.read()
-  section = text[text.index("## Pick-a-Pic v2: real users"):]
-  start = section.index("    python -m ppd_jax.data.make_pickapic")
-  block = section[start:section.index("\n\n", start)].replace("\\\n", " ")
+  start = text.index("```bash\n") + len("```bash\n")
+  block = text[start:text.index("```", start)].replace("\\\n", " ")
   return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
@@ -47,6 +47,24 @@ def test_readme_pickapic_sequence_runs_as_written(tmp_path):
     assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
   log = done.stdout
   assert "step 20/20" in log, log[-2000:]
-  # The smoke data's 12 users leave the 5% validation split empty: said, not a failure.
-  assert "no held-out pairs of validation users; validation is off" in log
+  # The smoke data's validation split has a user with held-out pairs: validation runs.
+  assert "step 20: validation loss" in log, log[-2000:]
   assert os.path.isdir(work / "runs" / "pickapic" / "checkpoints" / "20")
+
+  # Table 1 (docs/table1.md) on the smoke run: the test split's captions as the prompts, the
+  # validation split's as the selection set, a tiny CLIP as the reward, a store user as its user.
+  import tiny_clip
+  from ppd_jax.data import user_store
+  clip = str(tmp_path / "models" / "tiny-clip")
+  tiny_clip.save_clip(clip)
+  uid = int(user_store.UserEmbeddingStore(str(work / "users.safetensors")).users[0])
+  done = subprocess.run(
+      [sys.executable, "-m", "ppd_jax.evals.table1", "--out=table1",
+       "--prompts=pickapic:shards/sd15:test", "--val_prompts=pickapic:shards/sd15",
+       "--num_prompts=2", "--chunk=2", "--rewards=clip_h14", f"--model=clip_h14={clip}",
+       "--run=base=runs/pickapic", "--run=ppd=runs/pickapic", f"--reward_user=clip_h14={uid}"],
+      cwd=work, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  table = json.loads((work / "table1" / "table1.json").read_text())
+  assert set(table["rows"]) == {"base", "ppd"}
+  assert table["rows"]["ppd"]["clip_h14"]["n"] == 2

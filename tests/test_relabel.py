@@ -18,8 +18,8 @@ from ppd_jax.data import precompute
 from ppd_jax.data import relabel
 from ppd_jax.data import reward_users
 from ppd_jax.data import shards
-from ppd_jax.evals.rewards import preprocess
-from ppd_jax.users import store as store_lib
+from ppd_jax.rewards import preprocess
+from ppd_jax.data import user_store as store_lib
 
 
 class ChannelReward:
@@ -231,7 +231,7 @@ def test_the_command_line_with_a_real_clip_reward(folders, tmp_path):
   import subprocess
   import sys
   import tiny_clip
-  from ppd_jax.evals.rewards import registry
+  from ppd_jax.rewards import registry
   model = str(tmp_path / "clip")
   tiny_clip.save_clip(model)
   out = str(tmp_path / "relabel")

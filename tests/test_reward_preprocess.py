@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ppd_jax.evals.rewards import preprocess
+from ppd_jax.rewards import preprocess
 from ppd_jax.images import save_png
 
 transformers = pytest.importorskip("transformers")

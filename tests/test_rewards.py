@@ -11,8 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 import tiny_clip  # noqa: E402
 from ppd_jax import images as image_io  # noqa: E402
-from ppd_jax.evals.rewards import hidden  # noqa: E402
-from ppd_jax.evals.rewards import registry  # noqa: E402
+from ppd_jax.rewards import hidden  # noqa: E402
+from ppd_jax.rewards import registry  # noqa: E402
 
 PROMPTS = ["a red circle", "a big blue square", "a red circle", "photo of a dark cat",
            "a small green triangle", "a red circle", "a bright yellow dog", "an orange square",
@@ -187,7 +187,7 @@ def test_open_clip_rewards_tokenise_as_open_clip():
   HTML entities (also where a "<" stops ftfy unescaping them), whitespace runs, mojibake and a
   prompt past 77 tokens; transformers' tokenizer alone differs on them (so the cleaning is what
   makes them equal)."""
-  from ppd_jax.evals.rewards import clip_similarity
+  from ppd_jax.rewards import clip_similarity
   oc = _open_clip_tokenizer_module()
   reference, tok = oc.SimpleTokenizer(), _clip_bpe_in_transformers(oc)
   texts = ["a cat’s hat on Tom’s “red” chair", "Tom &amp; Jerry &lt;3", "a   red\t\n circle  ",

@@ -15,7 +15,7 @@ from ppd_jax import images as image_io  # noqa: E402
 from ppd_jax.evals import score  # noqa: E402
 from ppd_jax.evals import score_files  # noqa: E402
 from ppd_jax.evals import stats  # noqa: E402
-from ppd_jax.evals.rewards import registry  # noqa: E402
+from ppd_jax.rewards import registry  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a dark cat", "a red circle", "a small dog",
            "a big green triangle", "an orange square"]

@@ -62,7 +62,7 @@ def test_sample_cli_decodes_through_the_vae(trained, tmp_path):
   _cli("ppd_jax.sample", f"--workdir={workdir}", f"--out={out}", "--prompt=a red circle",
        "--user=1", "--num_steps=3", "--sampler=euler")
   files = sorted(os.listdir(out))
-  assert files == ["a-red-circle_1x1_s0_0.png", "prompts.jsonl"]
+  assert files == ["a-red-circle_1x1_scale1_cfg7.5_euler3_ckpt3_s0_0.png", "prompts.jsonl"]
   assert Image.open(out / files[0]).size == (16, 16)   # 8x8 latents, VAE factor 2
 
 

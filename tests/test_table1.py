@@ -11,7 +11,7 @@ from ppd_jax import inference
 from ppd_jax.evals import image_sets
 from ppd_jax.evals import prompt_sets
 from ppd_jax.evals import table1
-from ppd_jax.evals.rewards import hidden
+from ppd_jax.rewards import hidden
 
 PROMPTS = [prompt_sets.Prompt(t) for t in ("a red circle", "a blue square", "a big triangle",
                                            "a small green circle", "a dark square")]
@@ -202,6 +202,10 @@ def test_the_command_line(workdir, tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   table = json.load(open(out / "table1.json"))
   assert set(table["rows"]) == {"ppd"} and table["rows"]["ppd"]["clip_h14"]["n"] == 2
+  # Readable output: no Orbax INFO line (cli_logging.py), our own INFO line kept.
+  from test_cli_logging import orbax_info_lines
+  assert not orbax_info_lines(done.stderr), orbax_info_lines(done.stderr)[:5]
+  assert "restored checkpoint at step 4" in done.stderr, done.stderr[-2000:]
 
 
 def test_reward_users_are_found_by_name_whatever_the_order(workdir, tmp_path, monkeypatch):

@@ -56,6 +56,23 @@ def test_resume_equals_uninterrupted(straight_run, tmp_path):
         k: v for k, v in rb.items() if k not in _TIMING}
 
 
+def test_a_finished_run_says_so_and_builds_nothing(straight_run, monkeypatch, capsys):
+  """Rerunning a run whose latest checkpoint is at total_steps (or past it) prints one line and
+  returns before any model, state or compile; the folder is left as it was."""
+  workdir, _ = straight_run
+  def refuse(*a, **k):
+    raise AssertionError("built or compiled")
+  monkeypatch.setattr(trainer.state_lib, "create_train_state", refuse)
+  monkeypatch.setattr(trainer.step_lib, "make_train_step", refuse)
+  before = sorted(os.listdir(workdir)), _rows(workdir)
+  for total in (6, 4):
+    assert trainer.train_and_evaluate(_tiny(total), workdir) is None
+    out = capsys.readouterr().out
+    assert f"finished at step 6 (total_steps {total}); nothing to do; raise " \
+           "--config.total_steps above 6 to continue" in out, out
+  assert (sorted(os.listdir(workdir)), _rows(workdir)) == before
+
+
 def test_run_folder_layout(straight_run):
   workdir, _ = straight_run
   rows = _rows(workdir)

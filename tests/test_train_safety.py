@@ -16,7 +16,7 @@ import tiny_runs
 
 from ppd_jax import checkpoint as ckpt_lib
 from ppd_jax import trainer
-from ppd_jax.data import sources
+from ppd_jax import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,9 +9,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from ppd_jax.users import merge
-from ppd_jax.users import store as store_lib
-from ppd_jax.users import store_file
-from ppd_jax.users.store import StoreError, UserEmbeddingStore, write_store
+from ppd_jax.data import user_store as store_lib
+from ppd_jax.data import user_store_file as store_file
+from ppd_jax.data.user_store import StoreError, UserEmbeddingStore, write_store
 
 
 def random_users(n=7, tokens=3, dim=5, dtype=np.float32, seed=0):

@@ -18,7 +18,7 @@ from ppd_jax.users import embed
 from ppd_jax.users import prompts
 from ppd_jax.users import shots
 from ppd_jax.users import merge
-from ppd_jax.users import store as store_lib
+from ppd_jax.data import user_store as store_lib
 from ppd_jax.users import vlm as vlm_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,10 +178,16 @@ def test_last_layer_mode_is_the_last_row_of_all_layers(world):
 
 def test_killed_run_resumes_into_the_same_store(world):
   opts = dict(decoding=SAMPLED, batch_size=1, samples=3)
-  whole = _run(world, "whole.safetensors", **opts)
-  # 902 has 4 pairs: a single 4-subset, so a single sample.
+  logged = []
+  whole = embed.run(_options(world, "whole.safetensors", **opts), vlm=world["vlm"],
+                    log=logged.append)
+  # 902 has 4 pairs: a single 4-subset, so a single sample; the run says so, and counts it.
   per_user = [whole.samples[whole.rows_of(u)].tolist() for u in (-4, 11, 902)]
   assert per_user == [[0, 1, 2], [0, 1, 2], [0]]
+  said = [m for m in logged if "fewer distinct 4-pair subsets than --samples=3" in m]
+  assert len(said) == 1 and "user 902 1" in said[0] and "user 11" not in said[0], logged
+  report = whole.source["report"]
+  assert report["users_short_of_samples"] == 1 and report["short_of_samples"] == {"902": 1}
 
   class Killed(Exception):
     pass
@@ -279,7 +285,7 @@ def test_a_new_user_is_embedded_as_the_stores_users_were(world, tmp_path):
   path = tmp_path / "four.json"
   path.write_text(json.dumps(mine))
   config = ml_collections.ConfigDict({"data": {"source": "pickapic", "fewshot": 4}})
-  run = SimpleNamespace(config=config, source=SimpleNamespace(store=store))
+  run = SimpleNamespace(config=config, users=SimpleNamespace(store=store))
   emb, profile = new_user.embed_new_user(run, str(path), log=lambda _: None)
   assert store.shot_ids[store.rows_of(11)[0]].tolist() == source.candidates(11)[:4]
   np.testing.assert_allclose(emb, store[11], atol=2e-5)
@@ -287,7 +293,7 @@ def test_a_new_user_is_embedded_as_the_stores_users_were(world, tmp_path):
 
   other = tmp_path / "other.safetensors"
   store_lib.write_store(other, [1], np.ones((1, 3, 32)), source={"embedder": "statistics"})
-  run.source.store = store_lib.UserEmbeddingStore(other)
+  run.users.store = store_lib.UserEmbeddingStore(other)
   with pytest.raises(ValueError, match="not made by the VLM extraction"):
     new_user.embed_new_user(run, str(path))
 

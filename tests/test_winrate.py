@@ -13,7 +13,7 @@ from ppd_jax.evals import judge_synthetic
 from ppd_jax.evals import stats
 from ppd_jax.evals import win_rates
 from ppd_jax.evals import winrate
-from ppd_jax.evals.rewards import hidden
+from ppd_jax.rewards import hidden
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ Layout (yuvalkirstain/pickapic_v2): one row per pair shown to a user: `caption`,
 Each user has a hidden taste (brighter / darker images, bigger / smaller object; in opposed
 couples, so no taste is the majority's) and labels its clear pairs by it, so the data is learnable.
 
-  python -m ppd_jax.data.make_pickapic --out=DIR [--users=12 --files=3 --seed=0 ...]
+  python -m ppd_jax.data.make_pickapic --out=DIR [--users=24 --files=3 --seed=0 ...]
 """
 import colorsys
 import io
@@ -31,6 +31,8 @@ from absl import app
 from absl import flags
 from PIL import Image
 from PIL import ImageDraw
+
+from ppd_jax import cli_logging
 
 SCHEMA = pa.schema([
     ("are_different", pa.bool_()), ("best_image_uid", pa.string()), ("caption", pa.string()),
@@ -276,7 +278,9 @@ def _write_bad_schema(path: str, captions, sizes, seed: int) -> None:
 def _define_flags() -> None:
   """Defined only when run as a script: readers import this module next to other CLIs' flags."""
   flags.DEFINE_string("out", None, "folder to write the parquet files into")
-  flags.DEFINE_integer("users", 12, "number of users")
+  flags.DEFINE_integer("users", 24, "number of users (24: the training config's 5% validation "
+                       "and 10% test splits each get a user with held-out pairs, so validation "
+                       "and Table 1's pickapic:SHARDS prompts run on the default data)")
   flags.DEFINE_integer("files", 3, "number of train-*.parquet files")
   flags.DEFINE_integer("min_pairs", 2, "fewest rows a user labels")
   flags.DEFINE_integer("max_pairs", 10, "most rows a user labels")
@@ -289,6 +293,7 @@ def _define_flags() -> None:
 
 
 def _main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS

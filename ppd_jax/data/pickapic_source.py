@@ -2,7 +2,7 @@
 
 A record is read by random access from the split's ArrayRecord shards (data/shards.py), its text
 conditioning from the caption store and its user embedding from the user-embedding store
-(users/store.py), so each is stored once however many pairs share it. Which records exist and
+(data/user_store.py), so each is stored once however many pairs share it. Which records exist and
 whose they are comes from records-{split}.npz, so the join is checked before training starts: a
 pair whose user has no embedding is an error naming them, or, with
 data.missing_user_embeddings = "drop", left out (and counted). A pair whose caption's text
@@ -36,7 +36,7 @@ from ppd_jax.data import pickapic
 from ppd_jax.data import records as records_lib
 from ppd_jax.data import reward_users
 from ppd_jax.data import shards
-from ppd_jax.users import store as store_lib
+from ppd_jax.data import user_store as store_lib
 
 
 class MissingUserEmbeddings(ValueError):

@@ -3,6 +3,10 @@
   python -m ppd_jax.data.precompute --config=configs/ppd.py:pickapic_sd15 \
       --input=PARQUET_DIR --output=SHARD_DIR
 
+--input may also be an own JSONL/CSV/parquet table (docs/own_data.md, --columns for other column
+names): data/table_convert.py first copies its good rows into Pick-a-Pic's layout under
+SHARD_DIR/table/, and everything below runs on that copy.
+
 Work is cut into units, each done or not: one text chunk (`data.text_chunk` unique captions through
 the text encoder(s)) or one input file (both images of its pairs through the VAE, one shard per
 split). Process p of P does units p, p + P, ...; within a process the VAE batch is split over all
@@ -18,7 +22,7 @@ its done-file; the manifest lists them (text.nonfinite), counts the pairs using 
 ("non-finite text"), and the loader (data/pickapic_source.py) leaves those pairs out.
 
 With config.data.profile_in_caption on (the caption-augmentation baseline), the text units encode
-each pair's caption joined with its user's profile text (users/profile_caption.py) instead of the
+each pair's caption joined with its user's profile text (data/profile_caption.py) instead of the
 plain captions, and each record's caption_id points at that joined text.
 
 --input may be a URL (gs://...): the parquet files are read in place (data/pickapic.py). --output
@@ -35,6 +39,7 @@ import jax
 import numpy as np
 
 from ppd_jax import backbones
+from ppd_jax import cli_logging
 from ppd_jax import compile_cache
 from ppd_jax import metrics
 from ppd_jax import storage
@@ -44,6 +49,7 @@ from ppd_jax.data import pickapic
 from ppd_jax.data import profile_text
 from ppd_jax.data import records
 from ppd_jax.data import shards
+from ppd_jax.data import table_convert
 from ppd_jax.data import text_units
 
 class Progress:
@@ -118,8 +124,10 @@ def _check_settings(output: str, settings: dict) -> None:
     shards.write_json(path, settings)
 
 
-def _load_or_build_index(output: str, input_path: str, d, log) -> pickapic.PickapicIndex:
-  """The index saved in `output` if it was made from these files with these parameters."""
+def _load_or_build_index(output: str, input_path: str, d, log,
+                         table_report=None) -> pickapic.PickapicIndex:
+  """The index saved in `output` if it was made from these files with these parameters.
+  table_report: an own table's conversion report (data/table_convert.py), kept in the index."""
   folder = os.path.join(output, "index")
   params = {"fewshot": d.fewshot, "validation_fraction": d.validation_fraction,
             "test_fraction": d.test_fraction, "seed": d.split_seed}
@@ -138,6 +146,8 @@ def _load_or_build_index(output: str, input_path: str, d, log) -> pickapic.Picka
   index = pickapic.build_index(input_path, fewshot=d.fewshot,
                                validation_fraction=d.validation_fraction,
                                test_fraction=d.test_fraction, seed=d.split_seed, log=log)
+  if table_report is not None:
+    index.report["table"] = table_report
   if jax.process_index() == 0 and not os.path.exists(os.path.join(folder, "index.json")):
     index.save(folder)
   return index
@@ -289,15 +299,17 @@ def local_output(output: str) -> str:
 
 def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
         backbone=None, after_unit=None, process_index: int | None = None,
-        process_count: int | None = None) -> dict | None:
+        process_count: int | None = None, columns: str | None = None) -> dict | None:
   """Makes (or finishes) the shard folder; returns the manifest once every unit is done.
 
   process_index / process_count: this process's share of the units (default: JAX's, so a
   jax.distributed launch splits the work; independent jobs, e.g. a SLURM array, pass them).
   after_unit(name): called after each finished unit (tests use it to stop a run midway).
+  columns: --columns, the mapping of an own table's column names (data/table_rows.py).
   """
   from ppd_jax import config_validation
   output = local_output(output)
+  table = table_convert.check(input_path, columns)      # None: Pick-a-Pic's parquet layout
   config_validation.prepare(config, stage="precompute")
   d = config.data
   if backbone is None:
@@ -311,7 +323,10 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
   store = profile_text.profile_store(config)
   settings = settings_of(config, backbone, store)
   _check_settings(output, settings)
-  index = _load_or_build_index(output, input_path, d, log)
+  table_report = None
+  if table is not None:          # own tables -> Pick-a-Pic's layout in output/table, once
+    input_path, table_report = table_convert.convert(table, output, log)
+  index = _load_or_build_index(output, input_path, d, log, table_report)
   texts, text_ids = profile_text.text_table(index, store)
 
   p = jax.process_index() if process_index is None else process_index
@@ -361,6 +376,7 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import app
   from absl import flags
   from ppd_jax import distributed
@@ -374,7 +390,7 @@ def main(argv):
   prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
   try:
     run(config, f.input, f.output, verify=f.verify, log=lambda m: print(prefix + m, flush=True),
-        process_index=f.task_index, process_count=f.task_count)
+        process_index=f.task_index, process_count=f.task_count, columns=f.columns)
   except (config_validation.ConfigError, pickapic.PickapicError, shards.ShardsError,
           storage.StorageError, ValueError) as e:
     sys.exit(f"ppd_jax.data.precompute: {e}")
@@ -385,7 +401,10 @@ if __name__ == "__main__":
   from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "configs/ppd.py:VARIANT", lock_config=True)
-  flags.DEFINE_string("input", None, "Pick-a-Pic v2 parquet folder (or glob, or one file)")
+  flags.DEFINE_string("input", None, "Pick-a-Pic v2 parquet, or your own JSONL/CSV/parquet "
+                      "table (docs/own_data.md): a folder, a glob or one file")
+  flags.DEFINE_string("columns", None, "an own table's column names, as NAME=COLUMN,...; "
+                      "NAME is one of user_id, caption, image_0, image_1, preferred, tie")
   flags.DEFINE_string("output", None, "shard folder to make (a rerun resumes it)")
   flags.DEFINE_bool("verify", True, "re-check the checksums of finished units on a rerun")
   flags.DEFINE_integer("task_index", None, "this job's share of the units, for independent jobs "

@@ -1,6 +1,6 @@
 """What the text units of data/precompute.py encode: the index's captions, or with
 config.data.profile_in_caption (the caption-augmentation baseline) each pair's caption joined with
-its user's profile text (users/profile_caption.py), and a fingerprint of the profiles used.
+its user's profile text (data/profile_caption.py), and a fingerprint of the profiles used.
 """
 import hashlib
 import json
@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-from ppd_jax.users import profile_caption
-from ppd_jax.users import store as store_lib
+from ppd_jax.data import profile_caption
+from ppd_jax.data import user_store as store_lib
 
 
 def profile_store(config) -> store_lib.UserEmbeddingStore | None:

@@ -22,13 +22,14 @@ import os
 import numpy as np
 from PIL import Image
 
+from ppd_jax import cli_logging
 from ppd_jax import storage
 from ppd_jax.data import pickapic
 from ppd_jax.data import precompute
 from ppd_jax.data import shards
+from ppd_jax.data.reward_scores import SPLITS, read_scores  # noqa: F401  (the score table)
 
 PAPER_REWARDS = ("clip_h14", "aesthetic", "hps_v2")   # CLIP, Aesthetic, HPS: Table 1's columns
-SPLITS = ("train", "validation")
 CHUNK = 512                                            # pairs read and scored at a time
 
 
@@ -89,7 +90,7 @@ def run(shard_dir: str, out: str, rewards: dict, settings: dict, *, log=print,
         process_index: int = 0, process_count: int = 1, after_unit=None) -> None:
   """Scores every (reward, file) unit this process owns that is not done yet.
 
-  rewards: name -> Reward (evals/rewards); settings: name -> what identifies its weights.
+  rewards: name -> Reward (rewards/); settings: name -> what identifies its weights.
   """
   positions = record_pairs(shard_dir)
   index = pickapic.PickapicIndex.load(os.path.join(shard_dir, "index"))
@@ -128,18 +129,6 @@ def run(shard_dir: str, out: str, rewards: dict, settings: dict, *, log=print,
   progress.add(0, force=True)
 
 
-def read_scores(out: str, reward: str) -> tuple[np.ndarray, np.ndarray]:
-  """(pair positions [P], scores [P, 2]) of one reward, every file's units together."""
-  folder = storage.path(os.path.join(out, "scores", reward))
-  if not folder.is_dir():
-    raise shards.ShardsError(f"{out}: no scores for reward {reward!r} (run "
-                             "python -m ppd_jax.data.relabel with it)")
-  parts = [shards.read_npz(os.fspath(folder / name))
-           for name in sorted(p.name for p in folder.iterdir()) if name.endswith(".npz")]
-  pairs = np.concatenate([p["pair"] for p in parts])
-  return pairs, np.concatenate([p["score"] for p in parts])
-
-
 def all_done(shard_dir: str, out: str, rewards) -> bool:
   index = pickapic.PickapicIndex.load(os.path.join(shard_dir, "index"))
   files = np.unique(index.pairs["file_id"][record_pairs(shard_dir)])
@@ -158,10 +147,11 @@ def _parse_models(values) -> dict:
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   import sys
   from absl import flags
   from ppd_jax.data import reward_users
-  from ppd_jax.evals.rewards import registry
+  from ppd_jax.rewards import registry
   from ppd_jax.weights import convert
   from ppd_jax.weights import hf_folder
   del argv

@@ -20,7 +20,7 @@ import numpy as np
 
 from ppd_jax import storage
 from ppd_jax.data import pickapic
-from ppd_jax.data import relabel
+from ppd_jax.data import reward_scores
 from ppd_jax.data import shards
 
 ASSIGN = ("hash", "all")
@@ -73,11 +73,11 @@ def build(shard_dir: str, out: str, rewards: list[str], min_margin: float = 0.0,
   index = pickapic.PickapicIndex.load(os.path.join(shard_dir, "index"))
   by_reward = {}
   for name in rewards:
-    pairs, scores = relabel.read_scores(out, name)
+    pairs, scores = reward_scores.read_scores(out, name)
     by_reward[name] = dict(zip(pairs.tolist(), scores))
   summary = {"shards": os.fspath(storage.path(shard_dir)), "rewards": list(rewards), "user_ids": {n: user_id(k) for k, n in enumerate(rewards)},
              "min_margin": min_margin, "assign": assign, "seed": seed, "counts": {}}
-  for split in relabel.SPLITS:
+  for split in reward_scores.SPLITS:
     path = os.path.join(shard_dir, f"records-{split}.npz")
     if not storage.exists(path):
       continue

@@ -9,10 +9,10 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from ppd_jax import checkpoint
 from ppd_jax import cli_config
+from ppd_jax import cli_logging
 from ppd_jax import compile_cache
 from ppd_jax import config_validation
 from ppd_jax.demo import pipeline
@@ -22,9 +22,9 @@ flags.DEFINE_string("workdir", "runs/demo", "run folder: ppd/, dpo_baseline/, ev
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
   compile_cache.setup()   # before any compile: reuse the last run's compiles
   workdir = os.path.abspath(flags.FLAGS.workdir)
   try:

@@ -20,13 +20,14 @@ import time
 import ml_collections
 
 from configs import common
+from ppd_jax import cli_logging
 from ppd_jax import metrics as metrics_lib
 
 ROWS = ("ppd", "diffusion_dpo", "sft")            # then dpo_<reward> per reward user
 # The claims (README, tests/test_multireward_demo.py): PPD's gain over the base on each reward is
 # at least this share of that reward's single-reward DPO gain, and along every edge the two end
 # rewards move monotonically, no step going back by more than EDGE_TOLERANCE (the rewards are
-# standardised over the pool: a tenth of their spread).
+# standardised over the pool, so the unit is fixed, tolerance_scale=1: a tenth of their spread).
 UPPER_BOUND_SHARE = 1 / 3
 EDGE_TOLERANCE = 0.1
 
@@ -62,14 +63,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=metrics_lib.log) ->
   from ppd_jax import config_validation
   from ppd_jax import inference
   from ppd_jax import trainer
-  from ppd_jax.data import sources
+  from ppd_jax import sources
   from ppd_jax.demo_world import synthetic
   from ppd_jax.evals import interpolate
   from ppd_jax.evals import prompt_sets
   from ppd_jax.evals import reward_user_ids
   from ppd_jax.evals import score_files
   from ppd_jax.evals import table1
-  from ppd_jax.evals.rewards import hidden
+  from ppd_jax.rewards import hidden
   start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   if config.data.source != "synthetic_rewards":
@@ -105,8 +106,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=metrics_lib.log) ->
   curves = interpolate.run_all(ppd, embeddings, names, rewards, captions[0], edge_prompts,
                                os.path.join(workdir, "interpolation"),
                                seed=e.multireward_seed + 7919, n=e.grid, steps=e.edge_steps,
-                               chunk=len(captions), tolerance=EDGE_TOLERANCE, log=log,
-                               users=users)
+                               chunk=len(captions), tolerance=EDGE_TOLERANCE,
+                               tolerance_scale=1.0, log=log, users=users)
   results = {**summarise(table, curves, names), "seed": config.seed,
              "minutes": (time.perf_counter() - start) / 60}
   score_files.write_json_atomic(os.path.join(workdir, "results.json"), results)
@@ -127,14 +128,13 @@ def format_results(results: dict) -> str:
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import flags
-  from absl import logging
   from ppd_jax import checkpoint
   from ppd_jax import config_validation
   if len(argv) > 1:
     from absl import app
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
   try:
     run(flags.FLAGS.config, flags.FLAGS.workdir)
   except (config_validation.ConfigError, checkpoint.CheckpointError, ValueError) as e:

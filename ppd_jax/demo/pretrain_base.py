@@ -22,6 +22,7 @@ import optax
 from absl import app, flags
 
 from configs import ppd
+from ppd_jax import cli_logging
 from ppd_jax.demo_world import synthetic
 from ppd_jax.diffusion import schedules
 from ppd_jax.models import base_weights, build_model, init_params, split_params
@@ -98,6 +99,7 @@ def pretrain(steps: int, batch_size: int, lr: float, ema_decay: float, seed: int
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   del argv
   pretrain(_STEPS.value, _BATCH.value, _LR.value, _EMA.value, _SEED.value, _OUT.value)
 

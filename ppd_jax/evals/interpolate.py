@@ -13,7 +13,8 @@ sum_k w_k e_k (inference.mix_users). Two outputs:
     w = ((n-1-r), (r-j), j) / (n-1) for j = 0..r, one prompt, the same x_T for every point;
   * edges.json / edges.png: along each edge k -> l, at t = 0, 1/(m-1), ..., 1, the embedding
     (1 - t) e_k + t e_l generates the edge prompts (the same seeds at every t), and every reward's
-    mean score is plotted against t. PPD should trade reward k for reward l monotonically.
+    mean score is plotted against t. PPD should trade reward k for reward l monotonically: no
+    step going back by more than --tolerance (0.1) of the curve's range.
 Images and scores are kept per point (DIR/points/w<w0>_<w1>_<w2>/, shared by the edges that meet
 at a vertex), so a killed run redoes nothing it finished; DIR/manifest.json (evals/manifest.py)
 records the run's step and config hash, the vertices' users, the rewards' weight hashes, the
@@ -25,6 +26,7 @@ import sys
 
 import numpy as np
 
+from ppd_jax import cli_logging
 from ppd_jax import compile_cache
 from ppd_jax import images as image_io
 from ppd_jax import storage
@@ -98,23 +100,33 @@ def edges(run, embeddings, names, rewards: dict, prompts, seed: int, steps: int,
   return out
 
 
-def monotone(values, tolerance: float = 0.0) -> str | None:
-  """"increasing" / "decreasing" when every step moves one way (a step back of at most
-  `tolerance` allowed), else None."""
-  d = np.diff(np.asarray(values, np.float64))
-  if (d >= -tolerance).all() and values[-1] > values[0]:
+def monotone(values, tolerance: float = 0.0, scale: float | None = None) -> str | None:
+  """"increasing" / "decreasing" when every step moves one way, else None. A step back of at
+  most tolerance * scale is allowed, scale being the curve's own range (max - min) unless given:
+
+      allowed = tolerance * (max_t v(t) - min_t v(t))
+
+  so the rule reads the same for a reward in [0, 1] and one in the tens (CLIP logits), and a
+  step back is weighed against how far the curve moves at all. A caller whose rewards share a
+  known unit (the multireward demo's, standardised over its pool) passes scale=1."""
+  v = np.asarray(values, np.float64)
+  allowed = tolerance * (float(v.max() - v.min()) if scale is None else scale)
+  d = np.diff(v)
+  if (d >= -allowed).all() and v[-1] > v[0]:
     return "increasing"
-  if (d <= tolerance).all() and values[-1] < values[0]:
+  if (d <= allowed).all() and v[-1] < v[0]:
     return "decreasing"
   return None
 
 
 def run_all(run, embeddings, names, rewards: dict, prompt: str, edge_prompts, out: str, *,
-            seed: int = 0, n: int = 5, steps: int = 5, chunk: int = 16, tolerance: float = 0.0,
-            log=print, users: dict | None = None, prompt_source: dict | None = None) -> dict:
+            seed: int = 0, n: int = 5, steps: int = 5, chunk: int = 16, tolerance: float = 0.1,
+            tolerance_scale: float | None = None, log=print, users: dict | None = None,
+            prompt_source: dict | None = None) -> dict:
   """grid.png, edges.json and edges.png in out; returns edges.json's content. A curve counts as
-  monotone when no step goes back by more than `tolerance` (in the reward's units). users: the
-  vertices' {reward name: user id}, recorded."""
+  monotone when no step goes back by more than `tolerance` times its own range (`monotone`;
+  `tolerance_scale`: a fixed unit instead). users: the vertices' {reward name: user id},
+  recorded."""
   manifest_lib.bind(out, {"run": manifest_lib.run_identity(run), "vertices": list(names),
                           "users": users, "prompt": prompt,
                           "edge_prompts": image_sets.prompts_identity(edge_prompts),
@@ -128,10 +140,12 @@ def run_all(run, embeddings, names, rewards: dict, prompt: str, edge_prompts, ou
   plots.triangle_grid(points, n, names, prompt, out / "grid.png")
   curves = edges(run, embeddings, names, rewards, edge_prompts, seed, steps, out, chunk, log)
   for c in curves:
-    c["monotone"] = {r: monotone(c["means"][r], tolerance) for r in rewards}
+    c["monotone"] = {r: monotone(c["means"][r], tolerance, tolerance_scale) for r in rewards}
   result = {"vertices": list(names), "users": users, "run": manifest_lib.run_identity(run),
             "prompt": prompt, "grid": n, "seed": seed,
-            "monotone_tolerance": tolerance,
+            "monotone_tolerance": {"fraction": tolerance,
+                                   "of": "curve range" if tolerance_scale is None
+                                   else tolerance_scale},
             "edge_prompts": len(edge_prompts), "edges": curves}
   score_files.write_json_atomic(out / "edges.json", result)
   plots.edge_curves(curves, list(rewards), out / "edges.png")
@@ -139,17 +153,16 @@ def run_all(run, embeddings, names, rewards: dict, prompt: str, edge_prompts, ou
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import flags
   from ppd_jax import checkpoint
   from ppd_jax import inference
   from ppd_jax.evals import prompt_sets
   from ppd_jax.evals import reward_user_ids
-  from ppd_jax.evals.rewards import registry
+  from ppd_jax.rewards import registry
   from ppd_jax.weights import hf_folder
   del argv
   compile_cache.setup()   # before any compile: reuse the last run's compiles
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # Orbax and fsspec log every file they read at INFO
   f = flags.FLAGS
   try:
     names = table1.reward_names(f.rewards)
@@ -201,6 +214,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("edge_steps", 5, "points along each edge, vertices included")
   flags.DEFINE_integer("seed", 0, "x_T seed of the grid and of the first edge-prompt chunk")
   flags.DEFINE_integer("chunk", 16, "prompts generated together (one seed per chunk)")
-  flags.DEFINE_float("tolerance", 0.0, "a curve is monotone if no step goes back by more")
+  flags.DEFINE_float("tolerance", 0.1, "a curve is monotone if no step goes back by more than "
+                     "this fraction of the curve's range (max - min of its means)")
   flags.mark_flags_as_required(["run", "out", "prompt", "edge_prompts"])
   app.run(main)

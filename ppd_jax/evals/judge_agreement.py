@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from ppd_jax import cli_logging
 from ppd_jax import compile_cache
 from ppd_jax import metrics
 from ppd_jax import storage
@@ -177,13 +178,12 @@ def summarise(rows: list[dict], seed: int = 0) -> dict:
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import flags
   from ppd_jax.evals import judge_backends
   from ppd_jax.users import embed
   del argv
   compile_cache.setup()   # before any compile: reuse the last run's compiles
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # Orbax and fsspec log every file they read at INFO
   f = flags.FLAGS
   try:
     storage.check_writable(f.out)     # a wrong bucket fails now, not after the first users
@@ -213,5 +213,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("max_users", 0, "at most this many users (0: all)")
   flags.DEFINE_integer("questions", 4, "pairs after the context asked per user")
   judge_backends.define_flags()
+  flags.adopt_module_key_flags(judge_backends)   # --help lists the judge's flags
   flags.mark_flags_as_required(["pairs", "out"])
   app.run(main)

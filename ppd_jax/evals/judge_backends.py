@@ -25,7 +25,9 @@ DEFAULT_MODELS = {"api": "gpt-4o-mini-2024-07-18",
 
 def define_flags(synthetic: bool = False, flag_values=None):
   """synthetic: also offer --judge=synthetic (a demo run's users' hidden rewards). flag_values:
-  where to define them (absl's global FLAGS by default; tests parse their own)."""
+  where to define them (absl's global FLAGS by default; tests parse their own). absl's --help
+  lists only the main module's flags: a command then calls
+  `flags.adopt_module_key_flags(judge_backends)` so that these are listed too."""
   from absl import flags
   fv = {} if flag_values is None else {"flag_values": flag_values}
   flags.DEFINE_enum("judge", "api", ["api", "local"] + (["synthetic"] if synthetic else []),

@@ -7,7 +7,7 @@ Each order's answer is drawn, as a VLM's sampled reply is, from
 and read as 1 or 0 (the paper reads the sampled text, not the probabilities). So a small reward
 gap gets inconsistent verdicts across the two orders, which evals/judge.combine drops, as for a
 VLM; a gap well above T gets the same answer in both. r_u is user u's hidden reward
-(evals/rewards/hidden.py, or any reward of the registry's interface given per user), so the demo
+(rewards/hidden.py, or any reward of the registry's interface given per user), so the demo
 runs the same judge protocol (evals/judge.py: both orders, the consistency rule, the debiased
 score) end to end. `position_bias_logit` > 0 favours the first-shown image, as real VLM judges
 do, so the debiasing is exercised too. It never reads the context pairs: it knows the user's
@@ -107,7 +107,7 @@ class SyntheticJudge:
 def for_run(run, temperature: float | None = None, seed: int = 0) -> SyntheticJudge:
   """The synthetic judge for a trained run on the demo's users (inference.TrainedRun): its
   users' hidden rewards, T from the run's data.min_reward_gap unless `temperature` is given."""
-  from ppd_jax.evals.rewards import hidden
+  from ppd_jax.rewards import hidden
   source = getattr(run, "source", None)
   kind = run.config.data.get("source") if getattr(run, "config", None) is not None else None
   if kind not in SOURCES or not hasattr(source, "user_reward"):

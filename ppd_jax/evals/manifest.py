@@ -16,8 +16,8 @@ by its step and config hash) goes in `keyed`: recorded in the manifest, never co
 """
 import hashlib
 import json
-import os
 
+from ppd_jax import file_hashes
 from ppd_jax import storage
 
 FILE = "manifest.json"
@@ -85,54 +85,6 @@ def run_identity(run) -> dict:
           "config_sha256": config_sha256(run.config)[:16]}
 
 
-def _hash_cache() -> str:
-  return os.path.join(os.path.expanduser(os.environ.get("PPD_JAX_CACHE", "~/.cache/ppd_jax")),
-                      "sha256.json")
-
-
-def file_sha256(path) -> str:
-  """The SHA-256 of a file's bytes. A local file's hash is remembered by (path, size, mtime), so
-  multi-GB reward weights are read once, not at every evaluation."""
-  p = storage.path(path)
-  if storage.is_url(p):
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-  st = os.stat(p)
-  key = f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}"
-  cache_path = _hash_cache()
-  try:
-    with open(cache_path, encoding="utf-8") as f:
-      cache = json.load(f)
-  except (OSError, ValueError):
-    cache = {}
-  if key in cache:
-    return cache[key]
-  digest = hashlib.sha256()
-  with open(p, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  cache[key] = digest.hexdigest()
-  try:
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    tmp = f"{cache_path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(cache, f)
-    os.replace(tmp, cache_path)
-  except OSError:
-    pass                                 # a read-only home only costs a re-hash next time
-  return cache[key]
-
-
-def weights_sha256(location) -> dict:
-  """{file name: sha256} of a weight file, or of a folder's weight files (safetensors, and the
-  configs that shape them)."""
-  p = storage.path(location)
-  if not p.is_dir():
-    return {p.name: file_sha256(p)}
-  names = sorted(n.name for n in p.iterdir()
-                 if n.name.endswith((".safetensors", "config.json", ".npz")))
-  return {n: file_sha256(p / n) for n in names}
-
-
 def data_identity(location) -> dict:
   """A data file (its SHA-256) or folder (a hash of its files' names and sizes, two levels down:
   cheap on a shard folder of many GB, and it changes when a file is added, removed or rewritten
@@ -141,7 +93,7 @@ def data_identity(location) -> dict:
   if not p.exists():
     return {"path": str(location), "missing": True}
   if not p.is_dir():
-    return {"path": str(location), "sha256": file_sha256(p)}
+    return {"path": str(location), "sha256": file_hashes.file_sha256(p)}
   listing = []
   for child in sorted(p.iterdir(), key=lambda c: c.name):
     kids = sorted(child.iterdir(), key=lambda c: c.name) if child.is_dir() else [child]

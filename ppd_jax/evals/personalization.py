@@ -42,7 +42,7 @@ from ppd_jax.evals import judge as judge_lib
 from ppd_jax.evals import judge_synthetic
 from ppd_jax.evals import plots
 from ppd_jax.evals import win_rates
-from ppd_jax.evals.rewards import hidden
+from ppd_jax.rewards import hidden
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 HEAD_TO_HEAD = ("unseen_user_win_rate", "dpo_baseline_win_rate", "ppd_vs_dpo_win_rate")
@@ -86,8 +86,8 @@ def evaluate(ppd_run, baseline_run, out_dir: str, eval_config=None, log=print,
   """Runs the protocol; writes out_dir/results.json, win_rates.png, samples.png; returns results.
 
   eval_config: a `config.eval` section; default: the one the PPD run was trained with.
-  user_reward: user id -> the Reward (evals/rewards/base.py) that plays that user; default: the
-    demo's hidden rewards (evals/rewards/hidden.py). Each item's image is scored under its prompt.
+  user_reward: user id -> the Reward (rewards/base.py) that plays that user; default: the
+    demo's hidden rewards (rewards/hidden.py). Each item's image is scored under its prompt.
   """
   start = time.perf_counter()
   source = ppd_run.source

@@ -96,25 +96,39 @@ def triangle_grid(points: list, n: int, names: list, prompt: str, path: str) -> 
 _COLOURS = ((52, 101, 164), (204, 121, 32), (78, 154, 6), (117, 80, 123), (164, 0, 0))
 
 
-def edge_curves(curves: list, rewards: list, path: str) -> None:
-  """One panel per edge k -> l: each reward's mean against t, in units of that reward's spread
-  over all points (rewards of different scales share an axis), with the raw range in the key."""
-  w, h, left, bottom, top = 300, 260, 40, 40, 46
-  img = Image.new("RGB", (w * len(curves), h), "white")
-  d = ImageDraw.Draw(img)
-  span = {}
+EDGE_Y_LABEL = "y: each reward scaled 0-1 over all edges"
+
+
+def edge_scales(curves: list, rewards: list) -> dict:
+  """{reward: (lo, span)}: a reward's min and range over the points of every edge, so that a
+  value sits at the same height in every panel, and rewards of any units share the one axis
+  y = (v - lo) / span."""
+  out = {}
   for r in rewards:
     vals = np.array([v for c in curves for v in c["means"][r]], np.float64)
-    span[r] = (vals.min(), max(vals.max() - vals.min(), 1e-12))
+    out[r] = (float(vals.min()), max(float(vals.max() - vals.min()), 1e-12))
+  return out
+
+
+def edge_curves(curves: list, rewards: list, path: str) -> None:
+  """One panel per edge k -> l, all on one y axis (EDGE_Y_LABEL, edge_scales): each reward's
+  mean against t, with the reward's raw range in the key."""
+  w, h, left, bottom, top = 300, 270, 40, 40, 58
+  img = Image.new("RGB", (w * len(curves), h), "white")
+  d = ImageDraw.Draw(img)
+  span = edge_scales(curves, rewards)
   for p, c in enumerate(curves):
     x0 = p * w
-    d.text((x0 + left, 6), f"{c['from']} -> {c['to']}", fill="black")
+    d.text((x0 + left, 4), f"{c['from']} -> {c['to']}", fill="black")
     x = lambda t: x0 + left + t * (w - left - 16)
     y = lambda v: h - bottom - v * (h - bottom - top)
     d.rectangle([x(0), y(1), x(1), y(0)], outline=(200, 200, 200))
+    for v in (0.0, 1.0):
+      d.text((x0 + left - 12, y(v) - 5), f"{v:.0f}", fill="black")
     for t in (0.0, 0.5, 1.0):
       d.text((x(t) - 8, h - bottom + 4), f"{t:.1f}", fill="black")
     d.text((x0 + left, h - 18), "t (0: first user, 1: second)", fill="black")
+    d.text((x0 + left, 43), EDGE_Y_LABEL, fill="black")
     for i, r in enumerate(rewards):
       lo, s = span[r]
       xy = [(x(t), y((v - lo) / s)) for t, v in zip(c["t"], c["means"][r])]
@@ -122,5 +136,5 @@ def edge_curves(curves: list, rewards: list, path: str) -> None:
       d.line(xy, fill=colour, width=2)
       for px, py in xy:
         d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-      d.text((x0 + left + 2, 18 + 9 * i), f"{r} [{lo:.3g}, {lo + s:.3g}]", fill=colour)
+      d.text((x0 + left + 2, 16 + 9 * i), f"{r} [{lo:.3g}, {lo + s:.3g}]", fill=colour)
   _save(img, path)

@@ -3,7 +3,7 @@
   python -m ppd_jax.evals.score --reward=pickscore --images=DIR|FILE.jsonl --out=scores.jsonl \
       [--model=FOLDER|HUB_ID] [--aesthetic_head=PATH] [--batch_size=32]
 
-Rewards: evals/rewards/registry.py (pickscore, hps_v2, hps_v21, clip_l14, clip_h14, aesthetic).
+Rewards: rewards/registry.py (pickscore, hps_v2, hps_v21, clip_l14, clip_h14, aesthetic).
 Writes one JSON line per image {"image", "prompt", "reward", "score"} to --out, and the summary
 (n, mean, std, 95% CI of the mean) to <out>.summary.json and stdout. A killed run resumes where it
 stopped; inputs and weights are checked before any scoring. <out>.manifest.json
@@ -17,12 +17,13 @@ import time
 from absl import app
 from absl import flags
 
+from ppd_jax import cli_logging
 from ppd_jax import compile_cache
 from ppd_jax import storage
 from ppd_jax.evals import score_files
 from ppd_jax.evals import stats
-from ppd_jax.evals.rewards import preprocess
-from ppd_jax.evals.rewards import registry
+from ppd_jax.rewards import preprocess
+from ppd_jax.rewards import registry
 from ppd_jax.weights import convert
 from ppd_jax.weights import hf_folder
 
@@ -83,10 +84,9 @@ def run(reward_name: str, images: str, out: str, model=None, aesthetic_head=None
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   del argv
   compile_cache.setup()   # before any compile: reuse the last run's compiles
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # Orbax and fsspec log every file they read at INFO
   f = flags.FLAGS
   try:
     storage.check_writable(storage.path(f.out).parent)   # a wrong bucket fails before scoring

@@ -37,6 +37,7 @@ import sys
 
 import numpy as np
 
+from ppd_jax import cli_logging
 from ppd_jax import compile_cache
 from ppd_jax import storage
 from ppd_jax.evals import image_sets
@@ -258,7 +259,7 @@ def markdown(table: dict) -> str:
 
 def reward_names(spec: str) -> list[str]:
   """--rewards=a,b,c -> the names, each checked against the registry."""
-  from ppd_jax.evals.rewards import registry
+  from ppd_jax.rewards import registry
   names = [n.strip() for n in spec.split(",") if n.strip()]
   unknown = [n for n in names if n not in registry.SPECS]
   if unknown or not names:
@@ -270,7 +271,7 @@ def reward_names(spec: str) -> list[str]:
 def load_rewards(names, model_values, aesthetic_head) -> dict:
   """The rewards, with --model=REWARD=FOLDER and --aesthetic_head where given; each carries its
   `identity` (name, weights and their SHA-256) for the manifests and the score files' names."""
-  from ppd_jax.evals.rewards import registry
+  from ppd_jax.rewards import registry
   models = dict(v.partition("=")[::2] for v in model_values or ())
   out = {}
   for n in names:
@@ -292,14 +293,13 @@ def reward_user_flags(values, names) -> dict:
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import flags
   from ppd_jax import checkpoint
-  from ppd_jax.evals.rewards import registry
+  from ppd_jax.rewards import registry
   from ppd_jax.weights import hf_folder
   del argv
   compile_cache.setup()   # before any compile: reuse the last run's compiles
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # Orbax and fsspec log every file they read at INFO
   f = flags.FLAGS
   try:
     names = reward_names(f.rewards)

@@ -13,7 +13,7 @@ PPD draws one image per prompt with the user's embedding, the opponent one from 
   * base     the PPD run's frozen base (user branch off);
   * control  the PPD run with another user's embedding (the next user of the list);
   * profile_caption  the frozen base with the user's VLM profile text appended to every prompt
-             (users/profile_caption.py; untrained caption augmentation);
+             (data/profile_caption.py; untrained caption augmentation);
   * run:W    another run: a Diffusion-DPO run with its one shared embedding; a run trained with
              data.profile_in_caption gets the user's profile text appended to every prompt (the
              caption-augmentation baseline).
@@ -42,6 +42,7 @@ import sys
 
 import numpy as np
 
+from ppd_jax import cli_logging
 from ppd_jax import compile_cache
 from ppd_jax import images as image_io
 from ppd_jax import storage
@@ -168,7 +169,7 @@ class Opponent:
       return image_sets.generate_set(self.run, emb, 1.0, prompts, folder, seed, chunk, _quiet)
     d = self.run.config.data
     if self.spec == "profile_caption" or d.get("profile_in_caption", False):
-      from ppd_jax.users import profile_caption
+      from ppd_jax.data import profile_caption
       profile = self.run.source.store.profile(case.user_id)
       prompts = [prompt_sets.Prompt(profile_caption.with_profile(p.text, profile))
                  for p in prompts]
@@ -289,14 +290,13 @@ def examples(done: dict, cases, path: str, count: int = 6) -> None:
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import flags
   from ppd_jax import checkpoint
   from ppd_jax import inference
   from ppd_jax.evals import judge_backends
   del argv
   compile_cache.setup()   # before any compile: reuse the last run's compiles
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)  # Orbax and fsspec log every file they read at INFO
   f = flags.FLAGS
   try:
     storage.check_writable(f.out)     # a wrong bucket fails now, not after the first images
@@ -338,5 +338,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seed", 0, "x_T seed of the first user (user k: seed + k)")
   flags.DEFINE_string("out", None, "output folder")
   judge_backends.define_flags(synthetic=True)
+  flags.adopt_module_key_flags(judge_backends)   # --help lists the judge's flags
   flags.mark_flags_as_required(["run", "out"])
   app.run(main)

@@ -3,7 +3,7 @@
     e     = visual_projection(CLIP ViT-L/14 image tower(pixels))        [B, 768] (OpenAI weights)
     score = MLP(e / |e|)                                                 [B], about 1..10
 
-The L2 normalisation is the caller's (the aesthetic reward, evals/rewards/), as in the reference
+The L2 normalisation is the caller's (the aesthetic reward, rewards/), as in the reference
 (`simple_inference.py`, Diffusion-DPO's aes_utils.py): this module takes the normalised embedding.
 
 The MLP is torch's nn.Sequential(Linear(768, 1024), Dropout(0.2), Linear(1024, 128), Dropout(0.2),

@@ -8,7 +8,7 @@ Cascade's image conditioning.
     pooler_output = post_layernorm(x_N[:, 0])                     the class token only
     image_embeds = visual_projection(pooler_output)               (with projection; no bias)
 
-Pixels are NHWC float32, already normalised (evals/rewards/preprocess.py); transformers takes
+Pixels are NHWC float32, already normalised (rewards/preprocess.py); transformers takes
 NCHW. Param paths are transformers' keys under ppd_jax.weights.convert's rule, with its spelling
 (`pre_layrnorm`): vision_model/embeddings/patch_embedding/kernel, vision_model/encoder/layers_0/...
 """

@@ -8,6 +8,9 @@ The user embedding is [T, E]; the projector makes T tokens of it, or K =
 With user_embedding None the projector is not called and no cross-attention builds its user branch:
 that is the frozen base, used as the DPO reference with the same weights. The trainer takes
 gradients only over `split_params(params)[1]` (see DESIGN.md, "Frozen vs trainable").
+
+This module is the UNet family (Stable Diffusion); models/family.py picks it or the Cascade one
+(models/personalized_cascade.py) from config.model.family.
 """
 from typing import Any, Mapping
 
@@ -52,16 +55,13 @@ class PersonalizedUNet(nn.Module):
     return self.unet(sample, timesteps, encoder_hidden_states, user_tokens, user_scale, added_cond)
 
 
-def build_model(model_cfg) -> PersonalizedUNet:
-  """`config.model` (ml_collections, see configs/common.py) -> PersonalizedUNet.
+def build_model(fields: dict) -> PersonalizedUNet:
+  """`config.model` of a UNet run as a dict (see configs/common.py) -> PersonalizedUNet.
 
   Lists become tuples, dtype strings become jnp dtypes, `base` (where weights come from) is not an
   architecture field and is skipped; any other unknown field is an error, not silently ignored.
   """
-  fields = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-  if fields.get("family", "unet") == "cascade":
-    from ppd_jax.models import personalized_cascade
-    return personalized_cascade.build_model(fields)
+  fields = dict(fields)
   fields.pop("family", None)
   for key in ("base", "pretrained", "variant"):   # where weights come from, not architecture
     fields.pop(key, None)
@@ -87,10 +87,6 @@ def init_params(model: PersonalizedUNet, rng: jax.Array, batch_size: int = 1) ->
   Params do not depend on the spatial or text length, so the dummy input is the smallest valid one
   (2^(num_blocks-1) pixels, 1 text token): a cheaper init pass, the same tree.
   """
-  from ppd_jax.models import personalized_cascade
-  if isinstance(model, personalized_cascade.PersonalizedCascade):
-    inputs = personalized_cascade.example_inputs(model.config, batch_size)
-    return flax.core.unfreeze(jax.jit(model.init)(rng, **inputs)["params"])
   cfg = model.config
   side = 2 ** (len(cfg.block_out_channels) - 1)
   sample = jnp.zeros((batch_size, side, side, cfg.in_channels), jnp.float32)

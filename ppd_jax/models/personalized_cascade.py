@@ -9,6 +9,7 @@ With user_embedding None no user branch is built: the frozen base, the DPO refer
 """
 import types
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,13 @@ def abstract_params(model: nn.Module, with_user: bool = True) -> dict:
     if not with_user:
       inp.pop("user_embedding")
   return jax.eval_shape(lambda k: model.init(k, **inp), jax.random.key(0))["params"]
+
+
+def init_params(model: PersonalizedCascade, rng: jax.Array, batch_size: int = 1) -> dict:
+  """All params (base and user branch) as a plain nested dict, float32 (personalized.init_params'
+  counterpart)."""
+  inputs = example_inputs(model.config, batch_size)
+  return flax.core.unfreeze(jax.jit(model.init)(rng, **inputs)["params"])
 
 
 def init_user_params(model: PersonalizedCascade, rng: jax.Array) -> dict:

@@ -12,6 +12,7 @@ import sys
 from absl import app
 from absl import flags
 
+from ppd_jax import cli_logging
 from ppd_jax import compile_cache
 
 flags.DEFINE_string("workdir", None, "the training run to serve (holds checkpoints/)")
@@ -43,6 +44,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   compile_cache.setup()   # before any compile: reuse the last run's compiles

@@ -47,13 +47,13 @@ def data_uri(image: np.ndarray) -> str:
 
 def world_prompts(run) -> list[str]:
   """The run's own captions (the demo's synthetic world), else DEFAULT_PROMPTS."""
-  captions = getattr(run.source, "captions", None)
+  captions = getattr(run.users, "captions", None)
   return list(captions) if captions else list(DEFAULT_PROMPTS)
 
 
 def stored_users(run) -> list[int]:
   """Training users whose embeddings the run has (the first MAX_STORED_USERS)."""
-  ids = getattr(run.source, "train_user_ids", ())
+  ids = getattr(run.users, "train_user_ids", ())
   return [int(u) for u in list(ids)[:MAX_STORED_USERS]]
 
 
@@ -115,7 +115,7 @@ class Engine:
     for uid, _ in others:
       if uid not in self.users:
         raise ValueError(f"user {uid} is not one of this run's listed users")
-    stored = [self.run.source.user_embedding(uid) for uid, _ in others]
+    stored = [self.run.users.user_embedding(uid) for uid, _ in others]
     return inference.mix_users([embedding] + stored, [weight] + [w for _, w in others])
 
   def generate(self, prompt: str, embedding: np.ndarray, scale: float, seed: int) -> dict:

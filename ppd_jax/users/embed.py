@@ -1,4 +1,4 @@
-"""Users' labelled pairs -> a user-embedding store (users/store.py), with LLaVA-OneVision.
+"""Users' labelled pairs -> a user-embedding store (data/user_store.py), with LLaVA-OneVision.
 
   python -m ppd_jax.users.embed --model=llava-hf/llava-onevision-qwen2-7b-ov-hf \
       --pairs=SHARDS_OR_PARQUET_OR_JSONL_OR_RELABEL_DIR --out=users.safetensors \
@@ -21,6 +21,7 @@ each part is one object, which exists only once complete, so resuming works the 
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -28,12 +29,13 @@ import time
 
 import numpy as np
 
+from ppd_jax import cli_logging
 from ppd_jax import metrics
 from ppd_jax import storage
 from ppd_jax.data import shards as shards_lib
 from ppd_jax.users import prompts
 from ppd_jax.users import shots as shots_lib
-from ppd_jax.users import store as store_lib
+from ppd_jax.data import user_store as store_lib
 from ppd_jax.users import vlm as vlm_lib
 
 PRODUCER = "ppd_jax.users.embed"
@@ -135,6 +137,12 @@ def run(opt: Options, *, log=print, vlm=None, after_batch=None) -> store_lib.Use
                            sample_users=opt.sample_users, seed=opt.decoding.seed)
   mine = set(pairs.users[opt.shard_index::opt.num_shards].tolist())
   entries = [e for e in entries if e.user_id in mine]
+  short = short_of_samples(pairs, entries, opt)
+  if short:
+    log(f"embed: {len(short)} user(s) have fewer distinct {opt.shots}-pair subsets than "
+        f"--samples={opt.samples} (C(pairs, {opt.shots}) < {opt.samples}); each gets every subset "
+        "it has: " + ", ".join(f"user {u} {c}" for u, c in list(short.items())[:10])
+        + (", ..." if len(short) > 10 else ""))
   if not entries:
     raise shots_lib.PairsError(f"--pairs={opt.pairs}: no user with >= {opt.shots} pairs in "
                                f"shard {opt.shard_index} of {opt.num_shards}")
@@ -177,7 +185,26 @@ def run(opt: Options, *, log=print, vlm=None, after_batch=None) -> store_lib.Use
     progress.add(len(batches[b]))
     if after_batch is not None:
       after_batch(b)
-  return _assemble(opt, batches, work, wanted, model_info, pairs, problems, log)
+  return _assemble(opt, batches, work, wanted, model_info, pairs, problems, log, short)
+
+
+def short_of_samples(pairs, entries: list, opt: Options) -> dict:
+  """{user: entries planned} for the users given extra samples (all, or the --sample_users with
+  the most pairs, as shots.plan chooses) whose C(pairs, shots) distinct few-shot sets are fewer
+  than --samples: they get every set there is, and the run says so."""
+  if opt.samples <= 1:
+    return {}
+  users = pairs.users
+  counts = np.asarray([len(pairs.candidates(u)) for u in users])
+  entitled = users
+  if opt.sample_users:
+    entitled = users[np.lexsort((users, -counts))[:opt.sample_users]]
+  made = {}
+  for e in entries:
+    made[e.user_id] = made.get(e.user_id, 0) + 1
+  n_of = dict(zip(users.tolist(), counts.tolist()))
+  return {u: made[u] for u in entitled.tolist()
+          if u in made and math.comb(n_of[u], opt.shots) < opt.samples}
 
 
 def _split_params() -> dict:
@@ -213,7 +240,7 @@ def _embed_batch(vlm, pairs, batch: list, opt: Options, path: str) -> list[str]:
 
 
 def _assemble(opt: Options, batches: list, work: str, wanted: dict, model_info, pairs,
-              problems_now: list, log) -> store_lib.UserEmbeddingStore:
+              problems_now: list, log, short: dict) -> store_lib.UserEmbeddingStore:
   """All parts -> the store (atomic), then the parts folder is removed."""
   parts = [_read_part(_part_path(work, b), batch) for b, batch in enumerate(batches)]
   if any(p is None for p in parts):
@@ -228,7 +255,10 @@ def _assemble(opt: Options, batches: list, work: str, wanted: dict, model_info, 
   lacking = np.setdiff1d(ids, ids[cat("samples") == 0])
   keep = ~np.isin(ids, lacking)     # a user whose sample 0 had too few readable pairs: left out
   source = {**wanted, "report": {**pairs.report, "problems": len(problems),
-                                 "users_left_out": lacking.tolist()[:100]}}
+                                 "users_left_out": lacking.tolist()[:100],
+                                 "users_short_of_samples": len(short),
+                                 "short_of_samples": {str(u): c for u, c in
+                                                      list(short.items())[:100]}}}
   if model_info is not None:
     source["model_info"] = model_info
   kept = [r for r, k in zip(responses, keep) if k]
@@ -295,7 +325,9 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "sampling seed (and the extra samples' shot choice)")
   flags.DEFINE_integer("max_new_tokens", 1024, "cap on the generated response")
   flags.DEFINE_integer("shots", 4, "pairs per embedding (the paper's N)")
-  flags.DEFINE_integer("samples", 1, "embeddings per user, each from another few-shot set")
+  flags.DEFINE_integer("samples", 1, "embeddings per user, each from another few-shot set (a "
+                       "user with fewer distinct sets gets those it has: logged, and counted in "
+                       "the store's report, users_short_of_samples)")
   flags.DEFINE_integer("sample_users", 0, "give the extra samples only to the K users with the "
                        "most pairs (0: all)")
   flags.DEFINE_integer("batch_size", 4, "users per generate() call")
@@ -317,6 +349,7 @@ def options_from_flags(f) -> Options:
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import app
   from absl import flags
   if len(argv) > 1:

@@ -1,11 +1,12 @@
 """Pick-a-Pic users -> user-embedding store, with image statistics: a stand-in, not the paper's.
 
 PPD's user embedding is the hidden state of a VLM (LLaVA-OneVision) that has looked at a user's
-N = 4 few-shot pairs; that extraction is users/vlm.py (to come). Until it exists, this module fills
-the same store (users/store.py) with the same interface, [tokens, dim] float32 per user, from
-fewshot.embed_user: statistics of each winner minus its loser. It is good enough to smoke-test the
-Pick-a-Pic pipeline end to end (and it does separate the synthetic data's brighter/darker and
-bigger/smaller users), but it is not the method of the paper and says nothing about its results.
+N = 4 few-shot pairs: `python -m ppd_jax.users.embed` (users/embed.py, users/vlm.py). This module
+fills the same store (data/user_store.py) with the same interface, [tokens, dim] float32 per user,
+from fewshot.embed_user: statistics of each winner minus its loser, in seconds on a CPU and with no
+VLM weights. It is for smoke-testing the Pick-a-Pic pipeline end to end before a VLM is at hand
+(it does separate the synthetic data's brighter/darker and bigger/smaller users); it is not the
+method of the paper and says nothing about its results.
 
 Every user of the index is embedded, whatever its split: unseen test users are conditioned on
 their few-shot embedding too, which is the point of PPD. A few-shot pair whose JPEG does not
@@ -20,12 +21,13 @@ import sys
 
 import numpy as np
 
+from ppd_jax import cli_logging
 from ppd_jax import storage
 from ppd_jax.data import images
 from ppd_jax.data import pickapic
 from ppd_jax.data import shards
 from ppd_jax.users import fewshot
-from ppd_jax.users import store
+from ppd_jax.data import user_store as store
 
 EMBEDDER = "image_statistics"
 # Few-shot pairs per read_pairs call: files are grouped so each is still read once, while the JPEG
@@ -269,6 +271,7 @@ def _define_flags() -> None:
 
 
 def _main(argv) -> None:
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import app
   from absl import flags
   if len(argv) > 1:
@@ -281,8 +284,8 @@ def _main(argv) -> None:
     sys.exit(f"ppd_jax.users.embed_statistics: {e}")
   print(f"wrote {f.out}: {embedded} users embedded, {skipped} skipped "
         f"([{f.tokens}, {f.dim}] each, embedder {EMBEDDER!r})")
-  print("note: image statistics are a stand-in; the paper's user embedding is the VLM extraction "
-        "(ppd_jax/users/vlm.py, to come), which writes the same store")
+  print("note: image statistics are a stand-in for smoke tests; the paper's user embedding is the "
+        "VLM extraction, python -m ppd_jax.users.embed (users/vlm.py), which writes the same store")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from ppd_jax.users.store import StoreError, UserEmbeddingStore, write_store
+from ppd_jax import cli_logging
+from ppd_jax.data.user_store import StoreError, UserEmbeddingStore, write_store
 
 
 def merge_stores(out, paths, *, allow_partial: bool = False) -> UserEmbeddingStore:
@@ -76,6 +77,7 @@ def _define_flags():
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   f = flags.FLAGS
   inputs = argv[1:]
   if not inputs:

@@ -71,14 +71,14 @@ def load_vlm(run, vlm_model: str | None = None):
   """The VLM the run's users were embedded with (None for the demo's stand-in embedder)."""
   if run.config.data.source == "synthetic":
     return None
-  model, _, _, dtype = vlm_settings(run.source.store)
+  model, _, _, dtype = vlm_settings(run.users.store)
   return vlm_lib.VLM.load(vlm_model or model, dtype=dtype)
 
 
 def embed_pairs(run, pairs: list[prompts.Pair], *, vlm_model: str | None = None, vlm=None):
   """-> ([tokens, dim] embedding, profile or None): the run's embedder on the labelled pairs
   (vlm: an already loaded load_vlm(run), else it is loaded here)."""
-  source = run.source
+  source = run.users   # a Pick-a-Pic run's users come from its workdir, not its shards
   if run.config.data.source == "synthetic":
     return _stand_in(source, pairs, run.config.model), None
   _, decoding, layers, _ = vlm_settings(source.store)

@@ -24,7 +24,8 @@ import optax
 from PIL import Image
 from PIL import ImageDraw
 
-from ppd_jax.users import store as store_lib
+from ppd_jax import cli_logging
+from ppd_jax.data import user_store as store_lib
 
 _STD_FLOOR = 1e-6        # a feature constant over the train split is centred, not blown up
 _COLOURS = {"test": (52, 101, 164), "train": (114, 159, 207), "chance": (136, 138, 133)}
@@ -318,6 +319,7 @@ def _define_flags() -> None:
 
 
 def _main(argv) -> None:
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import app
   from absl import flags
   if len(argv) > 1:

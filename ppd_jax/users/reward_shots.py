@@ -20,7 +20,7 @@ import numpy as np
 
 from ppd_jax import storage
 from ppd_jax.users import prompts
-from ppd_jax.users import shots as shots_lib
+from ppd_jax.users import pair_image
 
 ORDER_SALT = 0x0D0E
 
@@ -41,12 +41,12 @@ class RewardUserShots:
     self.summary = reward_users.read_summary(folder)
     shard_dir = self.summary.get("shards")
     if not shard_dir or not storage.path(shard_dir).is_dir():
-      raise shots_lib.PairsError(
+      raise pair_image.PairsError(
           f"--pairs={folder}: {reward_users.LABELS} names no readable shard folder "
           f"({shard_dir!r}); rerun python -m ppd_jax.data.relabel to rebuild the labels")
     labels_path = os.path.join(folder, "labels-train.npz")
     if not storage.exists(labels_path):
-      raise shots_lib.PairsError(f"--pairs={folder}: no labels-train.npz")
+      raise pair_image.PairsError(f"--pairs={folder}: no labels-train.npz")
     self.index = pickapic.PickapicIndex.load(os.path.join(shard_dir, "index"))
     labels = shards.read_npz(labels_path)
     records = shards.read_npz(os.path.join(shard_dir, "records-train.npz"))["pair"].astype(
@@ -89,9 +89,9 @@ class RewardUserShots:
       where = (f"pair {r['pair']} (labels-train.npz row {row}) of reward user "
                f"{self.names.get(int(self.user_ids[row]), self.user_ids[row])}")
       try:
-        out[row] = prompts.Pair(r["caption"], shots_lib.decode_image(r["jpg_0"], where),
-                                shots_lib.decode_image(r["jpg_1"], where),
+        out[row] = prompts.Pair(r["caption"], pair_image.decode_image(r["jpg_0"], where),
+                                pair_image.decode_image(r["jpg_1"], where),
                                 1 + (int(r["preferred"]) ^ int(self.flip[row])))
-      except shots_lib.UnreadablePair as e:
+      except pair_image.UnreadablePair as e:
         out[row] = e
     return out

@@ -22,27 +22,18 @@ file are relative to its URL): every read goes through ppd_jax.storage.
 """
 import base64
 import dataclasses
-import io
 import json
 import math
 import os
 
 import numpy as np
-from PIL import Image
 
 from ppd_jax import storage
 from ppd_jax.users import prompts
+from ppd_jax.users.pair_image import PairsError, UnreadablePair, decode_image  # noqa: F401
 
 
 DATA_URI = "data:image/"   # an image given inline: data:image/png;base64,<bytes>
-
-
-class PairsError(ValueError):
-  """Input the extraction cannot use; the message names the file, line or flag."""
-
-
-class UnreadablePair(Exception):
-  """One pair's image could not be read (replaced by the user's next pair)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,18 +46,6 @@ class Entry:
   @property
   def key(self) -> str:
     return f"{self.user_id}:{self.sample}"
-
-
-def decode_image(data, where: str) -> Image.Image:
-  """An image from its bytes or its path (local or URL)."""
-  try:
-    if isinstance(data, (str, os.PathLike)):
-      data = storage.read_bytes(data)
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im.convert("RGB")
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise UnreadablePair(f"{where}: {e}") from None
 
 
 def read_rows(path: str) -> tuple[list[dict], list[str]]:

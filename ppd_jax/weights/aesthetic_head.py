@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 
+from ppd_jax import cli_logging
 from ppd_jax.models import aesthetic_head
 from ppd_jax.weights import convert
 from ppd_jax.weights import torch_pickle
@@ -68,6 +69,7 @@ def _define_flags():
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import app
   from absl import flags
   if len(argv) != 3:

@@ -42,6 +42,7 @@ import tempfile
 
 import numpy as np
 
+from ppd_jax import cli_logging
 from ppd_jax.models import clip
 from ppd_jax.weights import convert
 from ppd_jax.weights import open_clip_config
@@ -219,6 +220,7 @@ def _define_flags():
 
 
 def main(argv):
+  cli_logging.setup()   # library INFO lines off; ours and every warning on
   from absl import app
   from absl import flags
   if len(argv) != 3:

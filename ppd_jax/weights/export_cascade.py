@@ -56,14 +56,24 @@ def cascade_state_dict(user_params: Mapping[str, Any],
 
 
 def usage_snippet(folder: str, weight_name: str, base: str, prior_subfolder: str,
-                  decoder: str | None, user_scale: float = 1.0) -> str:
-  """The diffusers code that generates for one user with the exported file (README, CLI, JSON)."""
+                  decoder: str | None, user_scale: float = 1.0, decoder_subfolder: str = "decoder",
+                  workdir: str = "W", num_steps: int = 20, guidance_scale: float = 4.0) -> str:
+  """The diffusers code that generates for one user with the exported file (README, CLI, JSON):
+  a whole script, from the embedding file to PNGs (tests run it as printed). The decoder pipeline
+  is built from its parts: diffusers 0.42.1 keeps PaellaVQModel in
+  diffusers.pipelines.deprecated.wuerstchen only, where
+  StableCascadeDecoderPipeline.from_pretrained cannot resolve it. Stage C runs the run's own
+  config.sample steps and guidance (num_steps, guidance_scale; 20 and 4.0 are the prior
+  pipeline's defaults and the Cascade configs')."""
   decoder = decoder or "stabilityai/stable-cascade"
   return (
+      export.embedding_lines(workdir) +
       "import sys, torch\n"
-      "from diffusers import (StableCascadeDecoderPipeline, StableCascadePriorPipeline,\n"
-      "                       StableCascadeUNet)\n"
+      "from diffusers import (DDPMWuerstchenScheduler, StableCascadeDecoderPipeline,\n"
+      "                       StableCascadePriorPipeline, StableCascadeUNet)\n"
+      "from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel\n"
       "from safetensors.torch import load_file\n"
+      "from transformers import CLIPTextModelWithProjection, CLIPTokenizer\n"
       f"sys.path.insert(0, {folder!r})\n"
       "import ppd_cascade  # the processor file written next to the weights\n"
       f"prior = StableCascadeUNet.from_pretrained({base!r}, subfolder={prior_subfolder!r})\n"
@@ -72,16 +82,27 @@ def usage_snippet(folder: str, weight_name: str, base: str, prior_subfolder: str
       "# user_embedding: [tokens, dim]; the user is off in the uncond half ([cond; uncond])\n"
       "per_prompt = 1\n"
       f"user.set(user_embedding, num_images=len(prompts) * per_prompt, scale={user_scale})\n"
-      "latents = pipe(prompts, num_images_per_prompt=per_prompt, guidance_scale=4.0,\n"
-      "               num_inference_steps=20).image_embeddings\n"
-      f"decoder = StableCascadeDecoderPipeline.from_pretrained({decoder!r})\n"
+      "latents = pipe(prompts, num_images_per_prompt=per_prompt, "
+      f"guidance_scale={float(guidance_scale)!r},\n"
+      f"               num_inference_steps={num_steps}).image_embeddings\n"
+      "# the decoder from its parts (from_pretrained cannot find PaellaVQModel)\n"
+      f"dec = {decoder!r}\n"
+      "decoder = StableCascadeDecoderPipeline(\n"
+      f"    decoder=StableCascadeUNet.from_pretrained(dec, subfolder={decoder_subfolder!r}),\n"
+      "    tokenizer=CLIPTokenizer.from_pretrained(dec, subfolder='tokenizer'),\n"
+      "    text_encoder=CLIPTextModelWithProjection.from_pretrained(dec, subfolder='text_encoder'),\n"
+      "    scheduler=DDPMWuerstchenScheduler.from_pretrained(dec, subfolder='scheduler'),\n"
+      "    vqgan=PaellaVQModel.from_pretrained(dec, subfolder='vqgan'))\n"
       "images = decoder(image_embeddings=latents, prompt=prompts * per_prompt,\n"
-      "                 guidance_scale=0.0, num_inference_steps=10).images\n")
+      "                 guidance_scale=0.0, num_inference_steps=10).images\n"
+      "for i, image in enumerate(images):\n"
+      "  image.save(f'ppd_{i}.png')\n")
 
 
 def export_metadata(cfg: cascade.CascadeConfig, *, step: int | None, variant: str | None,
                     base: str, prior_subfolder: str, decoder: str | None, weight_name: str,
-                    folder: str) -> dict[str, Any]:
+                    folder: str, decoder_subfolder: str = "decoder",
+                    workdir: str = "W", sample=None) -> dict[str, Any]:
   """The JSON's content: the embedding a caller must pass, where the run came from, the call."""
   single = export.single_token_projector(cfg)
   return {
@@ -97,7 +118,13 @@ def export_metadata(cfg: cascade.CascadeConfig, *, step: int | None, variant: st
       "base": base,
       "prior_subfolder": prior_subfolder,
       "decoder": decoder,
-      "usage": usage_snippet(folder, weight_name, base, prior_subfolder, decoder).splitlines(),
+      "decoder_subfolder": decoder_subfolder,
+      "usage": usage_snippet(
+          folder, weight_name, base, prior_subfolder, decoder,
+          decoder_subfolder=decoder_subfolder, workdir=workdir,
+          **({} if sample is None else {"num_steps": int(sample.num_steps),
+                                        "guidance_scale": float(sample.guidance_scale)})
+      ).splitlines(),
   }
 
 

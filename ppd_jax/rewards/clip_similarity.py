@@ -4,7 +4,7 @@
     score = formula(cos, exp(logit_scale))
 
 PickScore is exp(logit_scale) * cos, HPSv2 and Diffusion-DPO's CLIP reward the bare cos, and
-torchmetrics' CLIP score 100 * max(cos, 0) (evals/rewards/registry.py has each one's weights and
+torchmetrics' CLIP score 100 * max(cos, 0) (rewards/registry.py has each one's weights and
 formula). Images go through the CLIP preprocessing (shortest side to the model's size, bicubic,
 centre crop, CLIP mean/std); prompts through the model's CLIP tokenizer, padded to its 77
 positions with an attention mask and truncated as transformers does (the EOS is kept). Text
@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 import ftfy
 import numpy as np
 
-from ppd_jax.evals.rewards import base
-from ppd_jax.evals.rewards import preprocess
+from ppd_jax.rewards import base
+from ppd_jax.rewards import preprocess
 from ppd_jax.models import clip
 
 Formula = Callable[[np.ndarray, float], np.ndarray]

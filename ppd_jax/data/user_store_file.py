@@ -1,4 +1,4 @@
-"""Where a user-embedding store's bytes live (users/store.py holds the format).
+"""Where a user-embedding store's bytes live (data/user_store.py holds the format).
 
 Locally a store is written to a temporary file beside its path, fsynced, then renamed, so a
 reader or a killed writer never sees half a file. A URL (gs://...) cannot be memory-mapped: its

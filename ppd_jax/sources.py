@@ -1,4 +1,8 @@
-"""Picks the preference-pair source a config names, and its held-out pairs for validation."""
+"""Picks the preference-pair source a config names, and its held-out pairs for validation.
+
+It sits above data/ and demo_world/: the real pipeline (data/pickapic_source.py) and the demo's
+synthetic users (demo_world/) are both sources, and data/ never imports the demo.
+"""
 from ppd_jax import metrics
 
 

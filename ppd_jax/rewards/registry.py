@@ -17,15 +17,16 @@ tokenizer (a converted checkpoint), the LAION ViT-H/14 tokenizer is used: open_c
 CLIP's, and its zero padding sits after the EOS, which causal attention never lets the pooled
 EOS token see. hps_v2, hps_v21 and clip_h14 are open_clip models: their prompts are cleaned as
 open_clip's tokenizer does (ftfy, HTML unescape; clip_similarity.open_clip_text) before BPE.
-`model` and `aesthetic_head` may be URLs (gs://...; evals/rewards/remote.py).
+`model` and `aesthetic_head` may be URLs (gs://...; rewards/remote.py).
 """
 import dataclasses
 from typing import Callable
 
+from ppd_jax import file_hashes
 from ppd_jax import storage
-from ppd_jax.evals.rewards import aesthetic
-from ppd_jax.evals.rewards import clip_similarity
-from ppd_jax.evals.rewards import remote
+from ppd_jax.rewards import aesthetic
+from ppd_jax.rewards import clip_similarity
+from ppd_jax.rewards import remote
 from ppd_jax.weights import aesthetic_head as aesthetic_weights
 from ppd_jax.weights import clip_folder
 from ppd_jax.weights import hf_folder
@@ -122,11 +123,10 @@ def identity(name: str, model: str | None = None, aesthetic_head: str | None = N
   """What a loaded reward is, for evaluation manifests and score files (evals/manifest.py): its
   name, where its weights came from and the SHA-256 of each weight file, so that a score made
   with other weights is never reused."""
-  from ppd_jax.evals import manifest
   model = model or SPECS[name].model
   out = {"name": name, "model": model,
-         "weights_sha256": manifest.weights_sha256(hf_folder.resolve_model(_local(model)))}
+         "weights_sha256": file_hashes.weights_sha256(hf_folder.resolve_model(_local(model)))}
   if aesthetic_head:
     out["aesthetic_head"] = aesthetic_head
-    out["aesthetic_head_sha256"] = manifest.file_sha256(aesthetic_head)
+    out["aesthetic_head_sha256"] = file_hashes.file_sha256(aesthetic_head)
   return out

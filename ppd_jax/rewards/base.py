@@ -2,7 +2,7 @@
 
     reward.score(images, prompts) -> np.ndarray [N] float32, higher = preferred
 
-`images` is anything evals/rewards/preprocess.py reads: the sampler's [N, H, W, 3] arrays (floats in
+`images` is anything rewards/preprocess.py reads: the sampler's [N, H, W, 3] arrays (floats in
 [-1, 1]), uint8 arrays, PIL images or file paths. `prompts` has one caption per image (image-only
 rewards such as the aesthetic score accept and ignore it). Win rates and relabelling compare two
 scores of one reward, so they do not depend on its scale; reported means do, and each reward's

@@ -23,7 +23,7 @@ Version 1 files (one entry per user, profiles as a JSON list in the metadata) ar
 The reader parses the header itself and memory-maps embeddings and profile text, so the Grain
 worker processes that re-open the file share the page cache instead of each holding a copy.
 
-A store may live at a URL (gs://...): users/store_file.py writes and fetches its bytes.
+A store may live at a URL (gs://...): data/user_store_file.py writes and fetches its bytes.
 """
 import json
 import os
@@ -31,7 +31,7 @@ import struct
 
 import numpy as np
 
-from ppd_jax.users import store_file
+from ppd_jax.data import user_store_file as store_file
 
 FORMAT = "ppd_jax.user_embeddings"
 VERSION = 2

@@ -9,8 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ppd_jax.evals.rewards import base
-from ppd_jax.evals.rewards import preprocess
+from ppd_jax.rewards import base
+from ppd_jax.rewards import preprocess
 from ppd_jax.models import aesthetic_head
 from ppd_jax.models import clip
 from ppd_jax.models import clip_vision
