@@ -4,7 +4,7 @@
   python benchmarks/data.py --folder=/tmp/ppd_bench_shards    # keep (and reuse) the shard folder
 
 The loader must never be what a GPU waits for. The performance target is 100 pairs/s on one GPU
-for SD 1.5 (--target_pairs_per_s, README "Performance"); one host feeds its --gpus (8) GPUs, so
+for SD 1.5 (--target_pairs_per_s, docs/performance.md); one host feeds its --gpus (8) GPUs, so
 it must deliver 8 x 100 = 800 pairs/s, and the benchmark asks for 2x that as headroom.
 
 The benchmark writes a shard folder as ppd_jax.data.precompute would, but from a seeded numpy rng

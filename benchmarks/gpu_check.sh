@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short run on a lent GPU machine (one H100 / H200) that prints the figures the README quotes.
+# One short run on a GPU machine (one H100 / H200) that prints the figures docs/performance.md quotes.
 # It prints its plan first: each process in order, with the seconds it may take at most (what
 # one leaves unused goes to the next; the whole run fits GPU_CHECK_BUDGET_S, default 470 s,
 # under 8 minutes on one H100):
@@ -174,7 +174,7 @@ EOF
 # Summary: merges the processes' JSON lines; run after each process, and at the end with --print.
 summarize() {
   "$PY" - "$LOGS" "$SUMMARY" "$MODE" "$(($(date +%s) - T0))" "$@" <<'EOF'
-"""Merges the pieces' JSON lines into one summary, with the headline figures for the README."""
+"""Merges the pieces' JSON lines into one summary, with the headline figures for docs/performance.md."""
 import json
 import pathlib
 import sys

@@ -19,7 +19,7 @@ prints its error and the next one still runs):
               attention kernel "auto" picks for each Stage C attention call, in order.
   sdxl_train  configs/ppd.py:sdxl, random base, bf16, remat, 128x128 latents, pooled text +
               time_ids; from --sdxl_batch pairs (4), halved until it fits. Why 4: the CPU
-              compiler's buffer assignment (README, memory.py) puts 8 pairs at 139 GiB of
+              compiler's buffer assignment (docs/performance.md, memory.py) puts 8 pairs at 139 GiB of
               temporaries, which a GPU's scheduler cuts but hardly by half; a compile that
               does not fit costs a second one.
   sample      50-step DDIM with classifier-free guidance (7.5) through

@@ -5,7 +5,7 @@
   python benchmarks/torch_train_step.py --dry      # full size on the meta device: shapes only
 
 Why this script: benchmarks/gpu_check.sh puts our jitted step (benchmarks/jax_gpu_check.py) next
-to what a PyTorch user would write for the same training, so the README can say how the two
+to what a PyTorch user would write for the same training, so docs/performance.md can say how the two
 compare on one GPU. "The PyTorch way" here means what diffusers' own training examples do:
 
   * UNet2DConditionModel with the published SD 1.5 config (configs/sd_architectures.py), random

@@ -160,7 +160,7 @@ def _pickapic_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # Pairs per device per micro-step that fit an 80 GB GPU (80e9 B = 74.5 GiB), from the
-# ahead-of-time memory figures in README.md ("Performance": benchmarks/memory.py, XLA's buffer
+# ahead-of-time memory figures in docs/performance.md (benchmarks/memory.py, XLA's buffer
 # assignment on the CPU, which overstates a GPU's temporaries). A pair is 2 images, each through
 # the reference and the policy UNet.
 _PER_DEVICE_BATCH = {
@@ -288,7 +288,7 @@ def _demo_multireward(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   d.source = "synthetic_rewards"
   d.pairs_per_user = 1600           # per reward user: 4800 pairs, each trained on about once
   # Each reward user's one embedding (its first 4 pairs). "random" (one of 32 four-pair samples
-  # per pair, the VLM path's setting) learns more slowly here: README, "On a laptop".
+  # per pair, the VLM path's setting) learns more slowly here: docs/table1.md, "On a laptop".
   d.user_sample = "first"
   d.user_samples = 32
   c.eval.multireward_repeats = 3    # Table 1 prompts: the 18 captions x 3 held-out seeds

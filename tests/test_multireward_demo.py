@@ -139,7 +139,7 @@ def test_the_experiment_at_test_size(experiment, monkeypatch):
     assert t["ppd"][r] > t["diffusion_dpo"][r], (r, t)
     assert t["ppd"][r] > t["base"][r], (r, t)
     # SFT, unanchored by a reference, drifts to big shapes on light grounds: vivid's direction,
-    # so on vivid it can match PPD (README, "On a laptop"); on the other two it falls below base.
+    # so on vivid it can match PPD (docs/table1.md, "On a laptop"); on the other two it falls below base.
     if r != "vivid":
       assert t["ppd"][r] > t["sft"][r] and t["sft"][r] < t["base"][r], (r, t)
     # Within the stated distance of the single-reward upper bound: at least a third of its gain.

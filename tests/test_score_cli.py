@@ -127,7 +127,7 @@ def test_bad_inputs_are_named(setup, tmp_path):
 
 
 def test_the_command_line(setup, tmp_path):
-  """The module runs as printed in the README; an error exits non-zero with one clear line."""
+  """The module runs as printed in docs/rewards.md; an error exits non-zero with one clear line."""
   model_dir, data, expected = setup
   out = tmp_path / "cli.jsonl"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

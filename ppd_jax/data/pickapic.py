@@ -373,7 +373,7 @@ def _fewshot(pairs: dict, user_ids: np.ndarray, n: int) -> np.ndarray:
 
 
 def format_report(report: dict) -> str:
-  """Counts at each filter, one line each, for the log and the README."""
+  """Counts at each filter, one line each, for the log and the manifest."""
   c = report["counts"]
   lines = [
       f"pickapic: {c['files']} files ({c['files_skipped']} skipped), {c['rows_read']} rows",

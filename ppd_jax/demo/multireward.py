@@ -24,7 +24,7 @@ from ppd_jax import cli_logging
 from ppd_jax import metrics as metrics_lib
 
 ROWS = ("ppd", "diffusion_dpo", "sft")            # then dpo_<reward> per reward user
-# The claims (README, tests/test_multireward_demo.py): PPD's gain over the base on each reward is
+# The claims (docs/table1.md, tests/test_multireward_demo.py): PPD's gain over the base on each reward is
 # at least this share of that reward's single-reward DPO gain, and along every edge the two end
 # rewards move monotonically, no step going back by more than EDGE_TOLERANCE (the rewards are
 # standardised over the pool, so the unit is fixed, tolerance_scale=1: a tenth of their spread).
@@ -42,7 +42,7 @@ def rows_of(config) -> list[str]:
 
 
 def summarise(table: dict, curves: dict, rewards: list) -> dict:
-  """What the README reports and the test asserts (module docstring)."""
+  """What docs/table1.md reports and the test asserts (module docstring)."""
   rows = table["rows"]
   mean = lambda row, r: rows[row][r]["mean"]
   out = {"table": {row: {r: mean(row, r) for r in rewards} for row in rows},

@@ -40,7 +40,7 @@ class RewardSpec:
   model: str | None            # default weights (hub id); None: the user must convert and pass them
   formula: Callable | None     # clip_similarity formula; None for the aesthetic reward
   tokenizer: str = LAION_H14   # used when the model folder has no tokenizer
-  source: str = ""             # where the weights come from and their licence (README table)
+  source: str = ""             # where the weights come from and their licence (docs/rewards.md table)
   open_clip: bool = False      # an open_clip model: prompts cleaned as its tokenizer does
 
 

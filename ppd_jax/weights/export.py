@@ -276,7 +276,7 @@ def usage_snippet(folder: str, weight_name: str, user_scale: float = 1.0,
                   pipeline: str = "StableDiffusionPipeline", single_token: bool = False,
                   base: str = "BASE", workdir: str = "W",
                   sample: Mapping[str, Any] | None = None) -> str:
-  """The diffusers code that generates for one user with the exported file (README, CLI, JSON):
+  """The diffusers code that generates for one user with the exported file (docs/sampling.md, CLI, JSON):
   a whole script, from the embedding file to PNGs (tests run it as printed). It samples as the
   run does (`sample`, the run's config.sample; None: configs/common.py's): the same scheduler,
   timesteps, steps and guidance, so from the same x_T it makes ppd_jax's images.

@@ -58,7 +58,7 @@ def cascade_state_dict(user_params: Mapping[str, Any],
 def usage_snippet(folder: str, weight_name: str, base: str, prior_subfolder: str,
                   decoder: str | None, user_scale: float = 1.0, decoder_subfolder: str = "decoder",
                   workdir: str = "W", num_steps: int = 20, guidance_scale: float = 4.0) -> str:
-  """The diffusers code that generates for one user with the exported file (README, CLI, JSON):
+  """The diffusers code that generates for one user with the exported file (docs/sampling.md, CLI, JSON):
   a whole script, from the embedding file to PNGs (tests run it as printed). The decoder pipeline
   is built from its parts: diffusers 0.42.1 keeps PaellaVQModel in
   diffusers.pipelines.deprecated.wuerstchen only, where
