@@ -95,6 +95,45 @@ def test_sample_runs_stage_c_b_a_and_the_user_changes_the_image(run, tmp_path):
   assert np.abs(outs["1"] - outs["0"]).max() > 0                 # scale 0 is the base: differs
 
 
+def test_progress_names_stage_c_b_and_the_decode_of_each_image(run):
+  """One Generate of the web demo on the trained run: its job reports Stage C's steps, Stage B's
+  steps and Stage A's decode, for the base and then the personalised image; the host callbacks
+  change no pixel (the same call outside a job compiles without them)."""
+  import time
+  from ppd_jax import inference
+  from ppd_jax.serve import engine as engine_lib
+  from ppd_jax.serve import jobs as jobs_lib
+  trained = inference.load_trained(run["workdir"])
+  engine = engine_lib.Engine(trained)
+  user = trained.users.user_embedding(engine.users[0])
+  events = []
+  with pytest.MonkeyPatch.context() as mp:
+    begin, step = jobs_lib.Job.begin, jobs_lib.Job.step
+    mp.setattr(jobs_lib.Job, "begin", lambda job, name, total, compiling:
+               (events.append([name, total, compiling, 0]), begin(job, name, total, compiling)))
+    mp.setattr(jobs_lib.Job, "step", lambda job: (events[-1].__setitem__(3, events[-1][3] + 1),
+                                                  step(job)))
+    jobs = jobs_lib.Jobs(max_queued=1)
+    try:
+      job = jobs.submit("generate", lambda: engine.generate("red circle", user, 1.0, seed=3), 1)
+      while (out := jobs.status(job.id))["state"] not in ("done", "failed"):
+        time.sleep(0.05)
+    finally:
+      jobs.stop()
+  assert out["state"] == "done", out
+  c, b = trained.config.sample.num_steps, trained.config.model.decoder_steps
+  assert (c, b) == (20, 10)                           # the prior's and the decoder's defaults
+  # [name, total, compiling, steps seen]: every step lands in its own stage
+  assert events == [["base: stage C", c, True, c], ["base: stage B", b, True, b],
+                    ["base: decode", 1, True, 0], ["personal: stage C", c, False, c],
+                    ["personal: stage B", b, False, b], ["personal: decode", 1, False, 0]]
+  assert [s["name"] for s in out["stages"]] == [e[0] for e in events]
+  assert all(s["done"] == s["total"] for s in out["stages"])
+  quiet = inference.generate(trained, ["red circle"], user, user_scale=1.0, seed=3)
+  np.testing.assert_array_equal(out["result"]["personal"],
+                                engine_lib.images_lib.to_uint8(quiet)[0])
+
+
 def test_text_path_matches_the_prior_pipeline(folders):
   """clip_text = hidden_states[-1] with the mask, pooled = text_embeds, "" encoded (not zeros),
   against diffusers' StableCascadePriorPipeline.encode_prompt on the same folder."""

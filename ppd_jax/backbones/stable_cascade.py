@@ -39,6 +39,7 @@ class StableCascadeBackbone:
     self.decoder_steps = int(m.get("decoder_steps", 10))
     self.decoder_guidance_scale = float(m.get("decoder_guidance_scale", 0.0))
     self.batch_size = batch_size
+    self._compiled = set()   # Stage B's (rows, latent shape, report) run once: compiled
     self.latent_factor = EFFNET_STRIDE
     self.pixel_size = m.sample_size * EFFNET_STRIDE
     self.identity = ("cascade", self.prior.folder, self.prior.subfolder, self._decoder_args[0],
@@ -97,57 +98,67 @@ class StableCascadeBackbone:
   # --- Stage C latents -> images ----------------------------------------------------------------
 
   @functools.cached_property
-  def _chain_fn(self):
-    """chain(latents, pooled, null_pooled, x_T, key, noise) -> images: Stage B's DDPM-Wuerstchen
-    loop from x_T (per-step z from `key`, or `noise` [steps, *x_T.shape]), then Stage A."""
+  def _stages(self):
+    """(loop, decode, Stage B's channels), two compiled calls so that the host sees where
+    Stage B ends and Stage A starts (diffusion/progress.py, notice_stage):
+    loop(latents, pooled, null_pooled, x_T, key, noise, report) is Stage B's DDPM-Wuerstchen
+    loop from x_T (per-step z from `key`, or `noise` [steps, *x_T.shape]; report: one
+    progress.report_step per evaluation, which changes no number); decode(z) is Stage A's
+    Paella decode -> images."""
     from ppd_jax.diffusion import cascade_sampler
+    from ppd_jax.diffusion import progress
     from ppd_jax.models import paella
     stage_b, params_b = self._lib.load_stage_b(self.decoder, dtype=self.dtype)
     vqgan, vq_vars = self._lib.load_vqgan(self.decoder)
     steps, w = self.decoder_steps, self.decoder_guidance_scale
     cfg = cascade_sampler.guidance_enabled(w)
 
-    def eps_fn(x, r, c):
-      return stage_b.apply({"params": params_b}, x, r, c["pooled"][:, None], effnet=c["effnet"])
+    def loop(latents, pooled, null_pooled, x_T, key, noise, report):
+      def eps_fn(x, r, c):
+        if report:
+          progress.report_step()
+        return stage_b.apply({"params": params_b}, x, r, c["pooled"][:, None],
+                             effnet=c["effnet"])
 
-    def chain(latents, pooled, null_pooled, x_T, key, noise):
       # The decoder pipeline's CFG (off at its default w = 0): uncond = zero effnet, the
       # empty prompt's pooled text.
       cond = {"effnet": latents, "pooled": pooled}
       uncond = {"effnet": jnp.zeros_like(latents),
                 "pooled": jnp.broadcast_to(null_pooled, pooled.shape)}
-      z = cascade_sampler.sample(eps_fn, x_T, key, steps, w, cond, uncond, cfg=cfg, noise=noise)
-      return paella.latents_to_images(vqgan, vq_vars["params"], z)
+      return cascade_sampler.sample(eps_fn, x_T, key, steps, w, cond, uncond, cfg=cfg,
+                                    noise=noise)
 
-    return jax.jit(chain), stage_b.config.in_channels
+    decode = jax.jit(lambda z: paella.latents_to_images(vqgan, vq_vars["params"], z))
+    return (jax.jit(loop, static_argnames="report"), decode, stage_b.config.in_channels)
 
   def stage_b_shape(self, latents_shape) -> tuple[int, int, int]:
     """Stage B's latent grid for Stage C latents [.., h, w, 16]: int(h x 10.67), int(w x 10.67)."""
     h, w = latents_shape[-3:-1]
     scale = self.decoder.latent_dim_scale
-    return int(h * scale), int(w * scale), self._chain_fn[1]
+    return int(h * scale), int(w * scale), self._stages[2]
 
   @functools.cached_property
-  def _decode_fn(self):
-    chain, _ = self._chain_fn
+  def _stage_b_fn(self):
+    loop = self._stages[0]
 
-    def run(latents, pooled, null_pooled, seeds):
+    def run(latents, pooled, null_pooled, seeds, report):
       shape = self.stage_b_shape(latents.shape)
       keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(0), s))(seeds)
       x_T = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
-      return chain(latents, pooled, null_pooled, x_T, jax.random.fold_in(keys[0], 1), None)
+      return loop(latents, pooled, null_pooled, x_T, jax.random.fold_in(keys[0], 1), None,
+                  report=report)
 
-    return jax.jit(run)
+    return jax.jit(run, static_argnames="report")
 
   def decode_from_noise(self, latents: np.ndarray, text: dict, x_T: np.ndarray,
                         noise: np.ndarray) -> np.ndarray:
     """to_images with Stage B's x_T [N, *stage_b_shape] and per-step noise [steps, N, ...] given
     (no clip): to reproduce another implementation's draws exactly."""
-    chain, _ = self._chain_fn
-    return np.asarray(chain(np.asarray(latents, np.float32),
-                            np.asarray(text["pooled_text_embedding"], np.float32),
-                            self._null_pooled, np.asarray(x_T, np.float32), None,
-                            np.asarray(noise, np.float32)))
+    loop, decode, _ = self._stages
+    z = loop(np.asarray(latents, np.float32),
+             np.asarray(text["pooled_text_embedding"], np.float32), self._null_pooled,
+             np.asarray(x_T, np.float32), None, np.asarray(noise, np.float32), report=False)
+    return np.asarray(decode(z))
 
   @functools.cached_property
   def _null_pooled(self) -> np.ndarray:
@@ -164,8 +175,16 @@ class StableCascadeBackbone:
     pooled = (np.repeat(null, len(latents), axis=0) if text is None
               else np.asarray(text["pooled_text_embedding"], np.float32))
     out = []
+    from ppd_jax.diffusion import progress   # pylint: disable=import-outside-toplevel
+    report = progress.listening()
+    _, decode, _ = self._stages
     for i in range(0, len(latents), self.batch_size):
       rows = slice(i, i + self.batch_size)
       seeds = ((seed * 1_000_003 + np.arange(len(latents))[rows]) % 2**31).astype(np.int32)
-      out.append(np.asarray(self._decode_fn(latents[rows], pooled[rows], null, seeds)))
+      shape = (len(seeds), *latents.shape[1:], report)
+      progress.notice_stage("stage B", self.decoder_steps, shape not in self._compiled)
+      z = self._stage_b_fn(latents[rows], pooled[rows], null, seeds, report=report)
+      progress.notice_stage("decode", 1, shape not in self._compiled)   # Stage A
+      out.append(np.asarray(decode(z)))
+      self._compiled.add(shape)
     return np.clip(np.concatenate(out), -1.0, 1.0)

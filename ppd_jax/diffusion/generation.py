@@ -9,12 +9,9 @@ Inputs are split into chunks of `batch_size` (the last one padded), so one compi
 any number of images; image i depends only on its own noise, caption and user, never on the
 chunking (for eta = 0).
 
-Inside `step_listener(fn)` every denoiser evaluation of the compiled loop calls fn() on the host
-(jax.debug.callback): one per sampling step for every sampler here (CFG batches both branches into
-one call), so a caller can show progress (the web demo, ppd_jax/serve). Outside it the compiled
-loop has no callback at all.
+Progress: inside `step_listener(fn)` each denoiser evaluation of the compiled loop calls
+fn() on the host (diffusion/progress.py); outside it the loop has no callback at all.
 """
-import contextlib
 import functools
 import time
 
@@ -24,27 +21,8 @@ import numpy as np
 
 from ppd_jax import backbones
 from ppd_jax.diffusion import cascade_sampler
+from ppd_jax.diffusion import progress as progress_lib
 from ppd_jax.diffusion import samplers
-
-
-_listener = {"fn": None}   # process-wide: XLA runs host callbacks on its own threads
-
-
-def _evaluated():
-  fn = _listener["fn"]
-  if fn is not None:
-    fn()
-
-
-@contextlib.contextmanager
-def step_listener(fn):
-  """Calls fn() after each denoiser evaluation of sample_images (module doc). Process-wide, so
-  one generation at a time should listen (the web demo runs one at a time)."""
-  previous, _listener["fn"] = _listener["fn"], fn
-  try:
-    yield
-  finally:
-    _listener["fn"] = previous
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps", "eta", "clip_sample",
@@ -52,8 +30,8 @@ def step_listener(fn):
 def _generate(model, schedule, params, noise, text, null_text, user, user_scale, guidance_scale,
               rng, *, num_steps, eta, clip_sample, sampler, cfg, report=False):
   def apply(x, t, cond):
-    if report:   # ordered: the host sees the steps in order, once each
-      jax.debug.callback(_evaluated, ordered=True)
+    if report:
+      progress_lib.report_step()
     context, added = backbones.unet_conditioning(cond["text"])
     return model.apply({"params": params}, x, t, context, cond["user"], cond["scale"], added)
 
@@ -117,7 +95,7 @@ def sample_images(model, schedule, params, text, null_text, noise: np.ndarray,
                    jax.random.fold_in(jax.random.key(seed), first),
                    num_steps=int(num_steps), eta=float(eta), clip_sample=bool(clip_sample),
                    sampler=sampler, cfg=cascade_sampler.guidance_enabled(guidance_scale),
-                   report=_listener["fn"] is not None)
+                   report=progress_lib.listening())
     x0 = np.asarray(x0)[:rows.stop - rows.start]
     if decode is not None:   # the backbone's to_images; Stable Cascade's Stage B reads the text
       x0 = decode(x0, text={k: np.asarray(v[rows]) for k, v in text.items()}, seed=seed + first)

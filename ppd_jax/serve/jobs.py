@@ -1,8 +1,11 @@
 """One worker thread for every model call: one at a time per process, a bounded queue, progress.
 
-The page polls a job's state (queued with its place in the line, running with sampling steps
-done out of steps expected, done with its result, failed with a message). A failure is logged
-with its traceback here and reaches the page as one line, never as a traceback.
+The page polls a job's state: queued with its place in the line; running with its stages (the
+engine names them: "pairs", "base", "personal"; Stable Cascade's as "base: stage C", then its
+backbone's notices "base: stage B", "base: decode"), each with steps done out of steps expected,
+and "compiling" while a stage's first call of a shape has not reached its first step; done with
+its result (returned once, then dropped: results never pile up); failed with a one-line message
+and a code. A failure is logged with its traceback here.
 """
 import collections
 import dataclasses
@@ -13,13 +16,43 @@ import time
 import uuid
 from typing import Any, Callable
 
-from ppd_jax.diffusion import generation
+from ppd_jax.diffusion import progress
 
 log = logging.getLogger("ppd_jax.serve")
 
 
 class Busy(Exception):
   """The queue is full: the request is refused, nothing is lost."""
+
+
+class JobError(Exception):
+  """A failure the page can act on: its code (the HTTP contract's) and one sentence."""
+
+  def __init__(self, code: str, message: str):
+    super().__init__(message)
+    self.code = code
+
+
+_current = {"job": None}   # the worker's running job (one worker thread per process)
+
+
+def stage(name: str, total: int, compiling: bool = False) -> None:
+  """Starts a stage of the running job (the previous one counts as complete); compiling: its
+  first call of a shape, reported as "compiling" until its first step. A name "part: stage"
+  (e.g. "base: stage C") also says which image the later notices belong to. No-op outside a
+  job."""
+  job = _current["job"]
+  if job is not None:
+    job.part = name.split(": ", 1)[0] if ": " in name else None
+    job.begin(name, total, compiling)
+
+
+def notice(name: str, total: int, compiling: bool = False) -> None:
+  """A stage the model code announces (progress.notice_stage, e.g. Stable Cascade's "stage B"
+  and "decode"), named within the current part: "base: stage B"."""
+  job = _current["job"]
+  if job is not None:
+    job.begin(f"{job.part}: {name}" if job.part else name, total, compiling)
 
 
 @dataclasses.dataclass
@@ -35,9 +68,22 @@ class Job:
   finished: float | None = None
   result: Any = None
   error: str | None = None
+  code: str | None = None
+  stages: list = dataclasses.field(default_factory=list)   # [{"name", "done", "total"}]
+  compiling: bool = False
+  part: str | None = None        # which image the stages are for ("base", "personal", "pairs")
 
   def step(self):
     self.steps_done += 1
+    self.compiling = False
+    if self.stages:
+      self.stages[-1]["done"] = min(self.stages[-1]["done"] + 1, self.stages[-1]["total"])
+
+  def begin(self, name: str, total: int, compiling: bool):
+    if self.stages:
+      self.stages[-1]["done"] = self.stages[-1]["total"]
+    self.stages.append({"name": name, "done": 0, "total": max(int(total), 0)})
+    self.compiling = compiling
 
 
 class Jobs:
@@ -70,20 +116,27 @@ class Jobs:
     return job
 
   def status(self, job_id: str) -> dict | None:
+    """The job's state (module doc); a done job's result is handed out once, then forgotten."""
     with self._lock:
       job = self._jobs.get(job_id)
       if job is None:
         return None
       ahead = list(self._order).index(job_id) if job_id in self._order else 0
       now = time.monotonic()
+      current = job.stages[-1]["name"] if job.stages else job.kind
       out = {"id": job.id, "kind": job.kind, "state": job.state, "ahead": ahead,
+             "stage": "compiling" if job.compiling and job.state == "running" else current,
+             "stages": [dict(s) for s in job.stages],
              "steps_done": min(job.steps_done, job.steps_total),
              "steps_total": job.steps_total,
              "elapsed_s": round((job.finished or now) - (job.started or now), 3)}
+      if job.state == "queued":
+        out["place"] = ahead + 1
       if job.state == "done":
         out["result"] = job.result
+        del self._jobs[job_id]
       if job.state == "failed":
-        out["error"] = job.error
+        out["error"], out["code"] = job.error, job.code
       return out
 
   def _work(self):
@@ -94,16 +147,27 @@ class Jobs:
       with self._lock:
         self._order.remove(job.id)
         job.state, job.started = "running", time.monotonic()
+      _current["job"] = job
       try:
-        with generation.step_listener(job.step):
+        with progress.step_listener(job.step, stage=notice):
           result = job.fn()
         with self._lock:
+          if job.stages:
+            job.stages[-1]["done"] = job.stages[-1]["total"]
           job.result, job.state = result, "done"
+      except JobError as e:
+        with self._lock:
+          job.error, job.code, job.state = str(e)[:500], e.code, "failed"
+      except ValueError as e:     # what was sent is wrong (e.g. an uploaded pairs file)
+        with self._lock:
+          job.error, job.code, job.state = f"{job.kind}: {e}"[:500], "invalid", "failed"
       except Exception as e:  # pylint: disable=broad-except  # reported on the page, logged here
         log.exception("%s job %s failed", job.kind, job.id)
         with self._lock:
-          job.error, job.state = f"{job.kind} failed: {type(e).__name__}: {e}"[:500], "failed"
+          job.error = f"{job.kind} failed: {type(e).__name__}: {e}"[:500]
+          job.code, job.state = "failed", "failed"
       finally:
+        _current["job"], job.fn = None, None     # the closure may hold an upload: let it go
         job.finished = time.monotonic()
 
   def stop(self, timeout: float = 5.0):
