@@ -387,9 +387,10 @@ def test_sampling_page_shows_the_scripts_export_prints():
   """docs/sampling.md's two scripts are usage_snippet's text for its example runs (the Stable
   Diffusion one a pickapic_sd15 run, sampling with that config's sampler, steps and guidance)."""
   from ppd_jax.weights import export_cascade
+  from ppd_jax.weights import export_usage
   with open(os.path.join(ROOT, "docs", "sampling.md")) as f:
     page = f.read()
-  sd = export.usage_snippet("adapter", "ip-adapter_ppd.safetensors", single_token=True,
+  sd = export_usage.usage_snippet("adapter", "ip-adapter_ppd.safetensors", single_token=True,
                             base="stable-diffusion-v1-5/stable-diffusion-v1-5",
                             workdir="runs/mine", sample=ppd.get_config("pickapic_sd15").sample)
   cascade = export_cascade.usage_snippet(

@@ -370,11 +370,11 @@ def test_printed_scheduler_steps_as_our_sampler(sampler, clip_sample):
   import types
   from ppd_jax.diffusion import generation
   from ppd_jax.diffusion import schedules
-  from ppd_jax.weights import export
+  from ppd_jax.weights import export_usage
   steps, g = 4, 5.0
   sample_cfg = {"sampler": sampler, "num_steps": steps, "guidance_scale": g, "eta": 0.0,
                 "clip_sample": clip_sample}
-  name, install, call = export.scheduler_lines(sample_cfg)
+  name, install, call = export_usage.scheduler_lines(sample_cfg)
   assert f"num_inference_steps={steps}, guidance_scale={g}" in call
   pipe = types.SimpleNamespace(scheduler=diffusers.PNDMScheduler(
       beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,

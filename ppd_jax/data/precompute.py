@@ -33,7 +33,6 @@ and copy the finished folder where it is needed.
 import concurrent.futures
 import os
 import sys
-import time
 
 import jax
 import numpy as np
@@ -41,34 +40,16 @@ import numpy as np
 from ppd_jax import backbones
 from ppd_jax import cli_logging
 from ppd_jax import compile_cache
-from ppd_jax import metrics
 from ppd_jax import storage
 from ppd_jax.data import images as images_lib
 from ppd_jax.data import manifest as manifest_lib
+from ppd_jax.data import pair_progress
 from ppd_jax.data import pickapic
 from ppd_jax.data import profile_text
 from ppd_jax.data import records
 from ppd_jax.data import shards
 from ppd_jax.data import table_convert
 from ppd_jax.data import text_units
-
-class Progress:
-  """Pairs/s and ETA over the pairs this process has left, logged at most every `every` s."""
-
-  def __init__(self, total: int, log, every: float = 10.0, what: str = "precompute"):
-    self.total, self.done, self.log, self.every, self.what = total, 0, log, every, what
-    self._start = self._last = time.perf_counter()
-
-  def add(self, n: int, force: bool = False) -> None:
-    self.done += n
-    now = time.perf_counter()
-    if force or now - self._last >= self.every:
-      self._last = now
-      rate = self.done / max(now - self._start, 1e-9)
-      eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-      self.log(f"{self.what}: {self.done}/{self.total} pairs  {rate:.1f} pairs/s  "
-               f"ETA {metrics.format_duration(eta)}")
-
 
 def settings_of(config, backbone, store=None) -> dict:
   """What the output folder is made with; a rerun into the same folder must match it.
@@ -341,7 +322,7 @@ def run(config, input_path: str, output: str, *, log=print, verify: bool = True,
   log(f"precompute: {len(units)} units ({len(mine)} on this process, {len(mine) - len(todo)} "
       f"already done); {total} pairs to encode at {backbone.pixel_size} px")
   encode, per = make_image_encoder(backbone, d.precompute_batch)
-  progress = Progress(total, log)
+  progress = pair_progress.Progress(total, log)
   storage = np.dtype(d.storage_dtype)
   with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as executor:
     for name, k in todo:

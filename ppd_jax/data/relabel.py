@@ -25,7 +25,7 @@ from PIL import Image
 from ppd_jax import cli_logging
 from ppd_jax import storage
 from ppd_jax.data import pickapic
-from ppd_jax.data import precompute
+from ppd_jax.data import pair_progress
 from ppd_jax.data import shards
 from ppd_jax.data.reward_scores import SPLITS, read_scores  # noqa: F401  (the score table)
 
@@ -105,7 +105,7 @@ def run(shard_dir: str, out: str, rewards: dict, settings: dict, *, log=print,
   total = int(sum(np.sum(index.pairs["file_id"][positions] == f) for f in by_file))
   log(f"relabel: {len(units)} units ({len(mine)} on this process, {len(mine) - len(todo)} "
       f"already done); {total} pairs of {len(by_file)} files to score")
-  progress = precompute.Progress(total, log, what="relabel")
+  progress = pair_progress.Progress(total, log, what="relabel")
   for f, names in sorted(by_file.items()):
     removed = shards.remove_temporaries(out, *(p for n in names for p in (
         f"scores/{n}/file-{f:05d}.npz", f"done/{_unit(n, f)}.json")))

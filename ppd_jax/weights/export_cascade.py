@@ -21,6 +21,7 @@ import numpy as np
 
 from ppd_jax.models import cascade
 from ppd_jax.weights import export
+from ppd_jax.weights import export_usage
 
 PROCESSOR_FILE = "ppd_cascade.py"
 DEFAULT_WEIGHT_NAME = "ppd_cascade_user.safetensors"
@@ -67,7 +68,7 @@ def usage_snippet(folder: str, weight_name: str, base: str, prior_subfolder: str
   pipeline's defaults and the Cascade configs')."""
   decoder = decoder or "stabilityai/stable-cascade"
   return (
-      export.embedding_lines(workdir) +
+      export_usage.embedding_lines(workdir) +
       "import sys, torch\n"
       "from diffusers import (DDPMWuerstchenScheduler, StableCascadeDecoderPipeline,\n"
       "                       StableCascadePriorPipeline, StableCascadeUNet)\n"
