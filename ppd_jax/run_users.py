@@ -47,16 +47,9 @@ def save(workdir, source, config) -> str | None:
   if source.inputs.mode == "store":
     store = source.store
     rows = np.flatnonzero(store.samples == 0)          # each user's sample 0, the one used
-    ids = store.user_ids[rows]
-    embeddings = np.asarray(store.embeddings[rows])
-    profiles = [store.profile_of_row(int(r)) or "" for r in rows] if store.has_profiles else None
-    origin, meta = store.path, store.source
+    ids, origin = store.user_ids[rows], store.path
   else:   # one-hot codes of the reward users the run trained on
-    ids = np.unique(source.record_user_ids).astype(np.int64)
-    embeddings, profiles = source.inputs.get_many(ids), None
-    origin, meta = config.data.relabel, {"embedder": "one-hot code of the reward user"}
-  path = folder / STORE_FILE
-  user_store.write_store(str(path), ids, embeddings, profiles=profiles, source=meta)
+    ids, origin = np.unique(source.record_user_ids).astype(np.int64), config.data.relabel
   info = {"users": len(ids), "from": str(origin), "user_embedding": source.inputs.mode,
           "shards": config.data.shards,
           "splits": {name: [int(u) for u in getattr(source, f"{name}_user_ids")]
@@ -64,7 +57,18 @@ def save(workdir, source, config) -> str | None:
   names = storage.path(config.data.shards) / "table" / "user_ids.json"
   if config.data.shards and names.exists():
     info["names"] = json.loads(names.read_text())
-  storage.write_text(folder / INFO_FILE, json.dumps(info, indent=1) + "\n")
+  path, info_path = folder / STORE_FILE, folder / INFO_FILE
+  if path.exists() and info_path.exists() and json.loads(info_path.read_text()) == info:
+    return str(path)   # a resume: the same users from the same store, already kept
+  if source.inputs.mode == "store":
+    embeddings = np.asarray(store.embeddings[rows])
+    profiles = [store.profile_of_row(int(r)) or "" for r in rows] if store.has_profiles else None
+    meta = store.source
+  else:
+    embeddings, profiles = source.inputs.get_many(ids), None
+    meta = {"embedder": "one-hot code of the reward user"}
+  user_store.write_store(str(path), ids, embeddings, profiles=profiles, source=meta)
+  storage.write_text(info_path, json.dumps(info, indent=1) + "\n")
   return str(path)
 
 

@@ -54,3 +54,22 @@ def test_an_unknown_name_lists_the_names(tmp_path):
   run, _, _ = _run_with_named_users(tmp_path)
   with pytest.raises(KeyError, match="named 7, alice, bob.*--list_users"):
     embedding.stored_embedding(run, "carol")
+
+
+def test_a_resume_keeps_the_users_it_already_wrote(tmp_path, monkeypatch):
+  """Training saves the users at every start; a resume with the same users does not copy the
+  store again (hundreds of KB per user for a whole-VLM embedding), another split does."""
+  run, _, _ = _run_with_named_users(tmp_path)
+  store = user_store.UserEmbeddingStore(str(tmp_path / "store.safetensors"))
+  source = types.SimpleNamespace(
+      inputs=types.SimpleNamespace(mode="store"), store=store,
+      train_user_ids=np.array([0, 1]), validation_user_ids=np.array([2]),
+      unseen_user_ids=np.zeros(0, np.int64))
+  writes = []
+  monkeypatch.setattr(user_store, "write_store", lambda *a, **k: writes.append(a))
+  config = _config(str(tmp_path / "shards"))
+  run_users.save(run.workdir, source, config)
+  assert writes == []
+  source.train_user_ids = np.array([0])
+  run_users.save(run.workdir, source, config)
+  assert len(writes) == 1
