@@ -70,6 +70,9 @@ def parse_args(argv=None):
   p.add_argument("--gradient_checkpointing", default="off",
                  help="on, off, or a comma list timed in that order (on,off) on one model")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--threads", type=int, default=None,
+                 help="CPU intra-op threads (default: torch's; 1 with --tiny, a smoke run)")
+  p.add_argument("--text_length", type=int, default=77, help="text tokens per caption")
   p.add_argument("--budget_s", type=float, default=1e9,
                  help="wall-clock seconds for the run: fewer timed steps if they would not fit")
   args = p.parse_args(argv)
@@ -162,7 +165,8 @@ def build(args, device):
   return unet, adapter, cfg, cfg["sample_size"], user_dim, weight_dtype
 
 
-def make_step(unet, adapter, cfg, side, user_dim, weight_dtype, pairs, device):
+def make_step(unet, adapter, cfg, side, user_dim, weight_dtype, pairs, device,
+              text_length: int = 77):
   """step() -> loss: one Diffusion-DPO step on fresh random data (drawn inside, as ours does)."""
   from diffusers import DDPMScheduler  # pylint: disable=import-outside-toplevel
   sched_cfg = sd_architectures.SD15["scheduler"]
@@ -176,7 +180,8 @@ def make_step(unet, adapter, cfg, side, user_dim, weight_dtype, pairs, device):
   # Fixed "dataset" tensors: the step itself draws t and noise, as a training step would.
   x_w = torch.randn(pairs, c, side, side, device=device, generator=gen)
   x_l = torch.randn(pairs, c, side, side, device=device, generator=gen)
-  text = torch.randn(pairs, 77, cfg["cross_attention_dim"], device=device, generator=gen)
+  text = torch.randn(pairs, text_length, cfg["cross_attention_dim"], device=device,
+                     generator=gen)
   user = torch.randn(pairs, 1, user_dim, device=device, generator=gen)
   x0 = torch.cat([x_w, x_l])
   text2 = torch.cat([text, text]).to(weight_dtype)
@@ -249,7 +254,9 @@ def run(args):
     torch.backends.cudnn.benchmark = True           # autotuned convolutions, as XLA autotunes
   else:
     torch.set_flush_denormal(True)    # as XLA's CPU runtime does; denormals slow CPU math
-    if args.tiny:
+    if args.threads:
+      torch.set_num_threads(args.threads)
+    elif args.tiny:
       # A smoke run on shared cores: with one core busy elsewhere, a second intra-op thread
       # makes every op wait at its barrier (steps seen to go from 40 ms to 4 s).
       torch.set_num_threads(1)
@@ -257,7 +264,8 @@ def run(args):
   warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
   started = t0 = time.perf_counter()
   unet, adapter, cfg, side, user_dim, weight_dtype = build(args, device)
-  step = make_step(unet, adapter, cfg, side, user_dim, weight_dtype, pairs, device)
+  step = make_step(unet, adapter, cfg, side, user_dim, weight_dtype, pairs, device,
+                   args.text_length)
   build_s = time.perf_counter() - t0
 
   def sync():

@@ -72,7 +72,7 @@ flags.DEFINE_enum("torch_bf16", "autocast", ["autocast", "weights"],
 flags.DEFINE_integer("steps", None, "timed calls per measurement (default 20 on GPU, 5 on CPU)")
 flags.DEFINE_integer("user_embed_dim", 3584, "user embedding width")
 flags.DEFINE_integer("user_tokens", 1, "user tokens per example")
-flags.DEFINE_enum("attention_impl", None, ["auto", "xla", "chunked", "cudnn", "tpu_flash"],
+flags.DEFINE_enum("attention_impl", None, ["auto", "xla", "direct", "chunked", "cudnn", "tpu_flash"],
                   "ours: attention kernel, models/attention_kernels.py (default: auto)")
 flags.DEFINE_bool("tf32", True, "torch on GPU, float32: allow TF32 matmuls/convs as XLA does")
 flags.DEFINE_bool("skip_torch", False, "time ours only (no diffusers run, no output check)")
@@ -142,6 +142,21 @@ def _gib(n) -> str:
 
 # diffusers ----------------------------------------------------------------------------------------
 
+def diffusers_unet_with_adapter(unet_cfg: dict, torch_sd, ip_sd):
+  """diffusers' UNet (torch state dict) with our exported user branch as its IP-Adapter."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import diffusers  # pylint: disable=import-outside-toplevel
+  unet = diffusers.UNet2DConditionModel(**unet_cfg)
+  unet.load_state_dict(torch_sd)
+  unet._load_ip_adapter_weights(   # pylint: disable=protected-access
+      [{"image_proj": {k.removeprefix("image_proj."): torch.from_numpy(v)
+                       for k, v in ip_sd.items() if k.startswith("image_proj.")},
+        "ip_adapter": {k.removeprefix("ip_adapter."): torch.from_numpy(v)
+                       for k, v in ip_sd.items() if k.startswith("ip_adapter.")}}],
+      low_cpu_mem_usage=False)
+  return unet
+
+
 def run_torch(unet_cfg: dict, torch_sd, ip_sd, cfg, inputs, steps: int, dtype: str):
   """Times diffusers' UNet. Returns (results, forward output NHWC float32, device name)."""
   import contextlib  # pylint: disable=import-outside-toplevel
@@ -156,14 +171,7 @@ def run_torch(unet_cfg: dict, torch_sd, ip_sd, cfg, inputs, steps: int, dtype: s
     torch.backends.cuda.matmul.allow_tf32 = FLAGS.tf32
     torch.backends.cudnn.allow_tf32 = FLAGS.tf32
     torch.backends.cudnn.benchmark = True   # autotuned convolutions, as XLA's
-  unet = diffusers.UNet2DConditionModel(**unet_cfg)
-  unet.load_state_dict(torch_sd)
-  unet._load_ip_adapter_weights(   # pylint: disable=protected-access
-      [{"image_proj": {k.removeprefix("image_proj."): torch.from_numpy(v)
-                       for k, v in ip_sd.items() if k.startswith("image_proj.")},
-        "ip_adapter": {k.removeprefix("ip_adapter."): torch.from_numpy(v)
-                       for k, v in ip_sd.items() if k.startswith("ip_adapter.")}}],
-      low_cpu_mem_usage=False)
+  unet = diffusers_unet_with_adapter(unet_cfg, torch_sd, ip_sd)
   unet.eval().requires_grad_(False)
   bf16_weights = dtype == "bfloat16" and FLAGS.torch_bf16 == "weights"
   unet.to(device=device, dtype=torch.bfloat16 if bf16_weights else torch.float32)

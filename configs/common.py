@@ -86,7 +86,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Attention kernel per layer, of the UNet and of the SD VAE's mid blocks (precompute, decoding)
   # (ppd_jax/models/attention_kernels.py): "auto" picks cuDNN's fused attention on GPU where it
   # supports the layer, Pallas flash on TPU, else query chunks whose float32 logits fit 1 GiB per
-  # device; or force "xla", "chunked", "cudnn", "tpu_flash".
+  # device; or force "xla", "direct", "chunked", "cudnn", "tpu_flash".
   c.model.attention_impl = "auto"
   c.model.base = "random"           # source of the frozen base weights ("random": seeded init)
   # A diffusers-format pipeline folder or hub id (SD 1.x / 2.x / SDXL). When set, it is the frozen

@@ -1,4 +1,4 @@
-"""attention_kernels: chunked == XLA (values, gradients), its memory bound in the compiled program,
+"""attention_kernels: chunked and direct == XLA (values, gradients), direct == numpy, its memory bound in the compiled program,
 the "auto" rules, and the Pallas TPU kernel in interpret mode on CPU."""
 import functools
 import re
@@ -59,6 +59,35 @@ def test_chunked_matches_xla_fp32(b, t, s, n, h, rows, chunk):
   np.testing.assert_allclose(out_c, out_x, atol=1e-5, rtol=0)
   for name, gc, gx in zip("qkv", grads_c, grads_x):
     np.testing.assert_allclose(gc, gx, atol=1e-5, rtol=0, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("b,t,s,n,h", [(2, 12, 77, 3, 8), (1, 9, 1, 2, 8), (2, 64, 4, 2, 16)])
+def test_direct_matches_xla_and_numpy_fp32(b, t, s, n, h):
+  """The CPU's kernel: values against numpy's softmax(q k^T / sqrt(H)) v, gradients against
+  jax.nn.dot_product_attention's (the stop_gradient on the max must not change them)."""
+  q, k, v = qkv(b, t, s, n, h)
+  out_d, grads_d = value_and_vjp("direct", q, k, v, 0)
+  out_x, grads_x = value_and_vjp("xla", q, k, v, 0)
+  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum("btnh,bsnh->bnts", qn, kn) / np.sqrt(h)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  np.testing.assert_allclose(out_d, np.einsum("bnts,bsnh->btnh", probs, vn), atol=1e-5, rtol=0)
+  assert out_d.dtype == jnp.float32
+  for name, gd, gx in zip("qkv", grads_d, grads_x):
+    np.testing.assert_allclose(gd, gx, atol=1e-5, rtol=0, err_msg=f"d{name}")
+
+
+def test_direct_matches_xla_bf16():
+  q, k, v = qkv(2, 16, 77, 2, 8, jnp.bfloat16)
+  out_d, grads_d = value_and_vjp("direct", q, k, v, 0)
+  out_x, grads_x = value_and_vjp("xla", q, k, v, 0)
+  f32 = lambda x: np.asarray(x, np.float32)
+  assert out_d.dtype == jnp.bfloat16
+  np.testing.assert_allclose(f32(out_d), f32(out_x), atol=2e-2, rtol=2e-2)
+  for gd, gx in zip(grads_d, grads_x):
+    assert gd.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f32(gd), f32(gx), atol=6e-2, rtol=6e-2)
 
 
 def test_chunked_matches_xla_bf16():
@@ -145,7 +174,7 @@ def test_choose_implementation_tpu_and_cpu():
   assert tpu(1024, 1024, 160) == "chunked"         # H > 128, not a multiple of 128
   assert tpu(1024, 1024, 64, jnp.float16) == "chunked"
   small, big = ((2, 64, 8, 40), (2, 64, 8, 40)), ((32, 4096, 8, 40), (32, 4096, 8, 40))
-  assert ak.choose_implementation("cpu", *small, jnp.float32) == "xla"
+  assert ak.choose_implementation("cpu", *small, jnp.float32) == "direct"
   assert ak.choose_implementation("cpu", *big, jnp.float32) == "chunked"    # 17 GB > 1 GiB
   assert ak.choose_implementation("cpu", *small, jnp.float32,
                                   logits_budget_bytes=ak.logits_bytes(*small) - 1) == "chunked"
@@ -164,7 +193,7 @@ def test_auto_on_cpu_dispatches_by_budget():
 
 def test_bad_arguments_raise():
   q, k, v = qkv(1, 8, 8, 1, 8)
-  with pytest.raises(ValueError, match="accepted: auto, xla, chunked, cudnn, tpu_flash"):
+  with pytest.raises(ValueError, match="accepted: auto, xla, direct, chunked, cudnn, tpu_flash"):
     ak.attention(q, k, v, implementation="flash")
   with pytest.raises(ValueError, match="dtypes differ"):
     ak.attention(q, k.astype(jnp.bfloat16), v)

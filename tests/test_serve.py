@@ -299,8 +299,11 @@ def test_the_whole_flow_in_headless_chromium(server):
   text = lambda i: driver.find_element(By.ID, i).text
   _, info = _request(server["url"] + "/api/info")
 
-  def generate(click=True):
-    old = driver.find_element(By.ID, "img-personal").get_attribute("src")
+  def generate(click=True, old=None):
+    """Waits for a new personalised image; `old`: the src before whatever started it (a slider
+    release can finish its regeneration before this function would read the src)."""
+    if old is None:
+      old = driver.find_element(By.ID, "img-personal").get_attribute("src")
     if click:
       driver.find_element(By.ID, "generate").click()
     wait.until(lambda d: d.find_element(By.ID, "img-personal").get_attribute("src") != old
@@ -372,9 +375,10 @@ def test_the_whole_flow_in_headless_chromium(server):
     assert shown_seconds() < 1.0 and "regenerate" in text("fast-note"), (       # compiled: quick
         text("time-base"), text("time-personal"))
 
+    before = driver.find_element(By.ID, "img-personal").get_attribute("src")
     slide("scale", 0, release=True)            # let go: a quick model regenerates, no click
     assert text("scale-value") == "0.0"
-    base0, personal0 = generate(click=False)
+    base0, personal0 = generate(click=False, old=before)
     assert np.array_equal(personal0, base0) and np.array_equal(base0, base)   # same noise
 
     _check_layout(driver, 1280, "serve.png")

@@ -69,7 +69,10 @@ def test_win_rates_against_the_hidden_rewards(ppd, tmp_path, against):
                                             ppd.config.model.user_embed_dim), np.float32),
                                   user_scale=0.0, seed=4)[0]
     got = image_io.load_png(first["opponent"])
-    assert np.abs(got - (image_io.to_uint8(expected) / 127.5 - 1)).max() < 1e-6
+    # Equal up to one 8-bit step where a value sits on a rounding boundary (a batch of images and
+    # one image take different float paths); another x_T would differ everywhere.
+    diff = np.abs(got - (image_io.to_uint8(expected) / 127.5 - 1))
+    assert diff.max() <= 1 / 127.5 + 1e-6 and diff.mean() < 1e-3
   for f in ("winrate.json", "winrate.md", "examples.png"):
     assert os.path.getsize(os.path.join(out, f)) > 0
   # Rerun: nothing generated or judged.

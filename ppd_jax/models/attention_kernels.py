@@ -10,6 +10,14 @@ raises on shapes it does not support, so a fixed implementation="cudnn" breaks s
 
 Implementations (`attention(..., implementation=...)`):
   "xla"        jax.nn.dot_product_attention(implementation="xla"), the plain reference.
+  "direct"     the per-chunk math below on all T queries at once, no lax.map, no checkpoint:
+               the CPU's choice when the full logits fit. Per chunk, the softmax's 1/sum is
+               applied to the [B, c, N, H] output, not to the [B, N, c, S] probabilities,
+
+                   e = exp(l - stop_gradient(max_s l)),  A = (e v) / sum_s e,   l = (q / sqrt(H)) k^T
+
+               which saves a pass over the logits (and the max's own backward); the scale is
+               applied to q ([B, c, N, H]), not to the logits (docs/performance.md).
   "chunked"    any backend: the T queries split into T/c chunks under lax.map, each chunk under
                jax.checkpoint, so at most [B, N, c, S] f32 logits exist at a time, forward and
                backward (the backward recomputes one chunk's logits instead of storing all).
@@ -35,7 +43,8 @@ Rules of "auto" (choose_implementation), checked against jax 0.10.2's own code:
               backward tiles m/l by block_k // 128, so block_k must be a multiple of 128), head
               dim <= 128 or a multiple of 128 (the kernel's head_dim_repeats check), dtype
               float32 or bfloat16 (TPUs have no float16 matmul path).
-  CPU/other   "xla" when the full f32 logits B N T S x 4 B fit logits_budget_bytes, else "chunked".
+  CPU/other   "direct" when the full f32 logits B N T S x 4 B fit logits_budget_bytes, else
+              "chunked".
 
 Shapes are those the function sees: under jit with automatic (GSPMD) sharding they are global, so
 the budget test is conservative by the data-parallel factor; inside shard_map they are local.
@@ -47,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "tpu_flash")
+IMPLEMENTATIONS = ("auto", "xla", "direct", "chunked", "cudnn", "tpu_flash")
 DEFAULT_LOGITS_BUDGET_BYTES = 1 << 30   # f32 logits of one chunk; ~3-4x that at the backward peak
 TPU_BLOCK = 128                         # flash_attention's default (and minimum) block size
 
@@ -109,7 +118,7 @@ def choose_implementation(backend: str, q_shape, k_shape, dtype, *,
     return "cudnn" if _cudnn_supports(cc, cudnn_version, head_dim, dtype) else "chunked"
   if backend == "tpu":
     return "tpu_flash" if _tpu_flash_supports(q_shape, k_shape, dtype) else "chunked"
-  return "xla" if logits_bytes(q_shape, k_shape) <= logits_budget_bytes else "chunked"
+  return "direct" if logits_bytes(q_shape, k_shape) <= logits_budget_bytes else "chunked"
 
 
 def _device_facts() -> tuple[str, tuple[int, int] | None, int | None]:
@@ -129,13 +138,18 @@ def _device_facts() -> tuple[str, tuple[int, int] | None, int | None]:
 
 
 def _chunk_attention(qc: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(qc k^T / sqrt(H)) v for one query chunk [B, c, N, H]; logits [B, N, c, S] in f32."""
-  scale = np.float32(1.0 / math.sqrt(qc.shape[-1]))
-  logits = jnp.einsum("bqnh,bsnh->bnqs", qc, k, preferred_element_type=jnp.float32) * scale
-  probs = jax.nn.softmax(logits, axis=-1)                  # f32, over the S keys
-  out = jnp.einsum("bnqs,bsnh->bqnh", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.astype(qc.dtype)
+  """softmax(qc k^T / sqrt(H)) v for one query chunk [B, c, N, H]; logits [B, N, c, S] in f32.
+
+      l = (qc / sqrt(H)) k^T,   e = exp(l - stop_gradient(max_s l)),   A = (e v) / sum_s e
+
+  The max only keeps exp in range (softmax is invariant to it), so no gradient flows through it.
+  """
+  scale = np.asarray(1.0 / math.sqrt(qc.shape[-1]), qc.dtype)
+  logits = jnp.einsum("bqnh,bsnh->bnqs", qc * scale, k, preferred_element_type=jnp.float32)
+  e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  total = jnp.sum(e, axis=-1)                                        # [B, N, c]
+  out = jnp.einsum("bnqs,bsnh->bqnh", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (out / total.transpose(0, 2, 1)[..., None]).astype(qc.dtype)
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
@@ -177,7 +191,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str =
   """softmax(q k^T / sqrt(H)) v; q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H] in q's dtype.
 
   "auto" decides per call (per layer, at trace time) with choose_implementation; the budget
-  bounds the f32 logits of one "chunked" step and decides "xla" vs "chunked" on CPU.
+  bounds the f32 logits of one "chunked" step and decides "direct" vs "chunked" on CPU.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; "
@@ -194,6 +208,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str =
                                            compute_capability=cc, cudnn_version=cudnn_version)
   if implementation in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  if implementation == "direct":
+    return _chunk_attention(q, k, v)
   if implementation == "tpu_flash":
     return tpu_flash_attention(q, k, v)
   return chunked_attention(q, k, v, chunk_size(q.shape, k.shape, logits_budget_bytes))
@@ -214,7 +230,7 @@ def attention_in_mesh(q: jax.Array, k: jax.Array, v: jax.Array, *, implementatio
 
   Under the train step's mesh the batch is split over all devices, so one device holds B / D
   rows: the budget applies to those (B / D x N x c x S x 4 bytes per device, not the global
-  B). XLA partitions "xla", "chunked" and cuDNN's custom call (jax gives it partitioning rules)
+  B). XLA partitions "xla", "direct", "chunked" and cuDNN's custom call (jax gives it partitioning rules)
   along the batch by itself; a Pallas kernel it cannot partition, so "tpu_flash" runs under
   shard_map on each device's rows.
   """
