@@ -3,8 +3,9 @@
 Counted through jax's monitoring events (jax/_src/dispatch.py: JAXPR_TRACE_EVENT,
 JAXPR_TO_MLIR_MODULE_EVENT, BACKEND_COMPILE_EVENT) in the pytest processes; subprocesses that a
 test starts are not counted. Each process writes test-artifacts/compile_times_<worker>.json
-({nodeid: {phase: {event: seconds}, "wall": seconds}}); the end of the run prints the totals and
-the tests that compile longest (docs/testing.md reads them).
+({nodeid: {"trace", "lower", "compile", "wall": seconds}}, all phases of the test together); the
+end of the run prints the totals and the tests that compile longest (docs/testing.md quotes a
+fresh-clone run's).
 """
 import collections
 import glob

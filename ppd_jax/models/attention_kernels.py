@@ -17,7 +17,7 @@ Implementations (`attention(..., implementation=...)`):
                    e = exp(l - stop_gradient(max_s l)),  A = (e v) / sum_s e,   l = (q / sqrt(H)) k^T
 
                which saves a pass over the logits (and the max's own backward); the scale is
-               applied to q ([B, c, N, H]), not to the logits (docs/performance.md).
+               applied to q ([B, c, N, H]), not to the logits (docs/cpu_speed.md has the profile).
   "chunked"    any backend: the T queries split into T/c chunks under lax.map, each chunk under
                jax.checkpoint, so at most [B, N, c, S] f32 logits exist at a time, forward and
                backward (the backward recomputes one chunk's logits instead of storing all).
@@ -230,8 +230,8 @@ def attention_in_mesh(q: jax.Array, k: jax.Array, v: jax.Array, *, implementatio
 
   Under the train step's mesh the batch is split over all devices, so one device holds B / D
   rows: the budget applies to those (B / D x N x c x S x 4 bytes per device, not the global
-  B). XLA partitions "xla", "direct", "chunked" and cuDNN's custom call (jax gives it partitioning rules)
-  along the batch by itself; a Pallas kernel it cannot partition, so "tpu_flash" runs under
+  B). XLA partitions "xla", "direct", "chunked" and cuDNN's custom call (jax gives it
+  partitioning rules) along the batch by itself; a Pallas kernel it cannot partition, so "tpu_flash" runs under
   shard_map on each device's rows.
   """
   shards, axes = _batch_shards()
